@@ -1,0 +1,85 @@
+"""Op registry: every op the models call, with the backends that implement it.
+
+Models never import a backend directly; they ask `resolve(op, name)` for the function the config selected
+(`kernels.gather: torch`, `kernels.attention: sdpa`, ...). An unknown name, or a backend that is not installed
+or not supported on this device, is an error that names the config flag and the choices that would work.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op: where it lives and whether it can run here."""
+
+    module: str  # module path, imported on first use so optional packages stay optional
+    attr: str  # function name inside `module`
+    available: Callable[[], str | None]  # None when usable, else the reason it is not
+    rank: int  # higher wins for `auto`
+
+
+def _always() -> str | None:
+    return None
+
+
+# op name -> backend name -> Backend. Fast backends (triton, cuda, flash_attn, ...) register here as they land.
+_REGISTRY: dict[str, dict[str, Backend]] = {
+    "gather": {"torch": Backend("kernels.gather", "gather_tokens_ref", _always, 0)},
+    "moe": {"torch": Backend("kernels.moe", "expert_choice_ref", _always, 0)},
+    "norm": {"torch": Backend("kernels.norm", "layernorm_modulate_ref", _always, 0)},
+    "attention": {
+        "sdpa": Backend("kernels.attention", "attention_sdpa", _always, 1),
+        "torch": Backend("kernels.attention", "attention_ref", _always, 0),
+    },
+}
+
+
+def ops() -> list[str]:
+    """Names of all ops that have a backend choice."""
+    return sorted(_REGISTRY)
+
+
+def backends(op: str) -> list[str]:
+    """Every backend name known for `op` (installed or not), plus `auto`."""
+    _check_op(op)
+    return sorted(_REGISTRY[op]) + ["auto"]
+
+
+def available_backends(op: str) -> list[str]:
+    """Backend names for `op` that can run in this process."""
+    _check_op(op)
+    return sorted(name for name, b in _REGISTRY[op].items() if b.available() is None)
+
+
+def resolve_name(op: str, name: str) -> str:
+    """Map `auto` to the best available backend and check that `name` can run here."""
+    _check_op(op)
+    table = _REGISTRY[op]
+    if name == "auto":
+        usable = [(b.rank, n) for n, b in table.items() if b.available() is None]
+        return max(usable)[1]
+    if name not in table:
+        raise ValueError(
+            f"kernels.{op}: unknown backend '{name}'; choices: {', '.join(backends(op))}"
+        )
+    reason = table[name].available()
+    if reason is not None:
+        raise ValueError(
+            f"kernels.{op}: backend '{name}' is not usable here ({reason}); "
+            f"available: {', '.join(available_backends(op) + ['auto'])}"
+        )
+    return name
+
+
+def resolve(op: str, name: str) -> Callable:
+    """The function implementing `op` with backend `name` (or the best one for `auto`)."""
+    backend = _REGISTRY[op][resolve_name(op, name)]
+    return getattr(importlib.import_module(backend.module), backend.attr)
+
+
+def _check_op(op: str) -> None:
+    if op not in _REGISTRY:
+        raise ValueError(f"kernels: unknown op '{op}'; ops: {', '.join(ops())}")
