@@ -1,0 +1,306 @@
+"""Atomic distributed checkpoints with torch.distributed.checkpoint (DCP).
+
+One checkpoint is a folder ``<dir>/step_00001000/`` holding the DCP shards and ``.metadata``
+for the entries ``model``, ``ema`` and ``optim`` (each optional except ``model``) and
+``extra`` (one pickled dict, identical on every rank), plus ``rng_rank{r}.pt`` with each
+rank's RNG states. Model and optimizer state go through ``get_/set_model_state_dict`` and
+``get_/set_optimizer_state_dict``, so FSDP2-sharded modules are saved shard-per-rank and
+plain modules work the same way.
+
+Atomicity: every rank writes into ``step_XXXXXXXX.tmp/``; after a barrier rank 0 renames it
+to ``step_XXXXXXXX/``. A folder with the final name is therefore complete, and
+``latest()`` only ever returns such folders (with DCP's ``.metadata``). Leftover ``.tmp``
+folders from a crash are removed by the next save.
+
+All public functions are collective when torch.distributed is initialised: call them on
+every rank. Without a process group they run as world size 1.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["Checkpointer", "load_model_weights", "is_complete"]
+
+_STEP_RE = re.compile(r"step_(\d{8})")
+_METADATA = ".metadata"
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_on() else 0
+
+
+def _barrier() -> None:
+    if _dist_on():
+        dist.barrier()
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True for a finished checkpoint folder: final name ``step_XXXXXXXX`` and DCP's ``.metadata``."""
+    path = Path(path)
+    return _STEP_RE.fullmatch(path.name) is not None and (path / _METADATA).is_file()
+
+
+class Checkpointer:
+    """Saves ``step_XXXXXXXX`` checkpoints under ``directory`` and keeps the newest ``keep_last``.
+
+    Args:
+        directory: folder holding the checkpoints; must be shared by all ranks.
+        keep_last: number of complete checkpoints kept after each save; None keeps all.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int | None = 3):
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints in this folder, oldest first (reads the local file system)."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if is_complete(p)]
+        return sorted(found, key=lambda p: int(_STEP_RE.fullmatch(p.name).group(1)))
+
+    def latest(self) -> Path | None:
+        """Newest complete checkpoint or None. Rank 0 decides and broadcasts, so all ranks agree."""
+        found = self.checkpoints()[-1:] if _rank() == 0 else None
+        if _dist_on():
+            box = [found]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0]
+        return found[0] if found else None
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: nn.Module,
+        ema: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write checkpoint ``step`` atomically, prune old ones, return its final path.
+
+        ``extra`` must be picklable, hold CPU/Python values and be identical on all ranks
+        (DCP stores one copy): step counters, LR-schedule and meter state, data position.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        final = self.directory / f"step_{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if _rank() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob("step_*.tmp"):  # from a save that crashed
+                shutil.rmtree(stale)
+            tmp.mkdir()
+        _barrier()
+        with _quiet_single_process():
+            dcp.save(_state(model, ema, optimizer, extra), checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        _barrier()
+        if _rank() == 0:
+            if final.exists():  # the same step saved again: the new one wins
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.directory)
+            self._prune()
+        _barrier()  # nobody sees a half-renamed folder or races the pruning
+        return final
+
+    def load(
+        self,
+        path: str | os.PathLike,
+        *,
+        model: nn.Module,
+        ema: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> dict[str, Any]:
+        """Restore model, EMA, optimizer and this rank's RNG in place; return the ``extra`` dict."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = _check_loadable(path)
+        meta = _read_metadata(path)
+        state = _state(model, ema, optimizer, None)
+        for name in ("model", "ema"):
+            if name in state:
+                _check_keys(path, meta, name, state[name], skip=())
+        if optimizer is not None and not any(k.startswith("optim.") for k in meta):
+            raise ValueError(f"checkpoint {path} holds no optimizer state")
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+        if ema is not None:
+            set_model_state_dict(ema, state["ema"])
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state["optim"])
+        _restore_rng(path / f"rng_rank{_rank()}.pt")
+        return pickle.loads(state["extra"])
+
+    def resume(self, **modules: Any) -> dict[str, Any] | None:
+        """``load(latest(), ...)`` if a checkpoint exists; returns its extra dict or None."""
+        path = self.latest()
+        return None if path is None else self.load(path, **modules)
+
+    def _prune(self) -> None:
+        if self.keep_last is None:
+            return
+        for old in self.checkpoints()[: -self.keep_last]:
+            try:
+                shutil.rmtree(old)
+            except OSError as err:  # a failed cleanup must not kill a healthy run
+                warnings.warn(f"could not delete old checkpoint {old}: {err}")
+
+
+def load_model_weights(
+    path: str | os.PathLike,
+    model: nn.Module,
+    ema: nn.Module | None = None,
+    skip: tuple[str, ...] = ("pos_embed",),
+) -> None:
+    """Initialise ``model`` (and ``ema`` from the checkpoint's EMA) with weights only.
+
+    For starting a new training phase from an earlier phase's checkpoint: the optimizer,
+    RNG and extra state are not touched. Parameters whose name contains any string in
+    ``skip`` keep their current values (e.g. ``pos_embed`` at a new resolution). Any other
+    missing, unexpected or wrongly shaped key raises ValueError naming the keys.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    path = _check_loadable(path)
+    meta = _read_metadata(path)
+    targets = {"model": model} if ema is None else {"model": model, "ema": ema}
+    state = {}
+    for name, module in targets.items():
+        sd = {k: v for k, v in get_model_state_dict(module).items() if not _skipped(k, skip)}
+        _check_keys(path, meta, name, sd, skip)
+        state[name] = sd
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path))
+    for name, module in targets.items():
+        set_model_state_dict(module, state[name], options=StateDictOptions(strict=False))
+
+
+def _state(model, ema, optimizer, extra) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if ema is not None:
+        state["ema"] = get_model_state_dict(ema)
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    # bytes is a DCP leaf: a dict would be flattened and need its keys known at load time
+    state["extra"] = pickle.dumps(extra or {})
+    return state
+
+
+def _skipped(key: str, skip: tuple[str, ...]) -> bool:
+    return any(s in key for s in skip)
+
+
+def _check_loadable(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.name.endswith(".tmp") or not (path / _METADATA).is_file():
+        raise ValueError(f"{path} is not a complete checkpoint (unfinished save: .tmp or no {_METADATA})")
+    return path
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(path)).read_metadata().state_dict_metadata
+
+
+def _check_keys(path: Path, meta: dict, prefix: str, sd: dict, skip: tuple[str, ...]) -> None:
+    """Compare a module's state-dict keys and global shapes with the checkpoint's ``prefix.*``."""
+    saved = {k[len(prefix) + 1 :]: m for k, m in meta.items() if k.startswith(prefix + ".")}
+    if not saved:
+        raise ValueError(f"checkpoint {path} holds no '{prefix}' state")
+    missing = sorted(k for k in sd if k not in saved)
+    unexpected = sorted(k for k in saved if k not in sd and not _skipped(k, skip))
+    wrong = sorted(
+        f"{k} (checkpoint {tuple(saved[k].size)}, model {tuple(v.shape)})"
+        for k, v in sd.items()
+        if k in saved and hasattr(saved[k], "size") and tuple(saved[k].size) != tuple(v.shape)
+    )
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"checkpoint {path} does not match '{prefix}': missing {missing}, "
+            f"unexpected {unexpected}, wrong shape {wrong}"
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    """This rank's RNG states, in types that ``torch.load(weights_only=True)`` accepts."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's current device only
+    try:
+        import numpy as np
+    except ImportError:
+        return state
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state["numpy"] = (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)
+    return state
+
+
+def _restore_rng(file: Path) -> None:
+    if not file.is_file():  # e.g. resumed with a different world size
+        warnings.warn(f"{file} not found: RNG state of this rank not restored")
+        return
+    state = torch.load(file, weights_only=True)
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        name, key, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the rename durable: a power loss must not undo it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _quiet_single_process(warnings.catch_warnings):
+    """Silences DCP's 'assuming the intent is to save in a single process' warning."""
+
+    def __enter__(self):
+        super().__enter__()
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        return self

@@ -1,0 +1,248 @@
+"""Tests for engine/checkpoint.py: round trips, atomicity, pruning, RNG, phase init, FSDP2.
+
+Run as a script under torchrun (``python tests/test_checkpoint.py train|resume DIR``) it is
+the two-rank FSDP2 worker that ``test_fsdp2_resume_matches_uninterrupted_run`` launches.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engine.checkpoint import Checkpointer, is_complete, load_model_weights
+
+
+class Tiny(nn.Module):
+    def __init__(self, tokens: int = 4, dim: int = 8, extra_layer: bool = False):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim))
+        self.block = nn.Sequential(nn.Linear(dim, 16), nn.GELU(), nn.Linear(16, dim))
+        if extra_layer:
+            self.head = nn.Linear(dim, dim)
+
+    def forward(self, x):  # x: (B, tokens, dim)
+        return self.block(x + self.pos_embed)
+
+
+def _train(model, opt, steps):
+    for _ in range(steps):
+        loss = model(torch.randn(2, 4, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _setup(seed, fused=False, lr=1e-2):
+    torch.manual_seed(seed)
+    model, ema = Tiny(), Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=fused)
+    return model, ema, opt
+
+
+def _assert_same_module(a, b):
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb), na
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_round_trip_is_bit_identical(tmp_path, fused):
+    model, ema, opt = _setup(0, fused)
+    _train(model, opt, 3)
+    ckpt = Checkpointer(tmp_path, keep_last=3)
+    extra = {"step": 3, "samples_seen": 6, "nonfinite_skipped": 1, "sched": {"last_epoch": 3}}
+    path = ckpt.save(3, model=model, ema=ema, optimizer=opt, extra=extra)
+    assert path == tmp_path / "step_00000003" and ckpt.latest() == path
+
+    model2, ema2, opt2 = _setup(1, fused, lr=5e-3)  # fresh: other weights and lr, no Adam state
+    got = ckpt.load(path, model=model2, ema=ema2, optimizer=opt2)
+    assert got == extra
+    _assert_same_module(model, model2)
+    _assert_same_module(ema, ema2)
+    sa, sb = opt.state_dict(), opt2.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i, st in sa["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, sb["state"][i][k]), (i, k)
+    # the same batch must land identically: Adam moments and step count were restored
+    torch.manual_seed(123)
+    _train(model, opt, 1)
+    torch.manual_seed(123)
+    _train(model2, opt2, 1)
+    _assert_same_module(model, model2)
+
+
+def test_keep_last_prunes_oldest(tmp_path):
+    model, _, opt = _setup(0)
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    for step in range(1, 6):
+        ckpt.save(step, model=model, optimizer=opt, extra={"step": step})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000005"]
+    assert ckpt.load(ckpt.latest(), model=model)["step"] == 5
+
+
+def test_latest_ignores_incomplete_folders_and_save_cleans_tmp(tmp_path):
+    model, _, _ = _setup(0)
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.latest() is None
+    good = ckpt.save(5, model=model)
+    (tmp_path / "step_00000009.tmp").mkdir()
+    (tmp_path / "step_00000009.tmp" / ".metadata").write_bytes(b"")
+    (tmp_path / "step_00000010").mkdir()  # final name but no .metadata
+    assert ckpt.latest() == good
+    assert not is_complete(tmp_path / "step_00000010")
+    with pytest.raises(ValueError, match="step_00000010"):
+        ckpt.load(tmp_path / "step_00000010", model=model)
+    with pytest.raises(FileNotFoundError, match="step_00000099"):
+        ckpt.load(tmp_path / "step_00000099", model=model)
+    ckpt.save(6, model=model)
+    assert not (tmp_path / "step_00000009.tmp").exists()
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    model, ema, opt = _setup(0)
+    _train(model, opt, 2)
+    ckpt = Checkpointer(tmp_path)
+    good = ckpt.save(2, model=model, ema=ema, optimizer=opt, extra={"step": 2})
+    expected = copy.deepcopy(model.state_dict())
+
+    real_save = dcp.save
+
+    def crashing_save(state, checkpoint_id):
+        real_save({"model": state["model"]}, checkpoint_id=checkpoint_id)  # some shards land
+        raise RuntimeError("node lost")
+
+    monkeypatch.setattr(dcp, "save", crashing_save)
+    _train(model, opt, 1)
+    with pytest.raises(RuntimeError, match="node lost"):
+        ckpt.save(3, model=model, ema=ema, optimizer=opt, extra={"step": 3})
+    assert (tmp_path / "step_00000003.tmp").exists()
+    assert ckpt.latest() == good
+
+    fresh, fresh_ema, fresh_opt = _setup(7)
+    assert ckpt.load(ckpt.latest(), model=fresh, ema=fresh_ema, optimizer=fresh_opt) == {"step": 2}
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_rng_streams_continue_identically(tmp_path):
+    model, _, _ = _setup(0)
+    ckpt = Checkpointer(tmp_path)
+    torch.manual_seed(42), random.seed(42), np.random.seed(42)
+    path = ckpt.save(1, model=model)
+    want = (torch.rand(5), random.random(), np.random.rand(3))
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    ckpt.load(path, model=model)
+    got = (torch.rand(5), random.random(), np.random.rand(3))
+    assert torch.equal(want[0], got[0]) and want[1] == got[1] and np.array_equal(want[2], got[2])
+
+
+def test_load_model_weights_skips_pos_embed_and_names_bad_keys(tmp_path):
+    torch.manual_seed(0)
+    src, src_ema = Tiny(tokens=4), Tiny(tokens=4)
+    path = Checkpointer(tmp_path).save(1, model=src, ema=src_ema)
+
+    dst, dst_ema = Tiny(tokens=16), Tiny(tokens=16)  # a later phase at higher resolution
+    pos_before = dst.pos_embed.detach().clone()
+    load_model_weights(path, dst, ema=dst_ema)
+    assert torch.equal(dst.pos_embed, pos_before)
+    assert torch.equal(dst.block[0].weight, src.block[0].weight)
+    assert torch.equal(dst_ema.block[2].bias, src_ema.block[2].bias)
+
+    with pytest.raises(ValueError, match=r"missing \['head.bias', 'head.weight'\]"):
+        load_model_weights(path, Tiny(tokens=4, extra_layer=True))
+    with pytest.raises(ValueError, match=r"pos_embed \(checkpoint \(1, 4, 8\), model \(1, 16, 8\)\)"):
+        load_model_weights(path, Tiny(tokens=16), skip=())
+    bare = Checkpointer(tmp_path / "bare").save(1, model=src)
+    with pytest.raises(ValueError, match="no 'ema' state"):
+        load_model_weights(bare, Tiny(), ema=Tiny())
+
+
+# ---------------------------------------------------------------- two ranks, FSDP2 on CPU
+
+
+def _fsdp_setup(seed):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(seed)  # same init on both ranks, as a trainer does
+    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+    ema = copy.deepcopy(model)
+    for m in (model, ema):
+        for layer in (m[0], m[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(1000 + dist.get_rank())  # per-rank data stream
+    return model, ema, opt
+
+
+def _fsdp_step(model, opt):
+    x = torch.randn(4, 8)
+    loss = (model(x) - x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.detach()
+
+
+def _full(module):
+    return {k: v.full_tensor() for k, v in module.state_dict().items()}
+
+
+def _worker(mode: str, out: Path) -> None:
+    import torch.distributed as dist
+
+    ckpt = Checkpointer(out / "ckpt", keep_last=2)
+    if mode == "train":
+        model, ema, opt = _fsdp_setup(seed=0)
+        for _ in range(3):
+            _fsdp_step(model, opt)
+        ckpt.save(3, model=model, ema=ema, optimizer=opt, extra={"step": 3})
+        ref = {"params": _full(model), "ema": _full(ema), "loss": _fsdp_step(model, opt)}
+        torch.save(ref, out / f"ref_rank{dist.get_rank()}.pt")
+    else:
+        model, ema, opt = _fsdp_setup(seed=99)
+        extra = ckpt.resume(model=model, ema=ema, optimizer=opt)
+        ref = torch.load(out / f"ref_rank{dist.get_rank()}.pt")
+        assert extra == {"step": 3}, extra
+        for name, module in (("params", model), ("ema", ema)):
+            for k, v in _full(module).items():
+                assert torch.equal(v, ref[name][k]), (name, k)
+        loss = _fsdp_step(model, opt)
+        assert torch.equal(loss, ref["loss"]), (loss, ref["loss"])
+        (out / f"ok_rank{dist.get_rank()}").write_text("ok")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_matches_uninterrupted_run(tmp_path):
+    root = str(Path(__file__).resolve().parents[1])  # the workers import engine.checkpoint
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    for mode in ("train", "resume"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               __file__, mode, str(tmp_path)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+        assert res.returncode == 0, f"{mode} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    assert (tmp_path / "ok_rank0").exists() and (tmp_path / "ok_rank1").exists()
+    assert [p.name for p in Checkpointer(tmp_path / "ckpt").checkpoints()] == ["step_00000003"]
+    assert {p.name for p in (tmp_path / "ckpt" / "step_00000003").glob("rng_rank*.pt")} == {
+        "rng_rank0.pt", "rng_rank1.pt"}
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], Path(sys.argv[2]))
