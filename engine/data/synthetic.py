@@ -1,0 +1,172 @@
+"""SyntheticShapes: a built-in text-to-image dataset of coloured shapes, deterministic from a seed.
+
+Each image holds one or two *groups*; a group is 1-3 objects of one colour and one shape. With two groups, the
+first group lies entirely left of (or above) the second, so captions read like
+"two red circles left of a blue square" or "a yellow triangle". Sample i is a pure function of (seed, i): any index
+can be produced in any order, by any process, and always gives the same image and caption.
+
+Layout guarantees non-overlap by construction: the image (or, with two groups, each half of it) is cut into equal
+cells along one axis, one object per cell, and each object leaves the last row and column of its cell empty, so
+objects never touch, not even diagonally.
+"""
+from __future__ import annotations
+
+import operator
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 245),
+    "yellow": (240, 220, 40),
+    "white": (245, 245, 245),
+    "purple": (170, 60, 220),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+RELATIONS: tuple[str, ...] = ("left of", "above")
+BACKGROUND: tuple[int, int, int] = (24, 24, 24)
+COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+MAX_COUNT = 3
+
+
+@lru_cache(maxsize=None)
+def shape_mask(shape: str, d: int) -> np.ndarray:
+    """Boolean (d, d) mask of `shape` filling a d×d box; every row and column of the box is touched."""
+    c = np.arange(d) + 0.5  # pixel centres
+    y, x = c[:, None], c[None, :]
+    if shape == "square":
+        return np.ones((d, d), dtype=bool)
+    if shape == "circle":
+        return (x - d / 2) ** 2 + (y - d / 2) ** 2 <= (d / 2) ** 2
+    if shape == "triangle":  # apex up; half-width grows so the top row already has a pixel
+        half = (np.arange(d)[:, None] + 1) / 2
+        return np.abs(x - d / 2) <= half
+    raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+
+
+def _cells(x0: int, y0: int, w: int, h: int, n: int, horizontal: bool) -> list[tuple[int, int, int, int]]:
+    """Split the box (x0, y0, w, h) into n equal integer cells along x (horizontal) or y."""
+    length = w if horizontal else h
+    cuts = [length * k // n for k in range(n + 1)]
+    if horizontal:
+        return [(x0 + a, y0, b - a, h) for a, b in zip(cuts, cuts[1:])]
+    return [(x0, y0 + a, w, b - a) for a, b in zip(cuts, cuts[1:])]
+
+
+class SyntheticShapes:
+    """Coloured shapes on a dark background with compositional captions.
+
+    Args:
+        num_samples: dataset length (>= 1); any index in [0, num_samples) is valid.
+        image_size: side H = W in pixels (>= 16); object sizes scale with it.
+        seed: dataset seed; sample i depends only on (seed, i).
+
+    `ds[i]` gives (image float32 (3, H, W) in [-1, 1], caption str). `describe(i)` gives the facts behind it.
+    """
+
+    def __init__(self, num_samples: int, image_size: int = 32, seed: int = 0):
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if int(image_size) < 16:
+            raise ValueError(f"image_size must be >= 16, got {image_size}")
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.num_samples, self.image_size, self.seed = int(num_samples), int(image_size), int(seed)
+        self.min_size = max(5, round(0.18 * self.image_size))  # smallest object side that still reads as its shape
+        self.max_size = round(0.45 * self.image_size)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _check_index(self, i) -> int:
+        try:
+            i = operator.index(i)  # ints, numpy ints, 0-d integer tensors; not floats or strings
+        except TypeError:
+            raise TypeError(f"index must be an integer, got {type(i).__name__}") from None
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"index {i} out of range for SyntheticShapes of length {self.num_samples}")
+        return i
+
+    def describe(self, i: int) -> dict:
+        """Structured facts of sample i: {"groups": [{"colour", "shape", "count", "size", "boxes"}], "relation"}.
+
+        `boxes` are (x0, y0, side) of each object's tight bounding square in pixels; relation is "left of",
+        "above" or None, and reads "groups[0] <relation> groups[1]". Plain Python types (JSON-serialisable).
+        """
+        i = self._check_index(i)
+        rng = np.random.default_rng([self.seed, i])
+        s = self.image_size
+        colours, shapes = list(COLOURS), list(SHAPES)
+        n_groups = int(rng.integers(1, 3))
+        kinds = [(colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))])]
+        if n_groups == 2:  # the second group must be describable apart from the first
+            others = [(c, sh) for c in colours for sh in shapes if (c, sh) != kinds[0]]
+            kinds.append(others[rng.integers(len(others))])
+            relation = RELATIONS[rng.integers(len(RELATIONS))]
+            half = s // 2
+            regions = [(0, 0, half, s), (half, 0, s - half, s)] if relation == "left of" else \
+                [(0, 0, s, half), (0, half, s, s - half)]
+            # objects of a group line up along the long side of its half
+            axes = [relation == "above"] * 2
+        else:
+            relation, regions, axes = None, [(0, 0, s, s)], [bool(rng.integers(2))]
+        groups = []
+        for (colour, shape), region, horizontal in zip(kinds, regions, axes):
+            count = int(rng.integers(1, MAX_COUNT + 1))
+            cells = _cells(*region, count, horizontal)
+            room = min(min(w, h) for _, _, w, h in cells) - 1  # keep one empty row/column per cell
+            hi = min(room, self.max_size)
+            d = int(rng.integers(min(self.min_size, hi), hi + 1))
+            boxes = [(int(cx + rng.integers(0, w - d)), int(cy + rng.integers(0, h - d)), d)
+                     for cx, cy, w, h in cells]
+            groups.append({"colour": colour, "shape": shape, "count": count, "size": d, "boxes": boxes})
+        return {"groups": groups, "relation": relation}
+
+    def caption(self, i: int) -> str:
+        """Caption of sample i, e.g. "two red circles left of a blue square"."""
+        facts = self.describe(i)
+        phrases = [f"{COUNT_WORDS[g['count']]} {g['colour']} {g['shape']}{'s' if g['count'] > 1 else ''}"
+                   for g in facts["groups"]]
+        return f" {facts['relation']} ".join(phrases)
+
+    def image_uint8(self, i: int) -> np.ndarray:
+        """Sample i as uint8 (H, W, 3)."""
+        img = np.empty((self.image_size, self.image_size, 3), dtype=np.uint8)
+        self._render(i, img)
+        return img
+
+    def _render(self, i: int, out: np.ndarray) -> None:
+        out[:] = BACKGROUND
+        for g in self.describe(i)["groups"]:
+            mask, colour = shape_mask(g["shape"], g["size"]), COLOURS[g["colour"]]
+            for x0, y0, d in g["boxes"]:
+                out[y0:y0 + d, x0:x0 + d][mask] = colour
+
+    def images(self, indices) -> torch.Tensor:
+        """Samples `indices` as float32 (B, 3, H, W) in [-1, 1]; one uint8 buffer, converted once."""
+        idx = [self._check_index(i) for i in _as_list(indices)]
+        buf = np.empty((len(idx), self.image_size, self.image_size, 3), dtype=np.uint8)
+        for b, i in enumerate(idx):
+            self._render(i, buf[b])
+        x = torch.from_numpy(buf).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        return x.float().div_(127.5).sub_(1.0).contiguous()
+
+    def captions(self, indices) -> list[str]:
+        """Captions of samples `indices`."""
+        return [self.caption(i) for i in _as_list(indices)]
+
+    def __getitem__(self, i) -> tuple[torch.Tensor, str]:
+        i = self._check_index(i)
+        return self.images([i])[0], self.caption(i)
+
+    def __repr__(self) -> str:
+        return f"SyntheticShapes(num_samples={self.num_samples}, image_size={self.image_size}, seed={self.seed})"
+
+
+def _as_list(indices) -> list:
+    if isinstance(indices, torch.Tensor):
+        return indices.reshape(-1).tolist()
+    return np.asarray(indices).reshape(-1).tolist()
