@@ -175,8 +175,10 @@ def load_model_weights(
     model: nn.Module,
     ema: nn.Module | None = None,
     skip: tuple[str, ...] = ("pos_embed",),
+    from_ema: bool = False,
 ) -> None:
     """Initialise ``model`` (and ``ema`` from the checkpoint's EMA) with weights only.
+    With ``from_ema``, ``model`` gets the checkpoint's EMA weights instead (for sampling).
 
     For starting a new training phase from an earlier phase's checkpoint: the optimizer,
     RNG and extra state are not touched. Parameters whose name contains any string in
@@ -192,7 +194,11 @@ def load_model_weights(
 
     path = _check_loadable(path)
     meta = _read_metadata(path)
-    targets = {"model": model} if ema is None else {"model": model, "ema": ema}
+    if from_ema and ema is not None:
+        raise ValueError("load_model_weights: from_ema loads the EMA into `model`; pass no `ema`")
+    targets = {"ema" if from_ema else "model": model}
+    if ema is not None:
+        targets["ema"] = ema
     state = {}
     for name, module in targets.items():
         sd = {k: v for k, v in get_model_state_dict(module).items() if not _skipped(k, skip)}

@@ -21,6 +21,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, apply: torch.Tens
     device: a skipped (non-finite) step leaves the EMA untouched without a host sync."""
     ema_p = local_tensors(ema.parameters())
     model_p = local_tensors(model.parameters())
+    if any(e.shape != m.shape for e, m in zip(ema_p, model_p)):
+        raise RuntimeError("ema_update: EMA and model shards differ in shape; reshard() the EMA after a no-grad forward")
     weight = (1.0 - decay) * apply.to(ema_p[0].dtype)
     delta = torch._foreach_sub(model_p, ema_p)
     torch._foreach_mul_(delta, weight)

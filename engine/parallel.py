@@ -92,3 +92,13 @@ def parallelize(
 def local_tensors(params) -> list[torch.Tensor]:
     """This process's shard of each parameter (plain tensors pass through)."""
     return [p.to_local() if hasattr(p, "to_local") else p for p in params]
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters left behind by a no-grad forward (FSDP2 reshards the root only in backward).
+    Needed before touching shards directly, as the EMA update does."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

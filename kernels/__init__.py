@@ -76,7 +76,8 @@ def resolve_name(op: str, name: str) -> str:
 
 def resolve(op: str, name: str) -> Callable:
     """The function implementing `op` with backend `name` (or the best one for `auto`)."""
-    backend = _REGISTRY[op][resolve_name(op, name)]
+    name = resolve_name(op, name)
+    backend = _REGISTRY[op][name]
     return getattr(importlib.import_module(backend.module), backend.attr)
 
 

@@ -22,7 +22,8 @@ def expert_choice_ref(
     E = router_weight.shape[0]
     if not 1 <= k <= T:
         raise ValueError(f"expert_choice: tokens per expert k={k} must be in [1, T={T}]")
-    probs = F.linear(x, router_weight).float().softmax(dim=-1)  # (B, T, E)
+    logits = F.linear(x, router_weight)  # (B, T, E)
+    probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # at least fp32 routing
     gate, token = torch.topk(probs.transpose(1, 2), k, dim=-1)  # (B, E, k) each
     token = token.reshape(B, E * k)  # (B, E*k)
     xin = torch.gather(x, 1, token.unsqueeze(-1).expand(-1, -1, D))  # (B, E*k, D)

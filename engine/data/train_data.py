@@ -1,0 +1,88 @@
+"""What the training loop reads: one micro-batch of (inputs, caption embeddings, caption mask) per call.
+
+`synthetic`: the built-in coloured-shapes set, rendered and caption-embedded once at start and kept in memory
+(distinct captions are embedded once and cached on disk). `random`: latents and caption embeddings drawn on the
+device, for benchmarks and smoke tests of large models without a dataset. Both are pure functions of
+(seed, step, position in the global batch), so resume is exact and any world size sees the same samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import Config
+from engine.data.sampler import global_batch_indices
+from engine.seeding import derive_seed
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (B, C, H, W) clean inputs (pixels in [-1, 1] or scaled latents)
+    y: torch.Tensor  # (B, L, D) caption token embeddings
+    y_mask: torch.Tensor  # (B, L) bool, True = real token
+
+
+class InMemoryData:
+    """Inputs and caption embeddings held on the device; a batch is an index_select."""
+
+    def __init__(self, x: torch.Tensor, caption_ids: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor, seed: int):
+        self.x, self.caption_ids, self.emb, self.mask, self.seed = x, caption_ids, emb, mask, seed
+
+    @property
+    def num_samples(self) -> int:
+        return self.x.shape[0]
+
+    def batch(self, step: int, global_batch: int, lo: int, hi: int) -> Batch:
+        """Positions [lo, hi) of step `step`'s global batch."""
+        idx = global_batch_indices(step, global_batch, self.num_samples, self.seed)[lo:hi].to(self.x.device)
+        cap = self.caption_ids[idx]
+        return Batch(self.x[idx], self.emb[cap], self.mask[cap])
+
+
+class RandomData:
+    """Gaussian inputs and caption embeddings of the configured shapes, with random caption lengths."""
+
+    def __init__(self, shape: tuple[int, int, int], caption_len: int, caption_channels: int, seed: int, device):
+        self.shape, self.caption_len, self.caption_channels, self.seed, self.device = shape, caption_len, caption_channels, seed, device
+
+    def batch(self, step: int, global_batch: int, lo: int, hi: int) -> Batch:
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, step, lo, "random-data"))
+        n, L = hi - lo, self.caption_len
+        x = torch.randn(n, *self.shape, generator=g, device=self.device)
+        y = torch.randn(n, L, self.caption_channels, generator=g, device=self.device)
+        lengths = torch.randint(1, L + 1, (n, 1), generator=g, device=self.device)
+        return Batch(x, y, torch.arange(L, device=self.device) < lengths)
+
+
+def build_train_data(cfg: Config, device: torch.device, cache_dir: Path, encoder=None):
+    """The training data of `cfg.data`, and the text encoder used (None for `random`)."""
+    d = cfg.data
+    shape = (d.channels, d.image_size, d.image_size)
+    if d.source == "random":
+        return RandomData(shape, d.caption_len, d.caption_channels, cfg.run.seed, device), None
+    from engine.data.caption_cache import embed_unique
+    from engine.data.synthetic import SyntheticShapes
+
+    if d.channels != 3:
+        raise ValueError(f"config: data.channels={d.channels} but data.source=synthetic renders RGB pixels (3)")
+    encoder = encoder or load_text_encoder(cfg)
+    ds = SyntheticShapes(d.num_samples, d.image_size, cfg.run.seed)
+    everything = range(d.num_samples)
+    ids, emb, mask = embed_unique(ds.captions(everything), encoder, cache_path=cache_dir / "synthetic_captions.safetensors")
+    x = ds.images(everything)
+    return InMemoryData(x.to(device), ids.to(device), emb.to(device), mask.to(device), cfg.run.seed), encoder
+
+
+def load_text_encoder(cfg: Config):
+    """The configured text encoder, checked against data.caption_channels."""
+    from engine.text_encoder import TextEncoder
+
+    encoder = TextEncoder(cfg.data.text_encoder, max_length=cfg.data.caption_len)
+    if encoder.dim != cfg.data.caption_channels:
+        raise ValueError(
+            f"config: data.caption_channels={cfg.data.caption_channels} but text encoder "
+            f"'{cfg.data.text_encoder}' produces {encoder.dim}-wide embeddings"
+        )
+    return encoder

@@ -1,0 +1,77 @@
+"""Generate images from a trained run: `python engine/sample.py --run runs/tiny --prompt "a red circle"`.
+
+Loads the run's resolved config and the EMA weights of its newest checkpoint (or --checkpoint), embeds the prompts
+with the run's text encoder, samples with EDM Heun + classifier-free guidance, and writes a PNG grid."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the repo's packages, not engine/'s files, by name
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+
+from engine.checkpoint import Checkpointer, load_model_weights
+from engine.config import load_config
+from engine.data.train_data import load_text_encoder
+from engine.diffusion import EDM
+from engine.sampling import sample
+from models.sizes import build_model, model_config
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--run", required=True, help="run folder (holds config.yaml and checkpoints/)")
+    p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for several")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the run's newest complete one)")
+    p.add_argument("--num", type=int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=int, help="Heun steps (default: the run's sample.steps)")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="PNG path (default: <run>/samples/sample_<seed>.png)")
+    p.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
+    return p.parse_args(argv)
+
+
+def load_run_model(run: Path, checkpoint: str | None, use_ema: bool = True):
+    """(config, model in eval mode on the best device) from a run folder."""
+    cfg = load_config(run / "config.yaml")
+    ckpt = Path(checkpoint) if checkpoint else Checkpointer(run / "checkpoints").latest()
+    if ckpt is None:
+        raise FileNotFoundError(f"no complete checkpoint in {run / 'checkpoints'}")
+    mcfg = model_config(cfg.model.name, input_size=cfg.data.image_size, in_channels=cfg.data.channels,
+                        caption_channels=cfg.data.caption_channels, pos_interp_scale=cfg.model.pos_interp_scale)
+    model = build_model(mcfg, {"attention": "auto", "gather": "auto", "moe": "auto", "norm": "auto"})
+    load_model_weights(ckpt, model, from_ema=use_ema)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return cfg, model.to(device).eval(), ckpt
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    run = Path(args.run)
+    cfg, model, ckpt = load_run_model(run, args.checkpoint, use_ema=not args.raw_weights)
+    device = next(model.parameters()).device
+    captions = [p for p in args.prompt for _ in range(args.num)]
+    y, y_mask = load_text_encoder(cfg).encode(captions)
+    d = cfg.diffusion
+    edm = EDM(d.sigma_data, d.p_mean, d.p_std)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    steps = args.steps or cfg.sample.steps
+    scale = cfg.sample.cfg_scale if args.cfg is None else args.cfg
+    images = sample(model, edm, y.to(device), y_mask.to(device), steps=steps, cfg_scale=scale, generator=gen).cpu()
+    out = Path(args.out) if args.out else run / "samples" / f"sample_{args.seed}.png"
+    if cfg.data.channels != 3:
+        # Latent runs: decoding needs the run's VAE, which arrives with the real-data pipeline; keep the latents.
+        torch.save(images, out.with_suffix(".latents.pt"))
+        print(f"latent run: saved raw latents to {out.with_suffix('.latents.pt')}; the PNG shows 3 latent channels")
+    from engine.images import save_grid_with_captions
+    save_grid_with_captions(out, images, captions, nrow=args.num)
+    print(f"wrote {out} ({len(captions)} images, {steps} Heun steps, cfg {scale}, from {ckpt})")
+    return out
+
+
+if __name__ == "__main__":
+    main()
