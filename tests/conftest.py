@@ -16,3 +16,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def dist_env():
+    """A one-process gloo group for tests that exercise the FSDP2 code path in-process."""
+    import torch.distributed as dist
+
+    from engine.parallel import init_distributed
+
+    d = init_distributed()
+    yield d
+    dist.destroy_process_group()

@@ -112,3 +112,18 @@ def test_sampler_gives_finite_images_of_the_right_shape():
     y, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
     images = sample(model, EDM(), y, mask, steps=4, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert images.shape == (3, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_next_phase_starts_from_earlier_checkpoint_at_twice_the_resolution(out_dir, baseline):
+    """Phase change: 32 -> 64 px input (4x the tokens), position embeddings rebuilt with interpolation scale 2."""
+    ckpt = baseline / "checkpoints" / f"step_{STEPS:08d}"
+    run = torchrun(out_dir, "phase2", extra=["data.image_size=64", "model.pos_interp_scale=2.0", "train.steps=2",
+                                             f"train.init_from={ckpt}", "train.global_batch=8", "train.micro_batch=8"])
+    assert (run / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_nonfinite_streak_stops_the_run_with_a_clear_error(out_dir):
+    cmd_extra = ["optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0", "train.max_nonfinite_steps=3",
+                 "train.ckpt_every=1000"]
+    with pytest.raises(AssertionError, match="consecutive steps had a non-finite loss or gradient"):
+        torchrun(out_dir, "diverges", extra=cmd_extra)

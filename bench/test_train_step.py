@@ -1,0 +1,84 @@
+"""One optimizer step of a whole model: images/sec, TFLOP/s and MFU in the benchmark's extra_info.
+
+CPU: the tiny config. GPU: MicroDiT_XL_2 at 256 px, 75% masked (paper phase 1), at the largest micro-batch that
+fits one device (tried from the official 256 down), with its peak memory. Random latents and caption embeddings of
+the configured shapes stand in for data: the step's cost does not depend on their values."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.diffusion import draw_step_noise
+from engine.metrics import peak_flops
+from engine.step import StepCounters, train_step
+from engine.train import build
+from models.flops import train_flops_per_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def step_harness(cfg, d):
+    """(run one step, images per step, training FLOPs per image) for `cfg` on this process."""
+    run = build(cfg, d)
+    t, mcfg = cfg.train, run.model.cfg
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    counters = StepCounters(d.device)
+    state = {"step": 0}
+
+    def one_step():
+        s = state["step"]
+        noise = draw_step_noise(run.edm, 0, s, t.global_batch, shape, mcfg.num_patches, cfg.diffusion.mask_ratio,
+                                cfg.data.caption_dropout, d.device)
+        batches = [(run.data.batch(s, t.global_batch, lo, lo + t.micro_batch), lo, lo + t.micro_batch)
+                   for lo in range(0, t.global_batch, t.micro_batch)]
+        train_step(run.model, run.ema, run.optimizer, run.edm, noise, batches, cfg.optim.grad_clip, t.ema_decay, counters)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        state["step"] += 1
+
+    flops = train_flops_per_image(mcfg, cfg.data.caption_len, cfg.diffusion.mask_ratio)
+    return one_step, t.global_batch, flops
+
+
+def record(benchmark, images: int, flops: float, device: torch.device, extra: dict) -> None:
+    seconds = benchmark.stats.stats.median
+    per_sec = images / seconds
+    peak = peak_flops(device)
+    benchmark.extra_info.update({
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "images_per_step": images, "images_per_sec": per_sec,
+        "train_tflops_per_image": flops / 1e12, "tflops_per_sec": per_sec * flops / 1e12,
+        "mfu": None if peak is None else per_sec * flops / peak, **extra,
+    })
+
+
+def test_tiny_step(benchmark, dist_env, tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run.out_dir={tmp_path}", "data.source=random",
+                                                       "train.micro_batch=32", "train.progress_bar=false"])
+    step, images, flops = step_harness(cfg, dist_env)
+    benchmark.pedantic(step, rounds=5, warmup_rounds=2, iterations=1)
+    record(benchmark, images, flops, dist_env.device, {"config": "tiny", "precision": "fp32"})
+
+
+@pytest.mark.gpu
+def test_microdit_xl_256_masked_step(benchmark, dist_env, tmp_path):
+    """Largest micro-batch from the official 256 down that fits; then times it."""
+    for micro in (256, 192, 128, 96, 64, 32):
+        cfg = load_config(ROOT / "configs" / "microdit_xl_256_masked.yaml", [
+            f"run.out_dir={tmp_path}", f"run.name=xl_{micro}", f"train.global_batch={micro}",
+            f"train.micro_batch={micro}", "train.progress_bar=false"])
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            step, images, flops = step_harness(cfg, dist_env)
+            step()  # fits?
+            break
+        except torch.OutOfMemoryError:
+            step = None
+            continue
+    assert step is not None, "not even micro-batch 32 fits"
+    benchmark.pedantic(step, rounds=5, warmup_rounds=2, iterations=1)
+    record(benchmark, images, flops, dist_env.device, {
+        "config": "microdit_xl_256_masked", "micro_batch": micro, "precision": cfg.train.precision,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})

@@ -1,0 +1,66 @@
+"""The optimizer step through the real FSDP2 path: a non-finite step is skipped on the device, a finite one applied."""
+import pytest
+import torch
+
+from engine.config import OptimConfig
+from engine.data.train_data import Batch
+from engine.diffusion import EDM, draw_step_noise
+from engine.ema import make_ema
+from engine.optim import build_optimizer, lr_factor
+from engine.parallel import parallelize
+from engine.step import StepCounters, train_step
+from models.sizes import build_model, model_config
+
+
+@pytest.fixture
+def parts(dist_env):
+    torch.manual_seed(0)
+    model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8))
+    ema = make_ema(model)
+    model = parallelize(model, dist_env.device, torch.float32)
+    ema = parallelize(ema, dist_env.device, torch.float32)
+    return model, ema, build_optimizer(model, OptimConfig(lr=1e-2)), StepCounters(dist_env.device)
+
+
+def batch(bad=False):
+    x = torch.randn(4, 3, 32, 32)
+    if bad:
+        x[0, 0, 0, 0] = float("nan")
+    return [(Batch(x, torch.randn(4, 5, 8), torch.ones(4, 5, dtype=torch.bool)), 0, 4)]
+
+
+def snapshot(module):
+    return [p.full_tensor().clone() for p in module.parameters()]
+
+
+def test_nonfinite_step_is_skipped_and_counted_then_training_goes_on(parts):
+    model, ema, opt, counters = parts
+    edm = EDM()
+    noise = draw_step_noise(edm, 0, 0, 4, (3, 32, 32), 64, 0.5, 0.1, torch.device("cpu"))
+    before, ema_before = snapshot(model), snapshot(ema)
+    train_step(model, ema, opt, edm, noise, batch(bad=True), 1.0, 0.9, counters)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(model), before))
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(ema), ema_before))
+    assert counters.nonfinite_total.item() == 1 and counters.streak.item() == 1
+    train_step(model, ema, opt, edm, noise, batch(bad=True), 1.0, 0.9, counters)
+    assert counters.max_streak.item() == 2
+    train_step(model, ema, opt, edm, noise, batch(), 1.0, 0.9, counters)
+    after = snapshot(model)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert counters.streak.item() == 0 and counters.nonfinite_total.item() == 2
+    assert counters.finite_steps.item() == 1 and torch.isfinite(counters.loss_sum)
+    step_counts = {int(s["step"]) for s in opt.state.values()}
+    assert step_counts == {1}  # the skipped steps did not advance AdamW's bias correction
+    # EMA moved by exactly (1 - decay) of the way
+    for e0, m1, e1 in zip(ema_before, after, snapshot(ema)):
+        torch.testing.assert_close(e1, e0 + 0.1 * (m1 - e0))
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(55, 100, cfg) == pytest.approx(0.55)
+    assert lr_factor(50, 100, OptimConfig(warmup_steps=0, schedule="constant")) == 1.0
