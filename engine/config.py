@@ -308,5 +308,17 @@ def to_dict(cfg: Config) -> dict:
             for k, v in dataclasses.asdict(cfg).items()}
 
 
+def config_diff(old: Config, new: Config) -> list[str]:
+    """'key: old -> new' for every leaf that differs."""
+    def flatten(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(b) if a.get(k) != b.get(k)]
+
+
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint import Checkpointer, load_model_weights
-from engine.config import Config, load_config, save_config
+from engine.config import Config, config_diff, load_config, save_config
 from engine.data.train_data import build_train_data
 from engine.diffusion import EDM, draw_step_noise
 from engine.ema import make_ema
@@ -56,6 +56,10 @@ def build(cfg: Config, d: Dist) -> Run:
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / "config.yaml").is_file():  # resuming with other settings is allowed (more steps, say): tell
+            changed = config_diff(load_config(run_dir / "config.yaml"), cfg)
+            if changed:
+                print(f"warning: resuming {run_dir} with a changed config: {'; '.join(changed)}", flush=True)
         save_config(cfg, run_dir / "config.yaml")
     # The main process embeds the captions first and fills the on-disk cache; the others then read it.
     cache = Path(cfg.run.out_dir) / ".cache"

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config, load_config, save_config, to_dict
+from engine.config import Config, config_diff, load_config, save_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -65,3 +65,10 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(ROOT / "configs/tiny.yaml", ["optim.lr=5e-4"])
     save_config(cfg, tmp_path / "config.yaml")
     assert to_dict(load_config(tmp_path / "config.yaml")) == to_dict(cfg)
+
+
+def test_config_diff_lists_changed_keys():
+    a = load_config(ROOT / "configs/tiny.yaml")
+    b = load_config(ROOT / "configs/tiny.yaml", ["train.steps=600", "optim.lr=1e-3"])
+    assert config_diff(a, b) == ["optim.lr: 0.002 -> 0.001", "train.steps: 300 -> 600"]
+    assert config_diff(a, a) == []

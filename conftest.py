@@ -1,4 +1,4 @@
-"""Shared test setup: CPU-only defaults and the `gpu` marker."""
+"""Shared by tests/ and bench/: offline Hugging Face, skipping `gpu` tests without CUDA, a one-process group."""
 import os
 
 import pytest
@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def dist_env():
-    """A one-process gloo group for tests that exercise the FSDP2 code path in-process."""
+    """A one-process group (gloo on CPU, nccl on GPU) for code that runs the FSDP2 path in-process."""
     import torch.distributed as dist
 
     from engine.parallel import init_distributed
