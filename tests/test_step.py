@@ -64,3 +64,19 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
     assert lr_factor(55, 100, cfg) == pytest.approx(0.55)
     assert lr_factor(50, 100, OptimConfig(warmup_steps=0, schedule="constant")) == 1.0
+
+
+def test_activation_checkpointing_gives_the_same_step(dist_env):
+    def one_step(ac: bool):
+        torch.manual_seed(0)
+        model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8))
+        ema = parallelize(make_ema(model), dist_env.device, torch.float32)
+        model = parallelize(model, dist_env.device, torch.float32, activation_checkpointing=ac)
+        opt = build_optimizer(model, OptimConfig(lr=1e-2))
+        torch.manual_seed(1)
+        noise = draw_step_noise(EDM(), 0, 0, 4, (3, 32, 32), 64, 0.5, 0.1, torch.device("cpu"))
+        train_step(model, ema, opt, EDM(), noise, batch(), 1.0, 0.9, StepCounters(dist_env.device))
+        return snapshot(model)
+
+    for a, b in zip(one_step(False), one_step(True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
