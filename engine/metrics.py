@@ -236,7 +236,7 @@ _TB_WARNED = False
 class TensorBoardLogger:
     """Scalars to TensorBoard; warns once and does nothing if tensorboard is not installed."""
 
-    def __init__(self, log_dir: str | os.PathLike):
+    def __init__(self, log_dir: str | os.PathLike, purge_step: int | None = None):
         global _TB_WARNED
         self._writer = None
         try:
@@ -246,7 +246,8 @@ class TensorBoardLogger:
                 warnings.warn(f"tensorboard not available ({err}); TensorBoard logging disabled")
                 _TB_WARNED = True
             return
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+        # purge_step: a resumed run hides the events a killed run wrote after its last checkpoint
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if self._writer is None:
@@ -272,7 +273,8 @@ class MetricsLogger:
     A no-op on every rank but 0 (``rank`` defaults to the torch.distributed rank).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, rank: int | None = None, tensorboard: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, rank: int | None = None, tensorboard: bool = True,
+                 purge_step: int | None = None):
         if rank is None:
             import torch.distributed as dist
 
@@ -281,7 +283,7 @@ class MetricsLogger:
         if rank == 0:
             self._sinks.append(JsonlLogger(Path(run_dir) / "metrics.jsonl"))
             if tensorboard:
-                self._sinks.append(TensorBoardLogger(Path(run_dir) / "tb"))
+                self._sinks.append(TensorBoardLogger(Path(run_dir) / "tb", purge_step=purge_step))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         for sink in self._sinks:

@@ -161,7 +161,7 @@ def train(cfg: Config, d: Dist) -> Path:
     meter = ThroughputMeter(d.world_size, t.global_batch, kept_tokens(mcfg.num_patches, cfg.diffusion.mask_ratio), flops, t.steps,
                             cfg.cost.usd_per_gpu_hour, device=d.device)
     start, counters = resume_or_init(run, meter)
-    logger = MetricsLogger(run.dir)
+    logger = MetricsLogger(run.dir, purge_step=start or None)
     prompts = None
     if run.encoder is not None:
         prompts = embed_prompts(run.encoder, cfg.sample.prompts, cfg.sample.per_prompt, d.device)

@@ -36,7 +36,9 @@ class InMemoryData:
 
     def batch(self, step: int, global_batch: int, lo: int, hi: int) -> Batch:
         """Positions [lo, hi) of step `step`'s global batch."""
-        idx = global_batch_indices(step, global_batch, self.num_samples, self.seed)[lo:hi].to(self.x.device)
+        idx = global_batch_indices(step, global_batch, self.num_samples, self.seed)[lo:hi]
+        if self.x.device.type == "cuda":  # pinned + non_blocking: a pageable copy would wait for the GPU
+            idx = idx.pin_memory().to(self.x.device, non_blocking=True)
         cap = self.caption_ids[idx]
         return Batch(self.x[idx], self.emb[cap], self.mask[cap])
 
