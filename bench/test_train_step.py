@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def step_harness(cfg, d):
     """(run one step, images per step, training FLOPs per image) for `cfg` on this process."""
     run = build(cfg, d)
+    run.data.start(0)
     t, mcfg = cfg.train, run.model.cfg
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     counters = StepCounters(d.device)
@@ -67,7 +68,7 @@ def test_microdit_xl_256_masked_step(benchmark, dist_env, tmp_path):
     for micro in (256, 192, 128, 96, 64, 32):
         cfg = load_config(ROOT / "configs" / "microdit_xl_256_masked.yaml", [
             f"run.out_dir={tmp_path}", f"run.name=xl_{micro}", f"train.global_batch={micro}",
-            f"train.micro_batch={micro}", "train.progress_bar=false"])
+            f"train.micro_batch={micro}", "train.progress_bar=false", "data.source=random"])
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:

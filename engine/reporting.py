@@ -19,8 +19,9 @@ def embed_prompts(encoder, prompts: list[str], per_prompt: int, device) -> tuple
 
 
 def write_sample_grid(path: Path, model, edm: EDM, captions, y, y_mask, steps: int, cfg_scale: float, seed: int,
-                      is_main: bool) -> None:
-    """Sample with the (sharded) model on every process, same noise everywhere; the main process writes the PNG."""
+                      is_main: bool, decoder=None) -> None:
+    """Sample with the (sharded) model on every process, same noise everywhere; the main process writes the PNG.
+    `decoder` turns latents into images (engine/vae.py); without one a latent run shows 3 raw latent channels."""
     from engine.images import save_grid_with_captions
 
     gen = torch.Generator(device=y.device).manual_seed(seed)
@@ -30,6 +31,8 @@ def write_sample_grid(path: Path, model, edm: EDM, captions, y, y_mask, steps: i
     reshard(model)
     model.train(was_training)
     if is_main:
+        if decoder is not None:
+            images = decoder(images)
         per_row = max(1, len(captions) // max(1, len(set(captions))))
         save_grid_with_captions(path, images.cpu(), captions, nrow=per_row)
 

@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="PNG path (default: <run>/samples/sample_<seed>.png)")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
+    p.add_argument("--vae", help="diffusers AutoencoderKL to decode latents (default: the run's data.vae)")
     return p.parse_args(argv)
 
 
@@ -63,10 +64,14 @@ def main(argv=None) -> Path:
     scale = cfg.sample.cfg_scale if args.cfg is None else args.cfg
     images = sample(model, edm, y.to(device), y_mask.to(device), steps=steps, cfg_scale=scale, generator=gen).cpu()
     out = Path(args.out) if args.out else run / "samples" / f"sample_{args.seed}.png"
+    vae = args.vae or cfg.data.vae
     if cfg.data.channels != 3:
-        # Latent runs: decoding needs the run's VAE, which arrives with the real-data pipeline; keep the latents.
-        torch.save(images, out.with_suffix(".latents.pt"))
-        print(f"latent run: saved raw latents to {out.with_suffix('.latents.pt')}; the PNG shows 3 latent channels")
+        torch.save(images, out.with_suffix(".latents.pt"))  # keep the latents: decoding is lossy to look at
+        if vae:
+            from engine.vae import LatentDecoder
+            images = LatentDecoder(vae, device)(images.to(device)).cpu()
+        else:
+            print(f"latent run without --vae: the PNG shows 3 raw latent channels; latents in {out.with_suffix('.latents.pt')}")
     from engine.images import save_grid_with_captions
     save_grid_with_captions(out, images, captions, nrow=args.num)
     print(f"wrote {out} ({len(captions)} images, {steps} Heun steps, cfg {scale}, from {ckpt})")
