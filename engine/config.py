@@ -34,8 +34,19 @@ class ModelSection:
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    """'synthetic' (built-in coloured shapes, pixel space) or 'random' (random latents and caption embeddings of the
-    configured shapes: for benchmarks and smoke tests of large models)."""
+    """'synthetic' (built-in coloured shapes, pixel space), 'precomputed' (latents + caption embeddings written by
+    engine/precompute.py, read from data.path) or 'random' (random latents and caption embeddings of the configured
+    shapes: for benchmarks and smoke tests of large models)."""
+    path: str = ""
+    """Precomputed: the folder engine/precompute.py wrote (holds manifest.json)."""
+    resolution: int = 256
+    """Precomputed: which image resolution of the set to train on (its latents are data.image_size wide)."""
+    num_workers: int = 4
+    """Precomputed: DataLoader worker processes (0 = load in the training process)."""
+    verify_checksums: bool = True
+    """Precomputed: check every shard's sha256 against the manifest at start (reads the whole set once)."""
+    vae: str = ""
+    """Latent runs: diffusers AutoencoderKL (hub id or path) that decodes sample grids; empty = show raw latents."""
     num_samples: int = 4096
     """Dataset size (synthetic: any size, deterministic from run.seed)."""
     image_size: int = 32
@@ -169,7 +180,11 @@ class Config:
         d, t, o = self.diffusion, self.train, self.optim
         checks = [
             ("model.name", self.model.name in sizes(), f"is not a model size; choices: {', '.join(sizes())}"),
-            ("data.source", self.data.source in ("synthetic", "random"), "must be 'synthetic' or 'random'"),
+            ("data.source", self.data.source in ("synthetic", "precomputed", "random"),
+             "must be 'synthetic', 'precomputed' or 'random'"),
+            ("data.path", self.data.source != "precomputed" or bool(self.data.path),
+             "must name the precomputed folder when data.source=precomputed"),
+            ("data.num_workers", self.data.num_workers >= 0, "must be >= 0"),
             ("data.num_samples", self.data.num_samples >= 1, "must be >= 1"),
             ("data.caption_len", self.data.caption_len >= 1, "must be >= 1"),
             ("data.caption_dropout", 0 <= self.data.caption_dropout < 1, "must be in [0, 1)"),

@@ -43,6 +43,7 @@ class Run:
     encoder: object
     edm: EDM
     ckpt: Checkpointer
+    decoder: object  # latents -> images for sample grids (None: pixel space, or no data.vae given)
 
 
 def parse_args(argv=None):
@@ -64,10 +65,10 @@ def build(cfg: Config, d: Dist) -> Run:
     # The main process embeds the captions first and fills the on-disk cache; the others then read it.
     cache = Path(cfg.run.out_dir) / ".cache"
     if d.is_main:
-        data, encoder = build_train_data(cfg, d.device, cache)
+        data, encoder = build_train_data(cfg, d.device, cache, d.rank, d.world_size)
     dist.barrier()
     if not d.is_main:
-        data, encoder = build_train_data(cfg, d.device, cache)
+        data, encoder = build_train_data(cfg, d.device, cache, d.rank, d.world_size)
 
     mcfg = model_config(cfg.model.name, input_size=cfg.data.image_size, in_channels=cfg.data.channels,
                         caption_channels=cfg.data.caption_channels, pos_interp_scale=cfg.model.pos_interp_scale)
@@ -80,7 +81,11 @@ def build(cfg: Config, d: Dist) -> Run:
     ema = parallelize(ema.to(d.device), d.device, dtype)
     edm = EDM(cfg.diffusion.sigma_data, cfg.diffusion.p_mean, cfg.diffusion.p_std)
     ckpt = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_checkpoints)
-    return Run(cfg, d, run_dir, model, ema, build_optimizer(model, cfg.optim), data, encoder, edm, ckpt)
+    decoder = None
+    if cfg.data.vae and d.is_main:
+        from engine.vae import LatentDecoder
+        decoder = LatentDecoder(cfg.data.vae, d.device)
+    return Run(cfg, d, run_dir, model, ema, build_optimizer(model, cfg.optim), data, encoder, edm, ckpt, decoder)
 
 
 def resume_or_init(run: Run, meter: ThroughputMeter) -> tuple[int, StepCounters]:
@@ -150,7 +155,7 @@ def write_samples(run: Run, step: int, prompts) -> None:
         return
     s = run.cfg.sample
     write_sample_grid(run.dir / "samples" / f"step_{step:08d}.png", run.ema, run.edm, *prompts, steps=s.steps,
-                      cfg_scale=s.cfg_scale, seed=s.seed, is_main=run.dist.is_main)
+                      cfg_scale=s.cfg_scale, seed=s.seed, is_main=run.dist.is_main, decoder=run.decoder)
 
 
 def train(cfg: Config, d: Dist) -> Path:
@@ -161,6 +166,7 @@ def train(cfg: Config, d: Dist) -> Path:
     meter = ThroughputMeter(d.world_size, t.global_batch, kept_tokens(mcfg.num_patches, cfg.diffusion.mask_ratio), flops, t.steps,
                             cfg.cost.usd_per_gpu_hour, device=d.device)
     start, counters = resume_or_init(run, meter)
+    run.data.start(start)
     logger = MetricsLogger(run.dir, purge_step=start or None)
     prompts = None
     if run.encoder is not None:

@@ -30,6 +30,9 @@ class InMemoryData:
     def __init__(self, x: torch.Tensor, caption_ids: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor, seed: int):
         self.x, self.caption_ids, self.emb, self.mask, self.seed = x, caption_ids, emb, mask, seed
 
+    def start(self, step: int) -> None:
+        """Nothing to prefetch: batches are computed from the step."""
+
     @property
     def num_samples(self) -> int:
         return self.x.shape[0]
@@ -49,6 +52,9 @@ class RandomData:
     def __init__(self, shape: tuple[int, int, int], caption_len: int, caption_channels: int, seed: int, device):
         self.shape, self.caption_len, self.caption_channels, self.seed, self.device = shape, caption_len, caption_channels, seed, device
 
+    def start(self, step: int) -> None:
+        """Nothing to prefetch: batches are drawn from the step."""
+
     def batch(self, step: int, global_batch: int, lo: int, hi: int) -> Batch:
         g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, step, lo, "random-data"))
         n, L = hi - lo, self.caption_len
@@ -58,18 +64,20 @@ class RandomData:
         return Batch(x, y, torch.arange(L, device=self.device) < lengths)
 
 
-def build_train_data(cfg: Config, device: torch.device, cache_dir: Path, encoder=None):
-    """The training data of `cfg.data`, and the text encoder used (None for `random`)."""
+def build_train_data(cfg: Config, device: torch.device, cache_dir: Path, rank: int = 0, world_size: int = 1):
+    """The training data of `cfg.data`, and the text encoder for sample prompts (None for `random`)."""
     d = cfg.data
     shape = (d.channels, d.image_size, d.image_size)
     if d.source == "random":
         return RandomData(shape, d.caption_len, d.caption_channels, cfg.run.seed, device), None
+    if d.source == "precomputed":
+        return build_precomputed(cfg, device, rank, world_size), load_text_encoder(cfg)
     from engine.data.caption_cache import embed_unique
     from engine.data.synthetic import SyntheticShapes
 
     if d.channels != 3:
         raise ValueError(f"config: data.channels={d.channels} but data.source=synthetic renders RGB pixels (3)")
-    encoder = encoder or load_text_encoder(cfg)
+    encoder = load_text_encoder(cfg)
     ds = SyntheticShapes(d.num_samples, d.image_size, cfg.run.seed)
     everything = range(d.num_samples)
     ids, emb, mask = embed_unique(ds.captions(everything), encoder, cache_path=cache_dir / "synthetic_captions.safetensors")
@@ -88,3 +96,20 @@ def load_text_encoder(cfg: Config):
             f"'{cfg.data.text_encoder}' produces {encoder.dim}-wide embeddings"
         )
     return encoder
+
+
+def build_precomputed(cfg: Config, device: torch.device, rank: int, world_size: int):
+    """The precomputed set of data.path at data.resolution, checked against the config (and checksums)."""
+    from engine.data.manifest import verify_checksums
+    from engine.data.precomputed import PrecomputedData, PrecomputedSet, check_matches_config
+
+    d, t = cfg.data, cfg.train
+    ds = PrecomputedSet(d.path, d.resolution, d.caption_len)
+    check_matches_config(ds, d.channels, d.image_size, d.caption_channels)
+    if ds.manifest["text_encoder"]["name"] != d.text_encoder:
+        raise ValueError(f"{ds.root / 'manifest.json'}: text_encoder.name={ds.manifest['text_encoder']['name']!r} "
+                         f"but data.text_encoder={d.text_encoder!r}: sample prompts would be embedded differently")
+    if d.verify_checksums:
+        verify_checksums(ds.root, ds.manifest)
+    return PrecomputedData(ds, cfg.run.seed, t.global_batch, t.micro_batch, rank, world_size, t.steps, device,
+                           d.num_workers)
