@@ -17,11 +17,15 @@ from engine.data.train_data import Batch
 
 
 class PrecomputedSet(Dataset):
-    """One resolution of a precomputed set: item i -> (latent (C, h, w) float32, emb (L, D) float32, mask (L,) bool),
-    caption embeddings padded (or truncated) to L = caption_len at load time."""
+    """One resolution of a precomputed set. `batch(indices)` -> latents (B, C, h, w), caption embeddings (B, L, D)
+    padded (or truncated) to L = caption_len, both float16 as stored (half the bytes to pin and copy; the consumer
+    casts on the device), and their mask (B, L) bool. Rows are taken straight
+    from the memory-mapped Arrow columns (one take per micro-batch, no per-row Python), which is what lets a few
+    workers outrun the training step."""
 
     def __init__(self, root: str | Path, resolution: int, caption_len: int):
         import datasets
+        import pyarrow as pa
 
         from engine.data.manifest import read_manifest
 
@@ -33,22 +37,38 @@ class PrecomputedSet(Dataset):
             raise ValueError(f"{self.root / 'manifest.json'}: no resolution {resolution} (has: {have}); "
                              "set data.resolution to one of them or precompute it")
         self.entry = entry
-        shards = [datasets.load_from_disk(str(self.root / s["path"])) for s in entry["shards"]]
-        self.table = datasets.concatenate_datasets(shards).with_format("numpy", columns=["latent", "caption_emb"])
-        if len(self.table) != entry["count"]:
+        self.latent_shape = tuple(entry["latent_shape"])
+        tables = [datasets.load_from_disk(str(self.root / s["path"])).data.table for s in entry["shards"]]
+        self.table = pa.concat_tables(tables).select(["latent", "caption_emb"])  # still memory-mapped
+        if self.table.num_rows != entry["count"]:
             raise ValueError(f"{self.root / 'manifest.json'}: resolutions.{resolution}.count={entry['count']} but the "
-                             f"shards hold {len(self.table)} samples")
+                             f"shards hold {self.table.num_rows} samples")
 
     def __len__(self) -> int:
-        return len(self.table)
+        return self.table.num_rows
 
     def __getitem__(self, i: int):
-        row = self.table[int(i)]
-        emb = np.asarray(row["caption_emb"], dtype=np.float32)[: self.caption_len]  # (n, D), real tokens only
-        padded = np.zeros((self.caption_len, emb.shape[1]), dtype=np.float32)
-        padded[: len(emb)] = emb
-        mask = np.arange(self.caption_len) < len(emb)
-        return torch.from_numpy(np.asarray(row["latent"], dtype=np.float32)), torch.from_numpy(padded), torch.from_numpy(mask)
+        latent, emb, mask = self.batch([i])
+        return latent[0], emb[0], mask[0]
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = self.table.take(np.asarray(indices, dtype=np.int64))
+        latent = rows.column("latent").combine_chunks().storage  # list<list<list<half>>> (Array3D)
+        for _ in range(3):
+            latent = latent.flatten()
+        x = latent.to_numpy(zero_copy_only=False).reshape(len(indices), *self.latent_shape).copy()  # off the mmap
+        emb = rows.column("caption_emb").combine_chunks().storage  # list<list<half>>: tokens of each caption
+        lengths = np.diff(emb.offsets.to_numpy())  # (B,) real tokens per caption
+        tokens = emb.flatten().flatten().to_numpy(zero_copy_only=False)
+        tokens = tokens.reshape(-1, len(tokens) // max(1, lengths.sum()))  # (sum of lengths, D)
+        L, D = self.caption_len, tokens.shape[1]
+        padded = np.zeros((len(indices), L, D), dtype=tokens.dtype)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        for b, (s, n) in enumerate(zip(starts, lengths)):
+            n = min(n, L)
+            padded[b, :n] = tokens[s:s + n]
+        mask = np.arange(L)[None] < np.minimum(lengths, L)[:, None]
+        return torch.from_numpy(x), torch.from_numpy(padded), torch.from_numpy(mask)
 
 
 def check_matches_config(ds: PrecomputedSet, channels: int, latent_side: int, caption_channels: int) -> None:
@@ -64,8 +84,8 @@ def check_matches_config(ds: PrecomputedSet, channels: int, latent_side: int, ca
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Yields this process's micro-batches in training order, from `start_step` to `steps`: global positions
-    [lo, hi) of each step's batch, mapped to sample indices by the deterministic stream."""
+    """Yields this process's micro-batches in training order, from `start_step` to `steps`: (step, lo, sample
+    indices of global positions [lo, lo + micro_batch) of that step's batch in the deterministic stream)."""
 
     def __init__(self, num_samples, seed, global_batch, micro_batch, rank, world_size, start_step, steps):
         self.args = num_samples, seed, global_batch, micro_batch, rank, world_size, start_step, steps
@@ -76,15 +96,16 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(start, steps):
             idx = global_batch_indices(step, gb, n, seed)
             for lo in range(rank * per_rank, (rank + 1) * per_rank, mb):
-                yield [(step, lo, int(i)) for i in idx[lo:lo + mb]]
+                yield step, lo, idx[lo:lo + mb].tolist()
 
     def __len__(self) -> int:
         n, seed, gb, mb, rank, world, start, steps = self.args
         return (steps - start) * (gb // world // mb)
 
 
-class TaggedSet(Dataset):
-    """Passes the (step, lo) tag through the workers so the consumer can check it gets the batch it asked for."""
+class MicroBatches(Dataset):
+    """Maps a (step, lo, indices) spec to its collated micro-batch inside a worker; the (step, lo) tag rides along
+    so the consumer can check it gets the batch it asked for."""
 
     def __init__(self, base: PrecomputedSet):
         self.base = base
@@ -92,15 +113,14 @@ class TaggedSet(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, tagged):
-        step, lo, i = tagged
-        return (step, lo), self.base[i]
+    def __getitem__(self, spec):
+        step, lo, indices = spec
+        return (step, lo), *self.base.batch(indices)
 
 
-def collate(items):
-    tags = {t for t, _ in items}
-    latents, embs, masks = zip(*(x for _, x in items))
-    return tags.pop(), torch.stack(latents), torch.stack(embs), torch.stack(masks)
+def as_is(item):
+    """The micro-batch is already collated; keep the (step, lo) tag a tuple."""
+    return item
 
 
 class PrecomputedData:
@@ -117,7 +137,7 @@ class PrecomputedData:
         seed, gb, mb, rank, world, steps = self.order
         sampler = StepBatches(len(self.ds), seed, gb, mb, rank, world, step, steps)
         self.loader = iter(DataLoader(
-            TaggedSet(self.ds), batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+            MicroBatches(self.ds), sampler=sampler, batch_size=None, collate_fn=as_is, num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.num_workers else None,
         ))
 
@@ -126,4 +146,4 @@ class PrecomputedData:
         if tag != (step, lo):
             raise RuntimeError(f"data loader out of order: asked for step {step} position {lo}, got {tag}")
         to = lambda t: t.to(self.device, non_blocking=True)
-        return Batch(to(x), to(y), to(mask))
+        return Batch(to(x).float(), to(y).float(), to(mask))
