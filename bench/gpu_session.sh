@@ -16,5 +16,5 @@ python -m pytest bench --benchmark-only -q -p no:cacheprovider --benchmark-json 
 # A short real run: phase-1 shapes on random latents, one GPU, 30 steps at micro-batch 128.
 torchrun --standalone --nproc_per_node=1 engine/train.py --config configs/microdit_xl_256_masked.yaml \
   run.out_dir=/tmp/tessera_runs run.name=xl_smoke train.steps=30 train.global_batch=128 train.micro_batch=128 \
-  train.log_every=10 train.ckpt_every=1000 train.progress_bar=false 2>&1 | tee "$OUT/train.log" | tail -5
+  train.log_every=10 train.ckpt_every=1000 train.progress_bar=false data.source=random data.vae="" 2>&1 | tee "$OUT/train.log" | tail -5
 cp /tmp/tessera_runs/xl_smoke/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null || true

@@ -68,7 +68,7 @@ def test_microdit_xl_256_masked_step(benchmark, dist_env, tmp_path):
     for micro in (256, 192, 128, 96, 64, 32):
         cfg = load_config(ROOT / "configs" / "microdit_xl_256_masked.yaml", [
             f"run.out_dir={tmp_path}", f"run.name=xl_{micro}", f"train.global_batch={micro}",
-            f"train.micro_batch={micro}", "train.progress_bar=false", "data.source=random"])
+            f"train.micro_batch={micro}", "train.progress_bar=false", "data.source=random", "data.vae=\"\""])
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
