@@ -1,0 +1,284 @@
+"""Image–caption records from folders, webdataset .tar shards and parquet files, local or behind any fsspec URL.
+
+    for rec in iter_records(["/data/cc12m", "s3://bucket/shards/*.tar", "memory://x/part-0.parquet"]):
+        rec.key, rec.source, rec.image (encoded bytes or a PIL image), rec.caption, rec.error
+
+Formats (a source is a folder, one file or a glob; a folder may mix them, found recursively):
+  * images (.jpg .jpeg .png .webp) with a same-stem .txt caption;
+  * .tar shards as img2dataset writes them: members grouped by basename (`000000001.jpg` + `.txt` and/or `.json`
+    with a "caption" field); a `.parquet` next to a same-stem `.tar` is img2dataset's metadata and is skipped;
+  * .parquet files with an image column (raw bytes, or a {"bytes": ...} struct as HF `datasets` writes it) and a
+    caption column; names are configurable, else the first of DEFAULT_IMAGE_COLUMNS / DEFAULT_CAPTION_COLUMNS.
+
+Keys are `<label>/<path of the file relative to the source root>[/<member or row>]`: stable from run to run and
+unique by construction (the label is the source folder's name, made unique among the sources given). They are
+the same whether a folder or a glob over it is passed, so a resumed precompute recognises its own work.
+
+Bad input never raises: an unreadable shard, a missing or empty caption, an image without a caption (or the
+reverse) is yielded as a record with `error` set, so the caller reports it. `select(i)` lets a caller (one rank of
+several) take every record index it wants and skip the bytes of the others: records, bad ones included, are
+numbered in one deterministic order.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+DEFAULT_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes")
+DEFAULT_CAPTION_COLUMNS = ("caption", "text", "txt", "prompt")
+_PARQUET_BATCH = 256  # rows per read; a row group is read whole anyway
+
+
+@dataclass
+class Record:
+    """One sample, or one piece of bad input (error set; image/caption may be None)."""
+
+    key: str
+    source: str  # URL of the file it came from
+    image: Any = None  # encoded bytes, or a PIL image
+    caption: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class _Numbering:
+    """Numbers records in enumeration order; `take()` says whether the caller wants the next one."""
+
+    def __init__(self, select: Callable[[int], bool] | None):
+        self.select, self.next = select, 0
+
+    def take(self) -> bool:
+        i, self.next = self.next, self.next + 1
+        return self.select is None or self.select(i)
+
+
+def _fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _glob_root(path: str) -> str:
+    """The folder above a glob's first wildcard: `/d/shards/*.tar` and `/d/shards/00*.tar` → `/d/shards`."""
+    head = path[:min(path.find(c) for c in "*?[" if c in path)]
+    return head.rstrip("/") if head.endswith("/") else posixpath.dirname(head)
+
+
+def source_root(url: str) -> tuple[Any, str, str]:
+    """(filesystem, path, root): keys are relative to root, the folder itself or the folder of a file or glob."""
+    fs, path = _fs(url)
+    if any(c in path for c in "*?["):
+        return fs, path, _glob_root(path) or "/"
+    if fs.isdir(path):
+        return fs, path, path.rstrip("/") or "/"
+    return fs, path, posixpath.dirname(path.rstrip("/")) or "/"
+
+
+def source_files(fs, path: str) -> list[str]:
+    """Sorted files of a source: a glob's matches, a folder's files (recursive), or the one file."""
+    if any(c in path for c in "*?["):
+        return sorted(p for p in fs.glob(path) if fs.isfile(p))
+    if fs.isdir(path):
+        return sorted(fs.find(path))
+    return [path] if fs.exists(path) else []
+
+
+def source_labels(sources: list[str]) -> list[str]:
+    """Key prefix per source: its root folder's name; repeats get `-1`, `-2`, ... in the order given."""
+    labels, seen = [], {}
+    for url in sources:
+        try:
+            name = posixpath.basename(source_root(url)[2].rstrip("/")) or "source"
+        except Exception:  # unreachable: it is reported when iterated; any stable label will do
+            name = "source"
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        labels.append(name if k == 0 else f"{name}-{k}")
+    return labels
+
+
+def _stem(path: str) -> str:
+    return posixpath.splitext(path)[0]
+
+
+def _caption_from(data: bytes, ext: str) -> tuple[str | None, str | None]:
+    """(caption, error) from a .txt or .json payload."""
+    text = data.decode("utf-8", errors="replace")
+    if ext == ".json":
+        try:
+            value = json.loads(text).get("caption")
+        except (ValueError, AttributeError) as e:
+            return None, f"caption json unreadable: {e}"
+        if value is None:
+            return None, "missing caption (json has no 'caption' field)"
+        text = str(value)
+    text = text.strip()
+    return (text, None) if text else (None, "empty caption")
+
+
+def iter_records(sources: list[str], image_column: str | None = None, caption_column: str | None = None,
+                 select: Callable[[int], bool] | None = None) -> Iterator[Record]:
+    """Every record of every source, in a fixed order; with `select`, only those whose index it accepts."""
+    numbering = _Numbering(select)
+    for url, label in zip(sources, source_labels(sources)):
+        yield from _iter_source(url, label, image_column, caption_column, numbering)
+
+
+def _iter_source(url, label, image_column, caption_column, numbering) -> Iterator[Record]:
+    try:
+        fs, path, root = source_root(url)
+        files = source_files(fs, path)
+    except Exception as e:  # a bad URL or an unreachable store: one bad record for the whole source
+        if numbering.take():
+            yield Record(url, url, error=f"source unreadable: {type(e).__name__}: {e}")
+        return
+    if not files:
+        if numbering.take():
+            yield Record(url, url, error="source not found or empty")  # keyed by the URL: no file to name
+        return
+    tars = {_stem(f) for f in files if f.endswith(".tar")}
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTS)]
+    texts = {f for f in files if f.endswith(".txt")}
+
+    def key_of(path: str) -> str:
+        return f"{label}/{posixpath.relpath(path, root)}"
+
+    yield from _iter_folder(fs, images, texts, key_of, numbering)
+    for f in files:
+        if f.endswith(".tar"):
+            yield from _iter_tar(fs, f, _stem(key_of(f)), numbering)
+        elif f.endswith(".parquet") and _stem(f) not in tars:
+            yield from _iter_parquet(fs, f, _stem(key_of(f)), image_column, caption_column, numbering)
+
+
+def _iter_folder(fs, images, texts, key_of, numbering) -> Iterator[Record]:
+    """Images with same-stem .txt captions; a caption file with no image is reported too."""
+    used = set()
+    for img in images:
+        txt = _stem(img) + ".txt"
+        used.add(txt)
+        if not numbering.take():
+            continue
+        src = fs.unstrip_protocol(img)
+        if txt not in texts:
+            yield Record(key_of(img), src, error="missing caption (no .txt next to the image)")
+            continue
+        try:
+            caption, err = _caption_from(fs.cat_file(txt), ".txt")
+            data = fs.cat_file(img)
+        except Exception as e:
+            yield Record(key_of(img), src, error=f"unreadable file: {type(e).__name__}: {e}")
+            continue
+        yield Record(key_of(img), src, data, caption, err)
+    for txt in sorted(texts - used):
+        if numbering.take():
+            yield Record(key_of(txt), fs.unstrip_protocol(txt), error="caption without an image")
+
+
+def _tar_group(key: str, src: str, members: dict[str, bytes], duplicate: bool) -> Record:
+    """One webdataset sample (extension → payload) as a Record."""
+    if duplicate:
+        return Record(key, src, error="duplicate key in shard (its members are not adjacent)")
+    img_exts = [e for e in members if e in IMAGE_EXTS]
+    if not img_exts:
+        return Record(key, src, error=f"missing image (members: {', '.join(sorted(members)) or 'none'})")
+    if len(img_exts) > 1:
+        return Record(key, src, error=f"several images for one key: {', '.join(sorted(img_exts))}")
+    image = members[img_exts[0]]
+    for ext in (".txt", ".json"):
+        if ext in members:
+            caption, err = _caption_from(members[ext], ext)
+            return Record(key, src, image, caption, err)
+    return Record(key, src, image, error="missing caption (no .txt or .json member)")
+
+
+def _iter_tar(fs, path: str, prefix: str, numbering) -> Iterator[Record]:
+    """Stream a tar; consecutive members sharing a basename form one sample (the webdataset convention).
+
+    A shard that cannot be read, or is cut short, yields the samples completed before the damage and then one bad
+    record keyed by the shard; the sample in progress at the damage is not trusted and is covered by that record.
+    """
+    src = fs.unstrip_protocol(path)
+    group, selected, duplicate, members, seen = None, False, False, {}, set()
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base, ext = posixpath.splitext(m.name)
+                if base != group:  # a new sample begins: the previous one is complete
+                    if group is not None and selected:
+                        yield _tar_group(f"{prefix}/{group}", src, members, duplicate)
+                    group, selected, duplicate, members = base, numbering.take(), base in seen, {}
+                    seen.add(base)
+                if selected:  # unselected samples' bytes are skipped, not copied
+                    members[ext.lower()] = tar.extractfile(m).read()
+            # A tar cut exactly between members reads like a short, valid one: tarfile stops quietly at EOF. Only a
+            # whole one has the zero end-of-archive block, which tarfile reads (moving past `offset`) before stopping.
+            if tar.fileobj.tell() <= tar.offset:
+                raise tarfile.ReadError("no end-of-archive marker (file cut short)")
+    except Exception as e:
+        if numbering.take():
+            done = max(len(seen) - 1, 0)
+            yield Record(prefix, src, error=f"unreadable tar shard after {done} samples: {type(e).__name__}: {e}")
+        return
+    if group is not None and selected:
+        yield _tar_group(f"{prefix}/{group}", src, members, duplicate)
+
+
+def _pick(names: list[str], wanted: str | None, defaults: tuple[str, ...], what: str) -> str:
+    if wanted is not None:
+        if wanted not in names:
+            raise KeyError(f"no {what} column {wanted!r} (columns: {', '.join(names)})")
+        return wanted
+    for name in defaults:
+        if name in names:
+            return name
+    raise KeyError(f"no {what} column among {', '.join(defaults)} (columns: {', '.join(names)}); "
+                   f"name it with --{what}-column")
+
+
+def _image_bytes(value) -> Any:
+    """Raw bytes from a bytes cell or an HF-style {"bytes": ..., "path": ...} struct; None when absent."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return value
+
+
+def _iter_parquet(fs, path: str, prefix: str, image_column, caption_column, numbering) -> Iterator[Record]:
+    """Rows of a parquet file; key `<file stem>/<row index>`."""
+    import pyarrow.parquet as pq
+
+    src = fs.unstrip_protocol(path)
+    row = 0
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            img_col = _pick(names, image_column, DEFAULT_IMAGE_COLUMNS, "image")
+            cap_col = _pick(names, caption_column, DEFAULT_CAPTION_COLUMNS, "caption")
+            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=[img_col, cap_col]):
+                images, captions = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+                for image, caption in zip(images, captions):
+                    key, row = f"{prefix}/{row}", row + 1
+                    if numbering.take():
+                        yield _parquet_record(key, src, _image_bytes(image), caption)
+    except Exception as e:
+        if numbering.take():
+            yield Record(prefix, src, error=f"unreadable parquet after {row} rows: {type(e).__name__}: {e}")
+
+
+def _parquet_record(key: str, src: str, image, caption) -> Record:
+    if image is None:
+        return Record(key, src, error="missing image bytes")
+    if caption is None:
+        return Record(key, src, image, error="missing caption")
+    caption = str(caption).strip()
+    return Record(key, src, image, caption or None, None if caption else "empty caption")
