@@ -16,8 +16,9 @@ class LatentDecoder:
         sub = "vae" if (Path(name) / "vae").is_dir() else None
         self.vae = AutoencoderKL.from_pretrained(name, subfolder=sub, torch_dtype=dtype).to(device).eval()
         self.scale = float(self.vae.config.scaling_factor)
+        self.shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)  # SD3/Flux-style VAEs have one
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(self.vae.dtype) / self.scale
+        z = latents.to(self.vae.dtype) / self.scale + self.shift  # precompute stored (mean - shift) * scale
         return self.vae.decode(z).sample.float().clamp(-1, 1)
