@@ -25,13 +25,26 @@ def _always() -> str | None:
     return None
 
 
+def _reason(module: str, attr: str) -> Callable[[], str | None]:
+    """An availability check that lives in `module` (imported only when asked: optional packages stay optional)."""
+    return lambda: getattr(importlib.import_module(module), attr)()
+
+
 # op name -> backend name -> Backend. Fast backends (triton, cuda, flash_attn, ...) register here as they land.
 _REGISTRY: dict[str, dict[str, Backend]] = {
     "gather": {"torch": Backend("kernels.gather", "gather_tokens_ref", _always, 0)},
     "moe": {"torch": Backend("kernels.moe", "expert_choice_ref", _always, 0)},
     "norm": {"torch": Backend("kernels.norm", "layernorm_modulate_ref", _always, 0)},
+    # auto = sdpa everywhere: on CPU it is the only fast one; on GPU torch dispatches to flash / cuDNN attention,
+    # the fastest we know until bench/test_attention.py on a GPU shows another backend ahead (then re-rank here).
     "attention": {
-        "sdpa": Backend("kernels.attention", "attention_sdpa", _always, 1),
+        "sdpa": Backend("kernels.attention", "attention_sdpa", _always, 4),
+        "flash_attn": Backend("kernels.attention", "attention_flash_attn",
+                              _reason("kernels.attention", "flash_attn_unavailable"), 3),
+        "triton": Backend("kernels.attention_triton", "attention_triton",
+                          _reason("kernels.attention", "triton_unavailable"), 2),
+        "xformers": Backend("kernels.attention", "attention_xformers",
+                            _reason("kernels.attention", "xformers_unavailable"), 1),
         "torch": Backend("kernels.attention", "attention_ref", _always, 0),
     },
 }
