@@ -1,0 +1,1 @@
+"""Evaluation metrics: FID (fid.py), CLIP score (clip_score.py), GenEval-style synthetic score (geneval.py)."""
