@@ -30,11 +30,40 @@ def _reason(module: str, attr: str) -> Callable[[], str | None]:
     return lambda: getattr(importlib.import_module(module), attr)()
 
 
+def _triton_rank() -> int:
+    """Rank of the triton backends of gather / moe / norm. Their available() (kernels.gather.triton_unavailable)
+    is None on CUDA, and on CPU only when the kernels were built under TRITON_INTERPRET=1 (the tests' setting).
+    The interpreter is orders of magnitude slower than torch on CPU, so without CUDA they rank below `torch`
+    (-1 < 0) and `auto` keeps torch; with a CUDA device they rank above every other backend of their op and `auto`
+    picks them. Naming `triton` explicitly still works on CPU under the interpreter (that is how tests run them)."""
+    import torch
+
+    return 3 if torch.cuda.is_available() else -1
+
+
 # op name -> backend name -> Backend. Fast backends (triton, cuda, flash_attn, ...) register here as they land.
 _REGISTRY: dict[str, dict[str, Backend]] = {
-    "gather": {"torch": Backend("kernels.gather", "gather_tokens_ref", _always, 0)},
-    "moe": {"torch": Backend("kernels.moe", "expert_choice_ref", _always, 0)},
-    "norm": {"torch": Backend("kernels.norm", "layernorm_modulate_ref", _always, 0)},
+    "gather": {
+        "torch": Backend("kernels.gather", "gather_tokens_ref", _always, 0),
+        "triton": Backend("kernels.gather", "gather_tokens_triton", _reason("kernels.gather", "triton_unavailable"),
+                          _triton_rank()),
+        # csrc/ extension `tessera_csrc`: built by setup.py only where CUDA + nvcc are present at install time
+        "cuda": Backend("kernels.gather_cuda", "gather_tokens_cuda",
+                        _reason("kernels.gather_cuda", "cuda_unavailable"), 1),
+    },
+    "moe": {
+        "torch": Backend("kernels.moe", "expert_choice_ref", _always, 0),
+        "triton": Backend("kernels.moe", "expert_choice_triton", _reason("kernels.moe", "triton_unavailable"),
+                          _triton_rank()),
+        # megablocks has token-choice dMoE only, not expert choice: available() always gives the reason it can't run
+        "megablocks": Backend("kernels.moe", "expert_choice_megablocks",
+                              _reason("kernels.moe", "megablocks_unavailable"), 1),
+    },
+    "norm": {
+        "torch": Backend("kernels.norm", "layernorm_modulate_ref", _always, 0),
+        "triton": Backend("kernels.norm", "layernorm_modulate_triton", _reason("kernels.norm", "triton_unavailable"),
+                          _triton_rank()),
+    },
     # auto = sdpa everywhere: on CPU it is the only fast one; on GPU torch dispatches to flash / cuDNN attention,
     # the fastest we know until bench/test_attention.py on a GPU shows another backend ahead (then re-rank here).
     "attention": {

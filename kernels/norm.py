@@ -1,18 +1,310 @@
-"""LayerNorm followed by adaLN modulation: LN(x) * (1 + scale) + shift, with per-sample scale and shift.
+"""LayerNorm followed by adaLN modulation: LN(x) * (1 + scale) + shift, with per-sample scale and shift
+(config `kernels.norm: torch | triton`).
 
-    x:      (B, N, D)
+    x:      (B, N, D) float16 / bfloat16 / float32 / float64
     weight: (D,) or None   LayerNorm's elementwise scale (MicroDiT's norms have no bias)
-    shift:  (B, D)
-    scale:  (B, D)
-    out:    (B, N, D)
+    shift:  (B, D)         rows may be strided (the model passes `.chunk(6, dim=-1)` views; no copy is made)
+    scale:  (B, D)         likewise
+    eps:    float
+    out:    (B, N, D), dtype promote(x, shift, scale) (= x's dtype in the model)
+
+Backends:
+    layernorm_modulate_ref       plain PyTorch (F.layer_norm, then modulate)
+    layernorm_modulate_triton    Triton forward + backward, custom op `tessera::layernorm_modulate` (fake + autograd
+                                 registered: torch.compile traces it with fullgraph=True)
+
+The Triton kernels keep a whole row in registers (D <= 8192; MicroDiT uses 96..1152) and compute the statistics in
+fp32 (fp64 for fp64 data, which makes gradcheck possible). The grid is (B, S): each program owns BLOCK_M-row tiles
+of ONE sample, so shift/scale are loaded once per program and the per-sample reductions of the backward
+(dshift = Σ_n dy, dscale = Σ_n dy·LN(x)) and dweight = Σ_{b,n} dy·(1+scale)·x̂ are accumulated in registers and
+written as (B·S, D) fp32 partials, summed by torch in a fixed order: no atomics, deterministic.
+The backward recomputes mean and rstd from x (it reads x anyway), so the forward writes nothing but `out`.
+Bytes: forward reads x, writes out; backward reads x and dy, writes dx (+ tiny partials).
+
+Not fused here (issue 3 asks "where possible"): the gated residual x + gate·y that precedes each norm in
+models/blocks.py. It would save one (B, N, D) write+read per norm, but it changes the op's signature and the model
+call sites; a follow-up once this is measured on a GPU.
+
+Host syncs: none.
 """
+from __future__ import annotations
+
+import functools
+
 import torch
 import torch.nn.functional as F
 
+from kernels.gather import triton_unavailable  # noqa: F401  (the registry's check for `kernels.norm: triton`)
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference keeps working; the triton backend reports itself unavailable
+    import types
+
+    triton = types.SimpleNamespace(jit=lambda fn=None, **kw: fn, cdiv=lambda a, b: -(-a // b))
+    tl = types.SimpleNamespace(constexpr=None)
+
+MAX_D = 8192
+
+
+# ---- reference ---------------------------------------------------------------------------------------------------
 def layernorm_modulate_ref(
     x: torch.Tensor, weight: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """Plain PyTorch reference."""
     h = F.layer_norm(x, (x.shape[-1],), weight, None, eps)
     return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# ---- Triton kernels ------------------------------------------------------------------------------------------------
+@triton.jit
+def _ln_modulate_fwd_kernel(
+    x_ptr, w_ptr, shift_ptr, scale_ptr, out_ptr,
+    N, D, shift_stride, scale_stride, eps, rows_per_prog,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    shift = tl.load(shift_ptr + b * shift_stride + cols, mask=cmask, other=0.0).to(ACC)
+    scale1 = tl.load(scale_ptr + b * scale_stride + cols, mask=cmask, other=0.0).to(ACC) + 1.0
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        scale1 = scale1 * w  # LN(x)·(1+scale) = x̂·(w·(1+scale))
+    row0 = s * rows_per_prog
+    for m0 in range(0, rows_per_prog, BLOCK_M):
+        rows = row0 + m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        mask = rmask[:, None] & cmask[None, :]
+        offs = (b * N + rows).to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        y = xc * rstd[:, None] * scale1[None, :] + shift[None, :]
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_modulate_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, scale_ptr, dx_ptr, dshift_ptr, dscale_ptr, dw_ptr,
+    N, D, scale_stride, eps, rows_per_prog, S,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    scale1 = tl.load(scale_ptr + b * scale_stride + cols, mask=cmask, other=0.0).to(ACC) + 1.0
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    else:
+        w = tl.where(cmask, 1.0, 0.0).to(ACC)
+    acc_shift = tl.zeros([BLOCK_D], dtype=ACC)
+    acc_scale = tl.zeros([BLOCK_D], dtype=ACC)
+    acc_w = tl.zeros([BLOCK_D], dtype=ACC)
+    row0 = s * rows_per_prog
+    for m0 in range(0, rows_per_prog, BLOCK_M):
+        rows = row0 + m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        mask = rmask[:, None] & cmask[None, :]
+        offs = (b * N + rows).to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        xhat = xc * rstd[:, None]  # (BLOCK_M, BLOCK_D), 0 outside the tensor
+        dh = dy * scale1[None, :]  # gradient w.r.t. LN(x) = x̂·w
+        acc_shift += tl.sum(dy, axis=0)
+        acc_scale += tl.sum(dy * xhat * w[None, :], axis=0)
+        acc_w += tl.sum(dh * xhat, axis=0)
+        dxhat = dh * w[None, :]
+        c1 = tl.sum(dxhat * xhat, axis=1) / D
+        c2 = tl.sum(dxhat, axis=1) / D
+        dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    part = (b * S + s).to(tl.int64) * D + cols
+    tl.store(dshift_ptr + part, acc_shift, mask=cmask)
+    tl.store(dscale_ptr + part, acc_scale, mask=cmask)
+    tl.store(dw_ptr + part, acc_w, mask=cmask)
+
+
+# ---- launchers -----------------------------------------------------------------------------------------------------
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tiles(B: int, N: int, D: int, device: torch.device, backward: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_D, rows_per_prog, S, num_warps). GPU: tiles of 4K (fwd) / 2K (bwd) elements, and enough
+    programs (B·S >= 4 per SM) to fill the chip. CPU interpreter: big tiles and one program per sample."""
+    block_d = triton.next_power_of_2(max(D, 1))
+    if device.type == "cpu":
+        block_m = max(1, min(64, 16384 // block_d))
+        target = 1
+        warps = 1
+    else:
+        block_m = max(1, min(16, (2048 if backward else 4096) // block_d))
+        target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        warps = 4 if block_d < 1024 else 8  # <= 16 fp32 per thread per tile tensor at D >= 1024
+    n_tiles = triton.cdiv(max(N, 1), block_m)
+    S = max(1, min(n_tiles, triton.cdiv(target, B)))
+    rows_per_prog = triton.cdiv(n_tiles, S) * block_m
+    return block_m, block_d, rows_per_prog, triton.cdiv(max(N, 1), rows_per_prog), warps
+
+
+def _check(x, weight, shift, scale, name):
+    if x.dim() != 3:
+        raise ValueError(f"{name}: x must be (B, N, D), got {tuple(x.shape)}")
+    B, N, D = x.shape
+    if D > MAX_D:
+        raise ValueError(f"{name}: D={D} > {MAX_D} (a row must fit in registers)")
+    for t, nm in ((shift, "shift"), (scale, "scale")):
+        if t.shape != (B, D) or t.stride(1) != 1 or t.device != x.device:
+            raise ValueError(f"{name}: {nm} must be ({B}, {D}) with unit column stride on {x.device}, got "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+    if weight is not None and (weight.shape != (D,) or not weight.is_contiguous() or weight.device != x.device):
+        raise ValueError(f"{name}: weight must be contiguous ({D},), got {tuple(weight.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name}: x must be contiguous")
+    if any(t is not None and t.dtype not in _FLOATS for t in (x, weight, shift, scale)):
+        raise TypeError(f"{name}: float tensors expected")
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    """Triton on CUDA tensors, or on CPU tensors when the kernels were built for TRITON_INTERPRET=1. Otherwise (a CPU
+    model on a CUDA machine, where `auto` picks triton) the ops run the torch fallbacks below: same math."""
+    interpreted = type(_ln_modulate_fwd_kernel).__name__ == "InterpretedFunction"
+    return t.device.type == "cuda" or (t.device.type == "cpu" and interpreted)
+
+
+def _stats(x: torch.Tensor, eps: float):
+    """x̂ and rstd in fp32 (fp64 for fp64 x): the torch fallback's statistics, as the kernels compute them."""
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    xc = xf - xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)  # (B, N, 1)
+    return xc * rstd, rstd
+
+
+def _forward_torch(x, weight, shift, scale, eps, out):
+    xhat, _ = _stats(x, eps)
+    w = 1.0 if weight is None else weight.to(xhat.dtype)
+    return out.copy_(xhat * (w * (1 + scale.to(xhat.dtype).unsqueeze(1))) + shift.to(xhat.dtype).unsqueeze(1))
+
+
+def _backward_torch(dy, x, weight, scale, eps):
+    xhat, rstd = _stats(x, eps)
+    dyf = dy.to(xhat.dtype)
+    w = torch.ones(x.shape[-1], dtype=xhat.dtype, device=x.device) if weight is None else weight.to(xhat.dtype)
+    dh = dyf * (1 + scale.to(xhat.dtype).unsqueeze(1))
+    dxhat = dh * w
+    dx = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True) - dxhat.mean(-1, keepdim=True)) * rstd
+    return dx.to(x.dtype), (dh * xhat).sum((0, 1)), dyf.sum(1), (dyf * xhat * w).sum(1)
+
+
+def layernorm_modulate_launch(x, weight, shift, scale, eps: float) -> torch.Tensor:
+    """Triton forward. See the header for shapes."""
+    _check(x, weight, shift, scale, "layernorm_modulate")
+    B, N, D = x.shape
+    out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, torch.promote_types(shift.dtype, scale.dtype)))
+    if x.numel() == 0:
+        return out
+    if not _use_triton(x):
+        return _forward_torch(x, weight, shift, scale, eps, out)
+    block_m, block_d, rows, S, warps = _tiles(B, N, D, x.device, backward=False)
+    _ln_modulate_fwd_kernel[(B, S)](
+        x, weight if weight is not None else x, shift, scale, out,
+        N, D, shift.stride(0), scale.stride(0), eps, rows,
+        HAS_W=weight is not None, ACC=_acc(x.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+    )
+    return out
+
+
+def layernorm_modulate_backward_launch(dy, x, weight, scale, eps: float):
+    """Triton backward: (dx in x's dtype, dweight (D,), dshift (B, D), dscale (B, D)); the last three in fp32
+    (fp64 for fp64 x), reduced in a fixed order. dweight is Σ dy·(1+scale)·x̂ also when weight is None."""
+    _check(x, weight, scale, scale, "layernorm_modulate_backward")
+    if dy.shape != x.shape or not dy.is_contiguous() or dy.device != x.device:
+        raise ValueError(f"layernorm_modulate_backward: dy must be contiguous {tuple(x.shape)}, got {tuple(dy.shape)}")
+    B, N, D = x.shape
+    if not _use_triton(x):
+        return _backward_torch(dy, x, weight, scale, eps)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dx = torch.empty_like(x)
+    block_m, block_d, rows, S, warps = _tiles(B, N, D, x.device, backward=True)
+    parts = torch.empty(3, B * S, D, dtype=acc_dtype, device=x.device)  # dshift, dscale, dweight partials
+    if x.numel() > 0:
+        _ln_modulate_bwd_kernel[(B, S)](
+            dy, x, weight if weight is not None else x, scale, dx, parts[0], parts[1], parts[2],
+            N, D, scale.stride(0), eps, rows, S,
+            HAS_W=weight is not None, ACC=_acc(x.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+        )
+    else:
+        parts.zero_()
+    dshift = parts[0].view(B, S, D).sum(1)
+    dscale = parts[1].view(B, S, D).sum(1)
+    return dx, parts[2].sum(0), dshift, dscale
+
+
+# ---- custom ops ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op("tessera::layernorm_modulate", mutates_args=())
+def _ln_modulate_op(
+    x: torch.Tensor, weight: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> torch.Tensor:
+    return layernorm_modulate_launch(x, weight, shift, scale, eps)
+
+
+@_ln_modulate_op.register_fake
+def _(x, weight, shift, scale, eps):
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, torch.promote_types(shift.dtype, scale.dtype)))
+
+
+@torch.library.custom_op("tessera::layernorm_modulate_backward", mutates_args=())
+def _ln_modulate_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layernorm_modulate_backward_launch(dy, x, weight, scale, eps)
+
+
+@_ln_modulate_backward_op.register_fake
+def _(dy, x, weight, scale, eps):
+    B, N, D = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (torch.empty_like(x), x.new_empty(D, dtype=acc), x.new_empty(B, D, dtype=acc), x.new_empty(B, D, dtype=acc))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, shift, scale, eps = inputs
+    ctx.save_for_backward(x, weight, scale)
+    ctx.eps = eps
+    ctx.dtypes = (x.dtype, None if weight is None else weight.dtype, shift.dtype, scale.dtype)
+
+
+def _backward(ctx, dy):
+    x, weight, scale = ctx.saved_tensors
+    dx, dw, dshift, dscale = _ln_modulate_backward_op(dy.contiguous(), x, weight, scale, ctx.eps)
+    xd, wd, sd, cd = ctx.dtypes
+    return dx, (dw.to(wd) if weight is not None else None), dshift.to(sd), dscale.to(cd), None
+
+
+_ln_modulate_op.register_autograd(_backward, setup_context=_setup)
+
+
+def layernorm_modulate_triton(
+    x: torch.Tensor, weight: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """`kernels.norm: triton`: LN(x)·(1+scale)+shift in one pass (forward) and one pass (backward)."""
+    def rows(t):  # keep strided (B, D) views as they are; copy only if a row is not contiguous
+        return t if t.stride(-1) == 1 else t.contiguous()
+    w = None if weight is None else weight.contiguous()
+    return _ln_modulate_op(x.contiguous(), w, rows(shift), rows(scale), eps)
