@@ -15,7 +15,7 @@ ROOT = Path(__file__).parent
 
 def cuda_extensions():
     """The csrc/ extension when it has sources and CUDA can build it; [] with a message otherwise."""
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[up]*"))
+    sources = sorted(str(p.relative_to(ROOT)) for ext in ("*.cpp", "*.cu") for p in (ROOT / "csrc").glob(ext))
     if not sources:
         return [], {}
     try:
@@ -27,7 +27,7 @@ def cuda_extensions():
     if not (torch.cuda.is_available() or os.environ.get("TORCH_CUDA_ARCH_LIST")) or shutil.which("nvcc") is None:
         print("tessera: no CUDA device/toolkit (nvcc); skipping the CUDA ops in csrc/ (kernels.gather=cuda unavailable)")
         return [], {}
-    ext = CUDAExtension("tessera_csrc", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    ext = CUDAExtension("tessera_csrc", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension}
 
 

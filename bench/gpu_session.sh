@@ -9,6 +9,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
+python setup.py build_ext --inplace 2>&1 | tail -3 | tee "$OUT/build_ext.log"   # the csrc/ CUDA gather
 python -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 python -m pytest bench --benchmark-only -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.log" | tail -15
