@@ -463,7 +463,10 @@ def main(argv=None) -> dict | None:
     args = parse_args(argv)
     ctx = setup(args)
     try:
-        return run(args, ctx)
+        manifest = run(args, ctx)
+        if ctx.distributed:
+            dist.barrier()  # leave together: tearing gloo down while another rank still talks can abort it
+        return manifest
     finally:
         if ctx.distributed:
             dist.destroy_process_group()

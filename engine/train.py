@@ -209,6 +209,7 @@ def main(argv=None) -> None:
     try:
         cfg.validate(world_size=d.world_size)
         run_dir = train(cfg, d)
+        dist.barrier()  # leave together: tearing gloo down while another rank still talks can abort it
         if d.is_main:
             print(f"done: {run_dir}", flush=True)
     finally:

@@ -225,6 +225,7 @@ def _worker(mode: str, out: Path) -> None:
         loss = _fsdp_step(model, opt)
         assert torch.equal(loss, ref["loss"]), (loss, ref["loss"])
         (out / f"ok_rank{dist.get_rank()}").write_text("ok")
+    dist.barrier()  # leave together: a rank tearing gloo down while the other still talks can abort
     dist.destroy_process_group()
 
 
