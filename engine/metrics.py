@@ -152,6 +152,12 @@ class ThroughputMeter:
             self._window_wait += self._wait
         self._last_end = now
 
+    def exclude_pause(self) -> None:
+        """Call after work between steps that is not training (checkpoints, sample grids): it still counts in
+        GPU-hours and cost, but stays out of the rates of the current window."""
+        if self._window_t0 is not None and self._last_end is not None:
+            self._window_t0 += self._time() - self._last_end
+
     def _run_s(self) -> float:
         return 0.0 if self._last_end is None else self._last_end - self._run_t0
 

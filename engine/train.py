@@ -194,8 +194,10 @@ def train(cfg: Config, d: Dist) -> Path:
             log_window(run, done, counters, meter, logger, bar)
         if done % t.ckpt_every == 0 or done == t.steps:
             checkpoint(run, done, counters, meter, prompts)
+            meter.exclude_pause()
         elif t.sample_every and done % t.sample_every == 0:
             write_samples(run, done, prompts)
+            meter.exclude_pause()
     if bar is not None:
         bar.close()
     logger.close()

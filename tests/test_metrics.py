@@ -71,6 +71,19 @@ def test_window_resets_between_reports():
     assert r["gpu_hours"] == pytest.approx((5 + 3 + 2) * 2 / 3600)
 
 
+def test_excluded_pause_costs_gpu_hours_but_not_rate():
+    clock = FakeClock()
+    meter = _meter(clock)
+    _run(meter, clock, 5)
+    meter.report(5)
+    clock.t += 3.0  # a checkpoint and its sample grid
+    meter.exclude_pause()
+    _run(meter, clock, 4, step_s=0.5, wait_s=0.0)
+    r = meter.report(9)
+    assert r["images_per_sec"] == pytest.approx(64 / 0.5)
+    assert r["gpu_hours"] == pytest.approx((5 + 3 + 2) * 2 / 3600)
+
+
 def test_report_before_any_timed_step_has_no_rates():
     clock = FakeClock()
     meter = _meter(clock)
