@@ -131,3 +131,18 @@ def test_training_runs_from_a_precomputed_set(dataset, tmp_path):
     assert [r["step"] for r in records] == [2, 4, 6]
     assert all(np.isfinite(r["loss"]) for r in records)
     assert (tmp_path / "pre" / "samples" / "step_00000006.png").is_file()
+
+
+def test_unloadable_text_encoder_only_disables_sample_grids(tmp_path, capsys):
+    from engine.data.train_data import build_train_data
+
+    write_set(tmp_path, n=8, shards=1)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["text_encoder"]["name"] = "no-such-org/no-such-encoder"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(ROOT / "configs/tiny.yaml", [
+        "data.source=precomputed", f"data.path={tmp_path}", f"data.resolution={RES}", "data.channels=4",
+        f"data.image_size={SIDE}", "data.text_encoder=no-such-org/no-such-encoder", "data.verify_checksums=false"])
+    data, encoder = build_train_data(cfg, torch.device("cpu"), tmp_path / "cache")
+    assert encoder is None and "no sample grids" in capsys.readouterr().out
+    assert data.ds.table.num_rows == 8

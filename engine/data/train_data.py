@@ -71,7 +71,12 @@ def build_train_data(cfg: Config, device: torch.device, cache_dir: Path, rank: i
     if d.source == "random":
         return RandomData(shape, d.caption_len, d.caption_channels, cfg.run.seed, device), None
     if d.source == "precomputed":
-        return build_precomputed(cfg, device, rank, world_size), load_text_encoder(cfg)
+        try:
+            encoder = load_text_encoder(cfg)  # only for the sample grids' prompts
+        except OSError as e:  # e.g. a hub encoder on an offline machine: train anyway, without sample grids
+            print(f"warning: text encoder {d.text_encoder!r} could not be loaded ({e}); no sample grids", flush=True)
+            encoder = None
+        return build_precomputed(cfg, device, rank, world_size), encoder
     from engine.data.caption_cache import embed_unique
     from engine.data.synthetic import SyntheticShapes
 
