@@ -335,5 +335,30 @@ def config_diff(old: Config, new: Config) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(b) if a.get(k) != b.get(k)]
 
 
+def field_docs(cls=Config, prefix: str = "") -> dict[str, tuple[str, object]]:
+    """dotted key -> (docstring written under the field, default) for every leaf of the tree."""
+    import ast
+    import inspect
+
+    docs, body = {}, ast.parse(inspect.getsource(cls)).body[0].body
+    for stmt, nxt in zip(body, body[1:] + [None]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    out = {}
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        kind = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(kind):
+            out.update(field_docs(kind, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = (docs.get(f.name, ""), getattr(defaults, f.name))
+    return out
+
+
+def describe() -> str:
+    """Every config key with its default and doc, for `engine/train.py --help-config`."""
+    return "\n".join(f"{key} = {default!r}\n    {doc}" for key, (doc, default) in field_docs().items())
+
+
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint import Checkpointer, load_model_weights
-from engine.config import Config, config_diff, load_config, save_config
+from engine.config import Config, config_diff, describe, load_config, save_config
 from engine.data.train_data import build_train_data
 from engine.diffusion import EDM, draw_step_noise
 from engine.ema import make_ema
@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file (default: configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 train.steps=100")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     return p.parse_args(argv)
 
 
@@ -206,6 +207,9 @@ def train(cfg: Config, d: Dist) -> Path:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.help_config:
+        print(describe())
+        return
     cfg = load_config(args.config, args.overrides)
     d = init_distributed()
     try:

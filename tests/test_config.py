@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config, config_diff, load_config, save_config, to_dict
+from engine.config import Config, config_diff, field_docs, load_config, save_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -72,3 +72,10 @@ def test_config_diff_lists_changed_keys():
     b = load_config(ROOT / "configs/tiny.yaml", ["train.steps=600", "optim.lr=1e-3"])
     assert config_diff(a, b) == ["optim.lr: 0.002 -> 0.001", "train.steps: 300 -> 600"]
     assert config_diff(a, a) == []
+
+
+def test_every_config_key_is_documented():
+    docs = field_docs()
+    assert "optim.lr" in docs and docs["optim.lr"][1] == 1e-3
+    undocumented = [key for key, (doc, _) in docs.items() if not doc]
+    assert not undocumented, undocumented
