@@ -61,6 +61,9 @@ class DataConfig:
     """Width of the text encoder's token embeddings (checked against the encoder at start)."""
     caption_dropout: float = 0.1
     """Probability of replacing a caption with the null (zero) caption: the unconditional branch for CFG."""
+    attend_to_padding: bool = False
+    """Let attention see the text encoder's padding tokens (no key mask). Official MicroDiT checkpoints were trained
+    that way, so runs converted from them set this to behave identically."""
 
 
 @dataclass

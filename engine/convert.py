@@ -164,6 +164,7 @@ def run_config(out: Path, name: str, cfg: ModelConfig) -> Config:
     c.data.source, c.data.image_size, c.data.channels = "random", cfg.input_size, cfg.in_channels
     c.data.caption_channels = cfg.caption_channels
     c.data.caption_len = 77  # the official text encoder's (DFN5B-CLIP) token count
+    c.data.attend_to_padding = True  # the official model attends to the encoder's padding tokens
     c.diffusion.sigma_data = 0.9  # the official EDM setting for SDXL-VAE latents
     return c.validate()
 

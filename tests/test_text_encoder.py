@@ -160,3 +160,20 @@ def test_cache_roundtrip_skips_the_encoder(tmp_path):
     assert enc.calls == 2
     path.write_bytes(b"not a safetensors file")
     assert embed_unique(caps, enc, cache_path=path)[1].shape[0] == 3 and enc.calls == 3
+
+
+def test_attend_to_padding_marks_every_position_real_and_keys_its_own_cache(tmp_path):
+    from pathlib import Path
+
+    from engine.config import load_config
+    from engine.data.caption_cache import cache_key
+    from engine.data.train_data import load_text_encoder
+
+    root = Path(__file__).resolve().parents[1]
+    masked = load_text_encoder(load_config(root / "configs/tiny.yaml"))
+    visible = load_text_encoder(load_config(root / "configs/tiny.yaml", ["data.attend_to_padding=true"]))
+    emb_m, mask_m = masked.encode(["a red circle"])
+    emb_v, mask_v = visible.encode(["a red circle"])
+    assert not mask_m.all() and mask_v.all()
+    assert torch.equal(emb_m, emb_v)
+    assert cache_key(masked, ["x"]) != cache_key(visible, ["x"])

@@ -90,6 +90,22 @@ def build_train_data(cfg: Config, device: torch.device, cache_dir: Path, rank: i
     return InMemoryData(x.to(device), ids.to(device), emb.to(device), mask.to(device), cfg.run.seed), encoder
 
 
+class PaddingVisible:
+    """A text encoder whose masks mark every position real: padding embeddings are attended to (data.attend_to_padding,
+    the official MicroDiT behaviour)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.name = f"{encoder.name} (padding visible)"  # its own caption-cache key: the masks differ
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+    def encode(self, captions):
+        emb, mask = self.encoder.encode(captions)
+        return emb, torch.ones_like(mask)
+
+
 def load_text_encoder(cfg: Config):
     """The configured text encoder, checked against data.caption_channels."""
     from engine.text_encoder import TextEncoder
@@ -100,7 +116,7 @@ def load_text_encoder(cfg: Config):
             f"config: data.caption_channels={cfg.data.caption_channels} but text encoder "
             f"'{cfg.data.text_encoder}' produces {encoder.dim}-wide embeddings"
         )
-    return encoder
+    return PaddingVisible(encoder) if cfg.data.attend_to_padding else encoder
 
 
 def build_precomputed(cfg: Config, device: torch.device, rank: int, world_size: int):
