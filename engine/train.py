@@ -56,12 +56,9 @@ def parse_args(argv=None):
 
 def build(cfg: Config, d: Dist) -> Run:
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    check_resumable(run_dir, cfg, d.is_main)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / "config.yaml").is_file():  # resuming with other settings is allowed (more steps, say): tell
-            changed = config_diff(load_config(run_dir / "config.yaml"), cfg)
-            if changed:
-                print(f"warning: resuming {run_dir} with a changed config: {'; '.join(changed)}", flush=True)
         save_config(cfg, run_dir / "config.yaml")
     # The main process embeds the captions first and fills the on-disk cache; the others then read it.
     cache = Path(cfg.run.out_dir) / ".cache"
@@ -87,6 +84,22 @@ def build(cfg: Config, d: Dist) -> Run:
         from engine.vae import LatentDecoder
         decoder = LatentDecoder(cfg.data.vae, d.device)
     return Run(cfg, d, run_dir, model, ema, build_optimizer(model, cfg.optim), data, encoder, edm, ckpt, decoder)
+
+
+def check_resumable(run_dir: Path, cfg: Config, is_main: bool) -> None:
+    """Resuming with other settings is allowed (more steps, say) and the changes are listed; a different global
+    batch is refused, on every process, before anything is written: the data position would jump."""
+    if not (run_dir / "config.yaml").is_file():
+        return
+    old = load_config(run_dir / "config.yaml")
+    changed = config_diff(old, cfg)
+    if changed and is_main:
+        print(f"warning: resuming {run_dir} with a changed config: {'; '.join(changed)}", flush=True)
+    if old.train.global_batch != cfg.train.global_batch and Checkpointer(run_dir / "checkpoints").checkpoints():
+        raise ValueError(
+            f"config: train.global_batch={cfg.train.global_batch} but {run_dir} was trained at "
+            f"{old.train.global_batch}: resuming would move the data position. Keep the global batch, or start a new "
+            "phase from its checkpoint with train.init_from and another run.name")
 
 
 def resume_or_init(run: Run, meter: ThroughputMeter) -> tuple[int, StepCounters]:

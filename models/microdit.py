@@ -72,8 +72,9 @@ class MicroDiT(nn.Module):
     ) -> torch.Tensor:
         """x (B, C, H, W) preconditioned input; c_noise (B,); y (B, L, caption_channels); y_mask (B, L) bool, True =
         real token; keep_idx (B, K) tokens kept after the mixer (None = all). Returns (B, K or N, p²·C)."""
-        h = self.x_embedder(x) + self.pos_embed  # (B, N, dim)
-        y = self.y_embedder.y_proj(y)  # (B, L, dim)
+        dt = self.x_embedder.proj.weight.dtype  # the compute dtype (bf16 under FSDP mixed precision)
+        h = (self.x_embedder(x.to(dt)) + self.pos_embed).to(dt)  # (B, N, dim); pos_embed is an fp32 buffer
+        y = self.y_embedder.y_proj(y.to(dt))  # (B, L, dim); c_noise stays fp32 for the timestep features
         if hasattr(self, "y_emb_preprocess"):
             y = self.y_emb_preprocess(y, y_mask)
         c = self.t_embedder(c_noise) + self.pooled_y_emb_process(masked_mean(y, y_mask))  # (B, dim)

@@ -80,3 +80,20 @@ def test_activation_checkpointing_gives_the_same_step(dist_env):
 
     for a, b in zip(one_step(False), one_step(True)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_step_runs_and_keeps_the_noise_level_in_fp32(dist_env):
+    """FSDP2 casts parameters to bf16; the fp32 position-embedding buffer must not promote activations back to fp32,
+    and c_noise must reach the timestep features unrounded."""
+    torch.manual_seed(0)
+    model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8))
+    ema = parallelize(make_ema(model), dist_env.device, torch.bfloat16)
+    model = parallelize(model, dist_env.device, torch.bfloat16)
+    seen = {}
+    model.t_embedder.register_forward_pre_hook(lambda m, args: seen.setdefault("c_noise", args[0]))
+    counters = StepCounters(dist_env.device)
+    noise = draw_step_noise(EDM(), 0, 0, 4, (3, 32, 32), 64, 0.5, 0.1, torch.device("cpu"))
+    train_step(model, ema, build_optimizer(model, OptimConfig(lr=1e-3)), EDM(), noise, batch(), 1.0, 0.9, counters)
+    assert counters.finite_steps.item() == 1 and torch.isfinite(counters.loss_sum)
+    assert seen["c_noise"].dtype == torch.float32
+    torch.testing.assert_close(seen["c_noise"], noise.sigma.log() / 4)

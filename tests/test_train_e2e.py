@@ -127,3 +127,10 @@ def test_nonfinite_streak_stops_the_run_with_a_clear_error(out_dir):
                  "train.ckpt_every=1000"]
     with pytest.raises(AssertionError, match="consecutive steps had a non-finite loss or gradient"):
         torchrun(out_dir, "diverges", extra=cmd_extra)
+
+
+def test_resuming_with_another_global_batch_is_refused_before_anything_is_written(out_dir, baseline):
+    config_before = (baseline / "config.yaml").read_text()
+    with pytest.raises(AssertionError, match="train.global_batch=16 but .* was trained at 32"):
+        torchrun(out_dir, "baseline", extra=["train.global_batch=16"])
+    assert (baseline / "config.yaml").read_text() == config_before
