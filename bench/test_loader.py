@@ -7,8 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from engine.data.manifest import shard_checksum
-from engine.data.precomputed import PrecomputedData, PrecomputedSet
+pytest.importorskip("datasets")  # the precomputed format is HF datasets (extra `data`)
+
+from engine.data.manifest import shard_checksum  # noqa: E402
+from engine.data.precomputed import PrecomputedData, PrecomputedSet  # noqa: E402
 
 GOAL_IMAGES_PER_SEC_PER_GPU = 2.5 * 380
 

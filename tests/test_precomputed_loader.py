@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("datasets")  # the precomputed format is HF datasets (extra `data`)
+
 from engine.config import load_config
 from engine.data.precomputed import PrecomputedSet, StepBatches, check_matches_config
 from engine.data.sampler import global_batch_indices
