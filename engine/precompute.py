@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from engine.data.manifest import FORMAT, MANIFEST, REPORT, combine_checksums, file_checksums, write_json_atomic
 from engine.data.preprocess import make_decoder
-from engine.data.sources import iter_records, source_files, source_root
+from engine.data.sources import iter_records, owned_by, source_files, source_root
 from engine.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder
 
 WORK = ".work"  # run state under <out>: shard commit markers, per-rank reports, the settings of the first run
@@ -374,7 +374,7 @@ def process(args, ctx: Ctx, vae, vinfo: dict, text: TextEncoder, features: dict,
     decoder = make_decoder(args.decoder, args.resolutions, args.batch_size, args.num_workers, ctx.device)
     counts = {"stored": 0, "skipped": 0}
     records = iter_records(args.source, args.image_column, args.caption_column,
-                           select=lambda i: i % ctx.world == ctx.rank)
+                           select=owned_by(ctx.rank, ctx.world))
     bar = tqdm(desc=f"precompute ({ctx.world} ranks, rank 0 shown)" if ctx.world > 1 else "precompute",
                unit="img", disable=ctx.rank != 0, mininterval=1.0, dynamic_ncols=True)
     try:

@@ -10,7 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from engine.data.sources import Record, iter_records, source_labels
+from engine.data.sources import Record, iter_records, owned_by, source_labels
 
 N = 12  # good images per format
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -225,9 +225,38 @@ def test_select_partitions_every_record_bad_ones_included(tmp_path):
     data = write_all_formats(tmp_path)
     everything = [r.key for r in iter_records(data["sources"])]
     assert len(everything) == len(set(everything)) == len(data["good"]) + len(data["bad"])
-    parts = [[r.key for r in iter_records(data["sources"], select=lambda i, k=k: i % 3 == k)] for k in range(3)]
+    parts = [[r.key for r in iter_records(data["sources"], select=owned_by(k, 3))] for k in range(3)]
     assert sorted(sum(parts, [])) == sorted(everything)
-    assert parts[1] == everything[1::3]  # index i is the i-th record of the unfiltered order
+    for part in parts:  # each rank keeps the global order
+        assert part == [key for key in everything if key in set(part)]
+
+
+def test_a_read_error_on_one_rank_moves_no_record_to_another(tmp_path, monkeypatch):
+    """Ownership is by unit name: rank 0 failing to read its first shard changes nothing for rank 1, and the
+    union over ranks still has every other record exactly once."""
+    import engine.data.sources as sources
+
+    data = write_all_formats(tmp_path)
+    clean = {k: [r.key for r in iter_records(data["sources"], select=owned_by(k, 2))] for k in range(2)}
+    real_open = sources.tarfile.open
+    failed = []
+
+    def flaky_open(*args, **kwargs):  # the first tar rank 0 opens fails, as a dropped connection would
+        if not failed:
+            failed.append(True)
+            raise ConnectionError("transient")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(sources.tarfile, "open", flaky_open)
+    rank0 = [r for r in iter_records(data["sources"], select=owned_by(0, 2))]
+    monkeypatch.setattr(sources.tarfile, "open", real_open)
+    rank1 = [r.key for r in iter_records(data["sources"], select=owned_by(1, 2))]
+    assert failed and rank1 == clean[1]
+    errors = [r for r in rank0 if r.error and "transient" in r.error]
+    assert len(errors) == 1  # the unreadable shard, reported once, by its owner
+    lost = set(clean[0]) - {r.key for r in rank0}
+    assert all(key.startswith(errors[0].key + "/") for key in lost)  # only that shard's samples are missing
+    assert not set(r.key for r in rank0) & set(rank1)
 
 
 def test_same_named_sources_get_distinct_labels(tmp_path):

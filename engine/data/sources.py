@@ -15,9 +15,10 @@ unique by construction (the label is the source folder's name, made unique among
 the same whether a folder or a glob over it is passed, so a resumed precompute recognises its own work.
 
 Bad input never raises: an unreadable shard, a missing or empty caption, an image without a caption (or the
-reverse) is yielded as a record with `error` set, so the caller reports it. `select(i)` lets a caller (one rank of
-several) take every record index it wants and skip the bytes of the others: records, bad ones included, are
-numbered in one deterministic order.
+reverse) is yielded as a record with `error` set, so the caller reports it. `select(unit)` lets a caller (one rank
+of several) own units by name and skip the others' bytes: a unit is a whole .tar or .parquet file, one image of a
+folder, or a whole unreadable source. Ownership depends on the unit's name alone, never on what came before, so a
+transient read error on one rank cannot shift any other record to another rank (no duplicates, no gaps).
 """
 from __future__ import annotations
 
@@ -48,15 +49,24 @@ class Record:
         return self.error is None
 
 
-class _Numbering:
-    """Numbers records in enumeration order; `take()` says whether the caller wants the next one."""
+class _Owner:
+    """`take(unit)`: does the caller own this unit (file, image or source, by its stable name)?"""
 
-    def __init__(self, select: Callable[[int], bool] | None):
-        self.select, self.next = select, 0
+    def __init__(self, select: Callable[[str], bool] | None):
+        self.select = select
 
-    def take(self) -> bool:
-        i, self.next = self.next, self.next + 1
-        return self.select is None or self.select(i)
+    def take(self, unit: str) -> bool:
+        return self.select is None or self.select(unit)
+
+
+def owned_by(rank: int, world: int) -> Callable[[str], bool]:
+    """A `select` for rank `rank` of `world`: a stable hash of the unit's name, the same in every process."""
+    import hashlib
+
+    def select(unit: str) -> bool:
+        return int.from_bytes(hashlib.blake2b(unit.encode(), digest_size=8).digest(), "little") % world == rank
+
+    return select
 
 
 def _fs(url: str):
@@ -124,23 +134,23 @@ def _caption_from(data: bytes, ext: str) -> tuple[str | None, str | None]:
 
 
 def iter_records(sources: list[str], image_column: str | None = None, caption_column: str | None = None,
-                 select: Callable[[int], bool] | None = None) -> Iterator[Record]:
-    """Every record of every source, in a fixed order; with `select`, only those whose index it accepts."""
-    numbering = _Numbering(select)
+                 select: Callable[[str], bool] | None = None) -> Iterator[Record]:
+    """Every record of every source, in a fixed order; with `select`, only those of the units it owns."""
+    owner = _Owner(select)
     for url, label in zip(sources, source_labels(sources)):
-        yield from _iter_source(url, label, image_column, caption_column, numbering)
+        yield from _iter_source(url, label, image_column, caption_column, owner)
 
 
-def _iter_source(url, label, image_column, caption_column, numbering) -> Iterator[Record]:
+def _iter_source(url, label, image_column, caption_column, owner) -> Iterator[Record]:
     try:
         fs, path, root = source_root(url)
         files = source_files(fs, path)
     except Exception as e:  # a bad URL or an unreachable store: one bad record for the whole source
-        if numbering.take():
+        if owner.take(url):
             yield Record(url, url, error=f"source unreadable: {type(e).__name__}: {e}")
         return
     if not files:
-        if numbering.take():
+        if owner.take(url):
             yield Record(url, url, error="source not found or empty")  # keyed by the URL: no file to name
         return
     tars = {_stem(f) for f in files if f.endswith(".tar")}
@@ -150,21 +160,21 @@ def _iter_source(url, label, image_column, caption_column, numbering) -> Iterato
     def key_of(path: str) -> str:
         return f"{label}/{posixpath.relpath(path, root)}"
 
-    yield from _iter_folder(fs, images, texts, key_of, numbering)
-    for f in files:
-        if f.endswith(".tar"):
-            yield from _iter_tar(fs, f, _stem(key_of(f)), numbering)
-        elif f.endswith(".parquet") and _stem(f) not in tars:
-            yield from _iter_parquet(fs, f, _stem(key_of(f)), image_column, caption_column, numbering)
+    yield from _iter_folder(fs, images, texts, key_of, owner)
+    for f in files:  # a shard file belongs to one owner, who alone opens it (and reports it if it is unreadable)
+        if f.endswith(".tar") and owner.take(key_of(f)):
+            yield from _iter_tar(fs, f, _stem(key_of(f)))
+        elif f.endswith(".parquet") and _stem(f) not in tars and owner.take(key_of(f)):
+            yield from _iter_parquet(fs, f, _stem(key_of(f)), image_column, caption_column)
 
 
-def _iter_folder(fs, images, texts, key_of, numbering) -> Iterator[Record]:
+def _iter_folder(fs, images, texts, key_of, owner) -> Iterator[Record]:
     """Images with same-stem .txt captions; a caption file with no image is reported too."""
     used = set()
     for img in images:
         txt = _stem(img) + ".txt"
         used.add(txt)
-        if not numbering.take():
+        if not owner.take(key_of(img)):
             continue
         src = fs.unstrip_protocol(img)
         if txt not in texts:
@@ -178,7 +188,7 @@ def _iter_folder(fs, images, texts, key_of, numbering) -> Iterator[Record]:
             continue
         yield Record(key_of(img), src, data, caption, err)
     for txt in sorted(texts - used):
-        if numbering.take():
+        if owner.take(key_of(txt)):
             yield Record(key_of(txt), fs.unstrip_protocol(txt), error="caption without an image")
 
 
@@ -199,14 +209,14 @@ def _tar_group(key: str, src: str, members: dict[str, bytes], duplicate: bool) -
     return Record(key, src, image, error="missing caption (no .txt or .json member)")
 
 
-def _iter_tar(fs, path: str, prefix: str, numbering) -> Iterator[Record]:
+def _iter_tar(fs, path: str, prefix: str) -> Iterator[Record]:
     """Stream a tar; consecutive members sharing a basename form one sample (the webdataset convention).
 
     A shard that cannot be read, or is cut short, yields the samples completed before the damage and then one bad
     record keyed by the shard; the sample in progress at the damage is not trusted and is covered by that record.
     """
     src = fs.unstrip_protocol(path)
-    group, selected, duplicate, members, seen = None, False, False, {}, set()
+    group, duplicate, members, seen = None, False, {}, set()
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for m in tar:
@@ -214,22 +224,20 @@ def _iter_tar(fs, path: str, prefix: str, numbering) -> Iterator[Record]:
                     continue
                 base, ext = posixpath.splitext(m.name)
                 if base != group:  # a new sample begins: the previous one is complete
-                    if group is not None and selected:
+                    if group is not None:
                         yield _tar_group(f"{prefix}/{group}", src, members, duplicate)
-                    group, selected, duplicate, members = base, numbering.take(), base in seen, {}
+                    group, duplicate, members = base, base in seen, {}
                     seen.add(base)
-                if selected:  # unselected samples' bytes are skipped, not copied
-                    members[ext.lower()] = tar.extractfile(m).read()
+                members[ext.lower()] = tar.extractfile(m).read()
             # A tar cut exactly between members reads like a short, valid one: tarfile stops quietly at EOF. Only a
             # whole one has the zero end-of-archive block, which tarfile reads (moving past `offset`) before stopping.
             if tar.fileobj.tell() <= tar.offset:
                 raise tarfile.ReadError("no end-of-archive marker (file cut short)")
     except Exception as e:
-        if numbering.take():
-            done = max(len(seen) - 1, 0)
-            yield Record(prefix, src, error=f"unreadable tar shard after {done} samples: {type(e).__name__}: {e}")
+        done = max(len(seen) - 1, 0)
+        yield Record(prefix, src, error=f"unreadable tar shard after {done} samples: {type(e).__name__}: {e}")
         return
-    if group is not None and selected:
+    if group is not None:
         yield _tar_group(f"{prefix}/{group}", src, members, duplicate)
 
 
@@ -252,7 +260,7 @@ def _image_bytes(value) -> Any:
     return value
 
 
-def _iter_parquet(fs, path: str, prefix: str, image_column, caption_column, numbering) -> Iterator[Record]:
+def _iter_parquet(fs, path: str, prefix: str, image_column, caption_column) -> Iterator[Record]:
     """Rows of a parquet file; key `<file stem>/<row index>`."""
     import pyarrow.parquet as pq
 
@@ -268,11 +276,9 @@ def _iter_parquet(fs, path: str, prefix: str, image_column, caption_column, numb
                 images, captions = batch.column(0).to_pylist(), batch.column(1).to_pylist()
                 for image, caption in zip(images, captions):
                     key, row = f"{prefix}/{row}", row + 1
-                    if numbering.take():
-                        yield _parquet_record(key, src, _image_bytes(image), caption)
+                    yield _parquet_record(key, src, _image_bytes(image), caption)
     except Exception as e:
-        if numbering.take():
-            yield Record(prefix, src, error=f"unreadable parquet after {row} rows: {type(e).__name__}: {e}")
+        yield Record(prefix, src, error=f"unreadable parquet after {row} rows: {type(e).__name__}: {e}")
 
 
 def _parquet_record(key: str, src: str, image, caption) -> Record:
