@@ -82,22 +82,20 @@ def load_prompts(source: str, n: int) -> list[str]:
 
 
 def folder_images(folder: Path, size: tuple[int, int], limit: int | None, batch: int, skipped: list):
-    """uint8 (b, H, W, 3) batches of the folder's images (sorted, recursive), center-cropped to square and resized
-    (bicubic) to `size`; unreadable files are appended to `skipped` and left out."""
-    from PIL import Image
+    """uint8 (b, H, W, 3) batches of the folder's images (sorted, recursive), decoded and cropped exactly as training
+    data is (EXIF orientation, transparency over white, short side resized, centre crop); unreadable files are
+    appended to `skipped` and left out."""
+    from engine.data.preprocess import decode_image, resize_center_crop
 
+    if size[0] != size[1]:
+        raise ValueError(f"reference images are cropped square; got size {size}")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     buf, used = [], 0
     for f in files:
         if limit is not None and used >= limit:
             break
         try:
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                s = min(im.size)
-                left, top = (im.width - s) // 2, (im.height - s) // 2
-                im = im.crop((left, top, left + s, top + s)).resize(size[::-1], Image.BICUBIC)
-                buf.append(np.asarray(im))
+            buf.append(np.asarray(resize_center_crop(decode_image(f.read_bytes(), size[0]), size[0])))
         except Exception as e:  # undecodable, truncated, zero-byte: reported, never fatal
             skipped.append(f"{f}: {type(e).__name__}: {e}")
             continue

@@ -3,6 +3,7 @@ and a bad image in a batch is reported by position while the others still decode
 import io
 
 import numpy as np
+import torch
 import pytest
 
 pytest.importorskip("nvidia.dali")
@@ -34,3 +35,14 @@ def test_dali_cpu_pipeline_matches_pillow_and_reports_bad_images():
     assert isinstance(got[2], str) and isinstance(got[3], str) and "zero-byte" in got[3]
     dali.close()
     pil.close()
+
+
+def test_transparent_images_go_through_pillow_so_both_decoders_agree():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (40, 40), (10, 200, 30, 0)).save(buf, format="PNG")  # fully transparent
+    dali = make_decoder("dali", [32], batch_size=4, num_threads=1)
+    out = dali([buf.getvalue()])[0][32]
+    assert torch.allclose(out, torch.ones_like(out))  # composited over white, as Pillow does
+    dali.close()

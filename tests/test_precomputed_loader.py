@@ -43,7 +43,7 @@ def write_set(root: Path, n: int = 40, shards: int = 2, seed: int = 0) -> dict:
         entries.append({"path": folder, "count": len(lens), "sha256": shard_checksum(root / folder)})
     manifest = {"format": "tessera-precomputed/1",
                 "vae": {"name": "tiny", "scaling_factor": 0.13, "latent_channels": C, "downsample": 8},
-                "text_encoder": {"name": "all-MiniLM-L6-v2", "dim": D, "max_length": 16},
+                "text_encoder": {"name": "all-MiniLM-L6-v2", "dim": D, "max_length": 12},
                 "resolutions": {str(RES): {"count": n, "latent_shape": [C, SIDE, SIDE], "latent_dtype": "float16",
                                            "shards": entries}},
                 "caption_emb_dtype": "float16", "sources": ["test"], "bad_inputs": 0, "created": "now"}
@@ -59,28 +59,28 @@ def dataset(tmp_path_factory):
 
 def test_items_restore_padding_and_match_what_was_stored(dataset):
     root, written = dataset
-    ds = PrecomputedSet(root, RES, caption_len=8)
+    ds = PrecomputedSet(root, RES, caption_len=16)
     assert len(ds) == 40
     for i in (0, 7, 39):
         latent, emb, mask = ds[i]
         row = written["rows"][i]
         assert latent.dtype == torch.float16 and latent.shape == (C, SIDE, SIDE)
         assert torch.equal(latent, torch.from_numpy(row["latent"]))
-        n = min(row["caption_len"], 8)  # truncated to data.caption_len
-        assert mask.tolist() == [True] * n + [False] * (8 - n)
+        n = row["caption_len"]
+        assert mask.tolist() == [True] * n + [False] * (16 - n)
         assert torch.equal(emb[:n], torch.from_numpy(row["caption_emb"][:n]))
         assert torch.all(emb[n:] == 0)
 
 
 def test_mismatched_config_names_the_manifest_field(dataset):
     root, _ = dataset
-    ds = PrecomputedSet(root, RES, caption_len=8)
+    ds = PrecomputedSet(root, RES, caption_len=12)
     with pytest.raises(ValueError, match=r"manifest.json: latent_shape=\[4, 16, 16\] but the config wants"):
         check_matches_config(ds, C, 32, D)
     with pytest.raises(ValueError, match=r"text_encoder.dim=384 but data.caption_channels=1024"):
         check_matches_config(ds, C, SIDE, 1024)
     with pytest.raises(ValueError, match="no resolution 512"):
-        PrecomputedSet(root, 512, caption_len=8)
+        PrecomputedSet(root, 512, caption_len=12)
 
 
 def test_corrupt_shard_is_named(tmp_path):
@@ -124,7 +124,7 @@ def test_training_runs_from_a_precomputed_set(dataset, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
            f"run.out_dir={tmp_path}", "run.name=pre", "data.source=precomputed", f"data.path={root}",
-           f"data.resolution={RES}", "data.channels=4", f"data.image_size={SIDE}", "data.caption_len=8",
+           f"data.resolution={RES}", "data.channels=4", f"data.image_size={SIDE}", "data.caption_len=12",
            "data.num_workers=1", "train.steps=6", "train.log_every=2", "train.ckpt_every=6", "train.global_batch=8",
            "train.micro_batch=4", "train.progress_bar=false", "sample.steps=2", "sample.per_prompt=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -148,3 +148,17 @@ def test_unloadable_text_encoder_only_disables_sample_grids(tmp_path, capsys):
     data, encoder = build_train_data(cfg, torch.device("cpu"), tmp_path / "cache")
     assert encoder is None and "no sample grids" in capsys.readouterr().out
     assert data.ds.table.num_rows == 8
+
+
+def test_settings_the_set_cannot_honour_are_refused(dataset):
+    from engine.data.train_data import build_precomputed
+
+    root, _ = dataset
+    base = ["data.source=precomputed", f"data.path={root}", f"data.resolution={RES}", "data.channels=4",
+            f"data.image_size={SIDE}", "data.verify_checksums=false"]
+    for extra, message in [(["data.caption_len=8"], "text_encoder.max_length=12 but data.caption_len=8"),
+                           (["data.caption_len=16", "data.attend_to_padding=true"], "attend_to_padding"),
+                           (["data.caption_len=16", "data.path=s3://bucket/set"], "local")]:
+        cfg = load_config(ROOT / "configs/tiny.yaml", base + extra)
+        with pytest.raises(ValueError, match=message):
+            build_precomputed(cfg, torch.device("cpu"), 0, 1)

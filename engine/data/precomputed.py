@@ -81,6 +81,10 @@ def check_matches_config(ds: PrecomputedSet, channels: int, latent_side: int, ca
     dim = ds.manifest["text_encoder"]["dim"]
     if dim != caption_channels:
         raise ValueError(f"{where}: text_encoder.dim={dim} but data.caption_channels={caption_channels}")
+    stored = ds.manifest["text_encoder"]["max_length"]
+    if ds.caption_len < stored:  # captions up to `stored` tokens were kept: a shorter L would cut them silently
+        raise ValueError(f"{where}: text_encoder.max_length={stored} but data.caption_len={ds.caption_len}; "
+                         f"set data.caption_len >= {stored}")
 
 
 class StepBatches(torch.utils.data.Sampler):

@@ -57,7 +57,8 @@ def _to_rgb(img):
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: convert("RGB") would clip, not rescale
         arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((arr * (255.0 / max(arr.max(), 1.0))).round().astype(np.uint8))
+        full = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0  # the format's range, not the
+        img = Image.fromarray((arr.clip(0, full) * (255.0 / full)).round().astype(np.uint8))  # image's own maximum
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -167,9 +168,11 @@ class DaliDecoder:
         if len(data) == 0:
             return "zero-byte image"
         try:
-            Image.open(io.BytesIO(data))  # header only
+            header = Image.open(io.BytesIO(data))  # header only
         except Exception as e:
             return f"undecodable image: {type(e).__name__}: {e}"
+        if header.mode in ("RGBA", "LA", "PA") or "transparency" in header.info:
+            return "pil"  # DALI drops alpha (black background); Pillow composites over white, as training expects
         return None
 
     def __call__(self, items: list) -> list:

@@ -125,6 +125,12 @@ def build_precomputed(cfg: Config, device: torch.device, rank: int, world_size: 
     from engine.data.precomputed import PrecomputedData, PrecomputedSet, check_matches_config
 
     d, t = cfg.data, cfg.train
+    if d.attend_to_padding:  # precompute stores real tokens only: there are no padding embeddings to attend to
+        raise ValueError("config: data.attend_to_padding=true cannot be honoured with data.source=precomputed "
+                         "(padding embeddings are not stored); set it to false to fine-tune on a precomputed set")
+    if "://" in d.path:
+        raise ValueError(f"config: data.path={d.path!r}: training reads a local (or mounted) folder; copy the set "
+                         "there first (precompute sources may be remote, its output and the training set may not)")
     ds = PrecomputedSet(d.path, d.resolution, d.caption_len)
     check_matches_config(ds, d.channels, d.image_size, d.caption_channels)
     if ds.manifest["text_encoder"]["name"] != d.text_encoder:
