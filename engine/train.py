@@ -135,10 +135,10 @@ def micro_batches(run: Run, step: int) -> list:
 
 def log_window(run: Run, step: int, counters: StepCounters, meter: ThroughputMeter, logger: MetricsLogger, bar) -> None:
     """Read the device counters (the loop's only host sync), check the non-finite streak, write a metrics line."""
-    stats = torch.stack([counters.loss_sum, counters.finite_steps])
-    dist.all_reduce(stats)  # sum over processes
-    loss_sum, finite = stats.tolist()  # NOTE: host sync (log steps only)
-    max_streak, skipped, grad_norm = (v.item() for v in (counters.max_streak, counters.nonfinite_total, counters.grad_norm))
+    summed = torch.stack([counters.loss_sum, counters.finite_steps])
+    dist.all_reduce(summed)  # sum over processes; the other counters are identical on every process
+    values = torch.cat([summed, torch.stack([counters.max_streak, counters.nonfinite_total, counters.grad_norm])])
+    loss_sum, finite, max_streak, skipped, grad_norm = values.tolist()  # NOTE: host sync (log steps only, one)
     limit = run.cfg.train.max_nonfinite_steps
     if max_streak >= limit:
         raise FloatingPointError(
