@@ -137,8 +137,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count  # index None: the current device
 
 
 def _tiles(B: int, N: int, D: int, device: torch.device, backward: bool) -> tuple[int, int, int, int, int]:
@@ -151,7 +151,7 @@ def _tiles(B: int, N: int, D: int, device: torch.device, backward: bool) -> tupl
         warps = 1
     else:
         block_m = max(1, min(16, (2048 if backward else 4096) // block_d))
-        target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        target = 4 * _num_sms(device)
         warps = 4 if block_d < 1024 else 8  # <= 16 fp32 per thread per tile tensor at D >= 1024
     n_tiles = triton.cdiv(max(N, 1), block_m)
     S = max(1, min(n_tiles, triton.cdiv(target, B)))
