@@ -1,4 +1,5 @@
-"""Kernel benchmarks: masked-token gather/scatter, fused LayerNorm + adaLN modulate, expert-choice MoE, across every
+"""Kernel benchmarks: masked-token gather/scatter, fused LayerNorm + adaLN modulate (alone and with the gated residual
+add before it), expert-choice MoE, across every
 backend of each op (`kernels.<op>: ...`), at MicroDiT_XL_2 shapes on a GPU and tiny shapes on the CPU.
 
     pytest bench/test_kernels.py --benchmark-only [--benchmark-json out.json]
@@ -217,6 +218,56 @@ def test_norm(benchmark, copy_bandwidth, B, N, D, backend, pass_):
     t = run_bench(benchmark, call)
     record(benchmark, t, op="norm", backend=backend, shapes=f"x ({B},{N},{D}) weight ({D},) shift/scale ({B},{D})",
            pass_=pass_, bytes_=nbytes, bandwidth=copy_bandwidth)
+
+
+# ---- gated residual add fused with the next norm (kernels.residual_norm, follows kernels.norm) ------------------------
+def _unfused_triton_norm(x, y, gate, weight, shift, scale, eps):
+    """What the block ran before the fusion: a torch residual add, then the Triton LayerNorm + adaLN modulate."""
+    h = x + (y if gate is None else gate.unsqueeze(1) * y)
+    return h, kernels.resolve("norm", "triton")(h, weight, shift, scale, eps)
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-unfused"])
+@pytest.mark.parametrize("use", ["pre-xattn", "pre-mlp"])  # x + gate·attn -> LN; x + xattn -> adaLN-modulated LN
+@pytest.mark.parametrize("B,N,D", NORM_SHAPES)
+def test_residual_norm(benchmark, copy_bandwidth, B, N, D, use, backend, pass_):
+    if backend == "triton-unfused" and use == "pre-xattn":
+        pytest.skip("no unfused Triton plain LayerNorm: same as torch")
+    backend_or_skip("norm", backend.split("-")[0])
+    fn = _unfused_triton_norm if backend == "triton-unfused" else kernels.resolve("residual_norm", backend)
+    es = torch.finfo(DTYPE).bits // 8
+    grad = pass_ != "fwd"
+    sets = []
+    for _ in range(rotation(4 * B * N * D * es)):
+        x, y = (torch.randn(B, N, D, device=DEV, dtype=DTYPE, requires_grad=grad) for _ in range(2))
+        w = (1 + 0.1 * torch.randn(D, device=DEV, dtype=DTYPE)).requires_grad_(grad)
+        mod = torch.randn(B, 6 * D, device=DEV, dtype=DTYPE, requires_grad=grad)
+        sets.append((x, y, w, mod))
+
+    def fwd(s, f=fn):
+        x_, y_, w_, mod_ = s
+        shift, scale, gate = mod_.chunk(6, dim=-1)[:3]  # strided views, as the model passes them
+        if use == "pre-xattn":
+            return f(x_, y_, gate, w_, None, None, 1e-6)
+        return f(x_, y_, None, w_, shift, scale, 1e-6)
+
+    want = fwd([t.detach().float() for t in sets[0]], kernels.resolve("residual_norm", "torch"))
+    for name, got, ref in zip(("h", "out"), fwd(sets[0]), want):  # right at this shape before it is timed
+        err = (got.float() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-2, f"{name}: relative error {err:.2e}"
+    nxt = cycle(sets)
+    gh, go = torch.randn(B, N, D, device=DEV, dtype=DTYPE), torch.randn(B, N, D, device=DEV, dtype=DTYPE)
+    if pass_ == "fwd":
+        call, nbytes = (lambda: fwd(nxt())), 4 * B * N * D * es  # read x, y; write h, out
+    else:
+        def call():
+            s = nxt()
+            torch.autograd.grad(fwd(s), s, (gh, go), allow_unused=True)
+        nbytes = 10 * B * N * D * es  # + bwd: read dout, dh, h, y; write dx, dy
+    t = run_bench(benchmark, call)
+    record(benchmark, t, op="residual_norm", backend=backend, use=use, pass_=pass_, bytes_=nbytes,
+           bandwidth=copy_bandwidth, shapes=f"x, y ({B},{N},{D}) weight ({D},) gate/shift/scale ({B},{D})")
 
 
 # ---- expert-choice MoE -----------------------------------------------------------------------------------------------

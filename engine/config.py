@@ -137,7 +137,7 @@ class KernelsConfig:
     moe: str = "auto"
     """Expert-choice MoE backend."""
     norm: str = "auto"
-    """LayerNorm + adaLN modulate backend."""
+    """LayerNorm + adaLN modulate backend; also runs the gated residual add fused with the norm after it."""
     attention: str = "auto"
     """Attention backend."""
 

@@ -64,6 +64,12 @@ _REGISTRY: dict[str, dict[str, Backend]] = {
         "triton": Backend("kernels.norm", "layernorm_modulate_triton", _reason("kernels.norm", "triton_unavailable"),
                           _triton_rank()),
     },
+    # follows `kernels.norm` (no flag of its own): the block's gated residual add fused with the norm after it
+    "residual_norm": {
+        "torch": Backend("kernels.residual_norm", "add_layernorm_modulate_ref", _always, 0),
+        "triton": Backend("kernels.residual_norm", "add_layernorm_modulate_triton",
+                          _reason("kernels.norm", "triton_unavailable"), _triton_rank()),
+    },
     # auto = sdpa everywhere: on CPU it is the only fast one; on GPU torch dispatches to flash / cuDNN attention,
     # the fastest we know until bench/test_attention.py on a GPU shows another backend ahead (then re-rank here).
     "attention": {
@@ -79,9 +85,18 @@ _REGISTRY: dict[str, dict[str, Backend]] = {
 }
 
 
+# Ops without a config flag of their own: they take the backend named by another op's flag (same kernels family).
+FOLLOWS = {"residual_norm": "norm"}
+
+
 def ops() -> list[str]:
-    """Names of all ops that have a backend choice."""
-    return sorted(_REGISTRY)
+    """Names of the ops that have a config flag (`kernels.<op>`)."""
+    return sorted(op for op in _REGISTRY if op not in FOLLOWS)
+
+
+def flag_backends(flags: dict[str, str]) -> dict[str, str]:
+    """Backend name per op, every op included: `flags` (op -> name, as in the config) plus the ops that follow one."""
+    return {**flags, **{op: flags[leader] for op, leader in FOLLOWS.items() if leader in flags}}
 
 
 def backends(op: str) -> list[str]:
@@ -105,12 +120,12 @@ def resolve_name(op: str, name: str) -> str:
         return max(usable)[1]
     if name not in table:
         raise ValueError(
-            f"kernels.{op}: unknown backend '{name}'; choices: {', '.join(backends(op))}"
+            f"kernels.{FOLLOWS.get(op, op)}: unknown backend '{name}'; choices: {', '.join(backends(op))}"
         )
     reason = table[name].available()
     if reason is not None:
         raise ValueError(
-            f"kernels.{op}: backend '{name}' is not usable here ({reason}); "
+            f"kernels.{FOLLOWS.get(op, op)}: backend '{name}' is not usable here ({reason}); "
             f"available: {', '.join(available_backends(op) + ['auto'])}"
         )
     return name
@@ -125,4 +140,4 @@ def resolve(op: str, name: str) -> Callable:
 
 def _check_op(op: str) -> None:
     if op not in _REGISTRY:
-        raise ValueError(f"kernels: unknown op '{op}'; ops: {', '.join(ops())}")
+        raise ValueError(f"kernels: unknown op '{op}'; ops: {', '.join(sorted(_REGISTRY))}")

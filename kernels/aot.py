@@ -40,7 +40,7 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132}
 
 # The modules whose kernels are compiled, and the launch gates that normally send non-CUDA tensors to torch.
-KERNEL_MODULES = ("kernels.gather", "kernels.moe", "kernels.norm", "kernels.attention_triton")
+KERNEL_MODULES = ("kernels.gather", "kernels.moe", "kernels.norm", "kernels.residual_norm", "kernels.attention_triton")
 _GATES = (("kernels.gather", "use_triton"), ("kernels.moe", "use_triton"), ("kernels.norm", "_use_triton"))
 
 
@@ -173,6 +173,20 @@ def _norm_cases(dtype):
         yield f"norm bwd B{B} N{N} D{D}", lambda: norm.layernorm_modulate_backward_launch(x, x, w, scale, 1e-6)
 
 
+def _residual_norm_cases(dtype):
+    from kernels import residual_norm as rn
+
+    B = 256
+    for N, D in ((256, 768), (64, 1024)):
+        x, w = _meta(B, N, D, dtype=dtype), _meta(D, dtype=dtype)
+        shift, scale, gate = _meta(B, 6 * D, dtype=dtype).chunk(6, dim=-1)[:3]
+        for use, g, sh, sc in (("pre-xattn", gate, None, None), ("pre-mlp", None, shift, scale)):
+            name = f"B{B} N{N} D{D} {use}"
+            yield f"residual_norm fwd {name}", lambda: rn.add_layernorm_modulate_launch(x, x, g, w, sh, sc, 1e-6)
+            yield f"residual_norm bwd {name}", lambda: rn.add_layernorm_modulate_backward_launch(
+                x, x, x, x, g, w, sc, sc is not None, 1e-6)
+
+
 def _attention_cases(dtype):
     from kernels import attention_triton as at
 
@@ -188,7 +202,8 @@ def _attention_cases(dtype):
             q, q, k, v, q, _meta(B, H, nq, dtype=torch.float32), mask, None)
 
 
-CASES = {"gather": _gather_cases, "moe": _moe_cases, "norm": _norm_cases, "attention": _attention_cases}
+CASES = {"gather": _gather_cases, "moe": _moe_cases, "norm": _norm_cases, "residual_norm": _residual_norm_cases,
+         "attention": _attention_cases}
 
 
 # ---- reading a compiled kernel ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ class DiTBlock(nn.Module):
         eps, bias, hd = cfg.norm_eps, cfg.use_bias, cfg.head_dim
         # Layer-wise scaling: the attention width is rounded to a multiple of two heads (as the official code).
         qkv_hidden = dim if qkv_ratio == 1 else round_up(int(dim * qkv_ratio), 2 * hd)
-        self.norm_fn, self.eps = ops["norm"], eps
+        self.norm_fn, self.residual_norm_fn, self.eps = ops["norm"], ops["residual_norm"], eps
         self.norm1 = layer_norm(dim, eps)
         self.attn = SelfAttention(dim, qkv_hidden, hd, cfg.qk_norm, bias, eps, ops["attention"])
         if cfg.cross_attention:
@@ -36,7 +36,10 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift3, scale3, gate3 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, dim) each
-        x = x + gate1.unsqueeze(1) * self.attn(self.norm_fn(x, self.norm1.weight, shift1, scale1, self.eps))
+        branch, gate = self.attn(self.norm_fn(x, self.norm1.weight, shift1, scale1, self.eps)), gate1
+        # Each residual add is fused with the norm that reads its result: (x + gate·branch, norm(x + gate·branch)).
         if hasattr(self, "cross_attn"):
-            x = x + self.cross_attn(self.norm2(x), y, y_mask)
-        return x + gate3.unsqueeze(1) * self.mlp(self.norm_fn(x, self.norm3.weight, shift3, scale3, self.eps))
+            x, h = self.residual_norm_fn(x, branch, gate, self.norm2.weight, None, None, self.eps)
+            branch, gate = self.cross_attn(h, y, y_mask), None
+        x, h = self.residual_norm_fn(x, branch, gate, self.norm3.weight, shift3, scale3, self.eps)
+        return x + gate3.unsqueeze(1) * self.mlp(h)

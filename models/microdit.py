@@ -33,7 +33,7 @@ class MicroDiT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         backends = {**DEFAULT_KERNELS, **(kernel_backends or {})}
-        ops = {op: kernels.resolve(op, name) for op, name in backends.items()}
+        ops = {op: kernels.resolve(op, name) for op, name in kernels.flag_backends(backends).items()}
         self.gather_fn = ops["gather"]
         dim, eps = cfg.dim, cfg.norm_eps
 
