@@ -1,21 +1,63 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: gpu-marked tests, the benchmarks at real sizes, and a short real MicroDiT_XL_2 run.
-# Results land in $OUT (bench.json, train_metrics.jsonl, logs); commit the numbers under bench/results/.
-# Usage on the device: bash bench/gpu_session.sh   (wheels the image lacks: see ../shared/gpu/fetch-wheels.sh)
+# GPU work for a lent device machine, in steps that each fit one device call (10 minutes, 8 files back):
+#
+#   bash bench/gpu_session.sh check              device + software, csrc/ build, every gpu-marked test
+#   bash bench/gpu_session.sh kernels            bench/test_kernels.py (gather, norm, residual_norm, MoE) at XL shapes
+#   bash bench/gpu_session.sh attention          bench/test_attention.py (every attention backend)
+#   bash bench/gpu_session.sh train              XL 256-px masked step at the largest micro-batch + a 30-step XL run
+#   bash bench/gpu_session.sh kernels attention  several steps in one call
+#
+# Every benchmark step writes pytest-benchmark JSON and a bench/summarize.py result file (device, versions, commit,
+# date, rows, target verdicts) under $OUT and prints the side-by-side table last. Commit the result files under
+# bench/results/. The image lacks diffusers/omegaconf/datasets; nothing here needs them (random latents and captions).
 set -uo pipefail
 OUT=${OUT:-/tmp/tessera_gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
+PY=${PY:-python3}
+DAY=$(date +%F)
 
-python setup.py build_ext --inplace 2>&1 | tail -3 | tee "$OUT/build_ext.log"   # the csrc/ CUDA gather
-python -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
-python -m pytest bench --benchmark-only -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" 2>&1 \
-  | tee "$OUT/bench.log" | tail -15
+bench() {  # bench NAME FILE...: run pytest-benchmark on FILEs, then summarize into $OUT/NAME.summary.json
+  local name=$1; shift
+  $PY -m pytest "$@" --benchmark-only -q -p no:cacheprovider --benchmark-json "$OUT/$name.bench.json" \
+    >"$OUT/$name.log" 2>&1
+  echo "pytest $name: exit $? ($(tail -1 "$OUT/$name.log"))"
+  local gpu
+  gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo cpu)
+  $PY bench/summarize.py "$OUT/$name.bench.json" --out "$OUT/${DAY}_${gpu}_${name}.json"
+}
 
-# A short real run: phase-1 shapes on random latents, one GPU, 30 steps at micro-batch 128.
-torchrun --standalone --nproc_per_node=1 engine/train.py --config configs/microdit_xl_256_masked.yaml \
-  run.out_dir=/tmp/tessera_runs run.name=xl_smoke train.steps=30 train.global_batch=128 train.micro_batch=128 \
-  train.log_every=10 train.ckpt_every=1000 train.progress_bar=false data.source=random data.vae="" 2>&1 | tee "$OUT/train.log" | tail -5
-cp /tmp/tessera_runs/xl_smoke/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null || true
+step_check() {
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  } 2>&1 | tee "$OUT/device.txt"
+  $PY setup.py build_ext --inplace >"$OUT/build_ext.log" 2>&1
+  echo "build_ext: exit $? ($(tail -1 "$OUT/build_ext.log"))"
+  $PY -m pytest tests -m gpu -q -p no:cacheprovider -rs >"$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests: exit $?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -15
+}
+
+step_kernels() { bench kernels bench/test_kernels.py; }
+step_attention() { bench attention bench/test_attention.py; }
+
+step_train() {
+  $PY setup.py build_ext --inplace >/dev/null 2>&1
+  bench train_step bench/test_train_step.py
+  # A short real run: phase-1 shapes on random latents and captions, one GPU, 30 steps at micro-batch 128.
+  torchrun --standalone --nproc_per_node=1 engine/train.py --config configs/microdit_xl_256_masked.yaml \
+    run.out_dir=/tmp/tessera_runs run.name=xl_smoke train.steps=30 train.global_batch=128 train.micro_batch=128 \
+    train.log_every=10 train.ckpt_every=1000 train.progress_bar=false data.source=random data.vae='""' \
+    >"$OUT/train.log" 2>&1
+  echo "train run: exit $?"; tail -4 "$OUT/train.log"
+  cp /tmp/tessera_runs/xl_smoke/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null || true
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(check kernels attention train)
+for s in "${steps[@]}"; do
+  case $s in
+    check|kernels|attention|train) echo "== $s"; "step_$s" ;;
+    *) echo "unknown step '$s' (check | kernels | attention | train)"; exit 2 ;;
+  esac
+done
