@@ -29,6 +29,17 @@ class StepCounters:
         self.loss_sum, self.finite_steps, self.grad_norm = z(), z(), z()
         self.nonfinite_total, self.streak, self.max_streak = z(), z(), z()
 
+    def load_window(self, window: dict | None, is_main: bool) -> None:
+        """Reopen a checkpointed logging window. Its loss sums are over all processes: the main process takes them
+        and the others start from zero, so the log step's all-reduce gives the same totals. None (checkpoints
+        written before windows were saved): start a new window."""
+        if window is None:
+            return
+        self.loss_sum.fill_(window["loss_sum"] if is_main else 0.0)
+        self.finite_steps.fill_(window["finite_steps"] if is_main else 0.0)
+        self.max_streak.fill_(window["max_streak"])
+        self.steps = window["steps"]
+
     def reset_window(self) -> None:
         """Start a new logging window (totals and the current streak carry on)."""
         self.loss_sum.zero_()

@@ -110,6 +110,7 @@ def resume_or_init(run: Run, meter: ThroughputMeter) -> tuple[int, StepCounters]
         extra = run.ckpt.load(latest, model=run.model, ema=run.ema, optimizer=run.optimizer)
         counters.nonfinite_total.fill_(extra["nonfinite_total"])
         counters.streak.fill_(extra["streak"])
+        counters.load_window(extra.get("window"), is_main=run.dist.is_main)
         meter.load_state_dict(extra["meter"])
         step = extra["step"]
         if run.dist.is_main:
@@ -155,9 +156,15 @@ def log_window(run: Run, step: int, counters: StepCounters, meter: ThroughputMet
 
 
 def checkpoint(run: Run, step: int, counters: StepCounters, meter: ThroughputMeter, prompts) -> None:
-    extra = {"step": step, "samples_seen": step * run.cfg.train.global_batch,
-             "nonfinite_total": counters.nonfinite_total.item(), "streak": counters.streak.item(),  # NOTE: host sync
-             "meter": meter.state_dict()}
+    # The open logging window (steps since the last metrics line) is saved summed over processes, so the first
+    # line after a resume averages the same steps as an uninterrupted run's.
+    window = torch.stack([counters.loss_sum, counters.finite_steps])
+    dist.all_reduce(window)
+    values = torch.cat([window, torch.stack([counters.max_streak, counters.nonfinite_total, counters.streak])])
+    loss_sum, finite, max_streak, skipped, streak = values.tolist()  # NOTE: host sync (checkpoint steps only, one)
+    extra = {"step": step, "samples_seen": step * run.cfg.train.global_batch, "nonfinite_total": skipped,
+             "streak": streak, "meter": meter.state_dict(),
+             "window": {"loss_sum": loss_sum, "finite_steps": finite, "max_streak": max_streak, "steps": counters.steps}}
     run.ckpt.save(step, model=run.model, ema=run.ema, optimizer=run.optimizer, extra=extra)
     write_samples(run, step, prompts)
     if run.dist.is_main:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 24
+STEPS, LOG_EVERY = 24, 3
 COMMON = [
-    f"train.steps={STEPS}", "train.log_every=1", "train.ckpt_every=8", "train.progress_bar=false",
+    f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}", "train.ckpt_every=8", "train.progress_bar=false",
     "data.num_samples=512", "sample.steps=3", "sample.per_prompt=1", "train.keep_checkpoints=2",
 ]
 
@@ -32,6 +32,24 @@ def torchrun(out_dir: Path, name: str, nproc: int = 1, extra=(), wait=True):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out_dir / name
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun starts each worker in a session of its own: killing the launcher's
+    process group would leave the worker training)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += parents.get(p, [])
+    return tree
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -76,14 +94,25 @@ def test_killed_run_resumes_on_the_same_trajectory(out_dir, baseline):
     run = out_dir / "killed"
     proc = torchrun(out_dir, "killed", wait=False)
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill -9 mid-run, once a checkpoint exists and training is past it
+    # kill -9 mid-run, once a checkpoint exists and training is past it. Checkpoints (every 8 steps) fall inside
+    # logging windows (every 3): the first line after the resume must average the same steps as the baseline's.
+    while time.time() < deadline:
         ckpts = list((run / "checkpoints").glob("step_*[0-9]")) if run.exists() else []
-        if ckpts and (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 11:
+        if ckpts and (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 4:
             break
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    tree = process_tree(proc.pid)
+    assert len(tree) >= 2, "no worker process under torchrun"
+    for pid in tree:  # kill -9 the launcher and its worker at once, as a lost node would
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
-    assert len(losses(run)) < STEPS, "the run finished before it could be killed"
+    time.sleep(1)
+    assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+               for pid in tree), "a training process survived kill -9"
+    killed_at = max(losses(run))
+    assert killed_at < STEPS, "the run finished before it could be killed"
+    time.sleep(3)
+    assert max(losses(run)) == killed_at, "the killed run went on writing"
     torchrun(out_dir, "killed")
     assert losses(run) == losses(baseline)  # bit-identical on CPU
 
