@@ -191,13 +191,17 @@ def test_hf_vision_features_dinov2_and_full_clip_checkpoint(tmp_path):
     u8 = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     ex = HFVisionFeatures(str(tmp_path / "dino"))
     assert "Dinov2Model" in ex.name and ex(u8).shape == (3, 32)
+    x = as_uint8_nchw(u8).float() / 255
+    with torch.no_grad():  # no processor saved: ImageNet normalization, the saved weights, the pooled output
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+        torch.testing.assert_close(ex(u8), dino(pixel_values=(x - mean) / std).pooler_output)
     clip = tf.CLIPModel(tf.CLIPConfig(text_config=dict(vocab_size=30, hidden_size=32, intermediate_size=37,
                                                        num_hidden_layers=1, num_attention_heads=2),
                                       vision_config=small_vision(), projection_dim=16)).eval()
     clip.save_pretrained(tmp_path / "clip")
     ex = HFVisionFeatures(str(tmp_path / "clip"))
     assert "class=CLIPVisionModel" in ex.name
-    x = as_uint8_nchw(u8).float() / 255
     with torch.no_grad():
         mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
         std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
@@ -486,6 +490,19 @@ def test_evaluate_cli_end_to_end(tiny_run, inception_file, tiny_clip, tmp_path):
                   "--reference", str(out / "reference_inception.npz"), "--out", str(tmp_path / "b")])
     assert again["metrics"]["fid"]["inception"]["value"] == pytest.approx(fid["inception"]["value"], rel=1e-6)
     assert "geneval" not in again["metrics"] and not (tmp_path / "b" / "grid.png").exists()
+    # ... and really read from that file: a reference mean moved by delta adds about |delta|^2 to the FID
+    from engine.eval.fid import FeatureStats
+
+    ref = FeatureStats.load(out / "reference_inception.npz")
+    delta = 1e5  # large enough that the cross term 2·(mu_gen - mu_ref)·delta stays under 1% of |delta|^2
+    ref.mean = ref.mean + delta
+    shifted = ref.save(tmp_path / "shifted.npz")
+    moved = main(["--run", str(tiny_run), "--num-images", "8", "--steps", "2", "--cfg", "2.0", "--seed", "3",
+                  "--batch-size", "5", "--inception", str(inception_file), "--no-geneval", "--grid", "0",
+                  "--reference", str(shifted), "--out", str(tmp_path / "c")])["metrics"]["fid"]["inception"]
+    assert str(shifted) in moved["reference"]
+    expected = fid["inception"]["value"] + delta**2 * ref.mean.numel()
+    assert moved["value"] == pytest.approx(expected, rel=1e-2)
 
 
 def test_folder_reference_resizes_and_reports_unreadable_files(tmp_path, inception_file):

@@ -223,7 +223,15 @@ def test_killed_midway_then_rerun_finishes_without_duplicates_or_gaps(tiny_vae, 
     # what a kill between the renames and the commit leaves behind: an uncommitted shard and a temporary folder
     shutil.copytree(out / "32" / "shard_r000_00000", out / "32" / "shard_r000_00001")
     (out / "64" / ".tmp_shard_r000_00001").mkdir()
+    written = []  # rows each later run writes: resuming must encode only the 4 images the kill left undone
+
+    def record_write(out_, name, rows, features):
+        written.append(len(rows))
+        return real_write(out_, name, rows, features)
+
+    monkeypatch.setattr(precompute, "write_shard_set", record_write)
     m = run([src], out, tiny_vae)
+    assert written == [4], written
     assert m["resolutions"]["64"]["count"] == 24 and m["bad_inputs"] == 0
     for res in RES:
         assert set(load_rows(out, m, res)) == expected  # load_rows fails on a duplicate
@@ -232,7 +240,7 @@ def test_killed_midway_then_rerun_finishes_without_duplicates_or_gaps(tiny_vae, 
     assert m["resolutions"]["64"]["shards"][1]["count"] == 4
     verify_checksums(out, m)
     again = run([src], out, tiny_vae)  # a finished set run again: nothing to do, same shards
-    assert again["resolutions"] == m["resolutions"]
+    assert again["resolutions"] == m["resolutions"] and written == [4]
 
 
 def test_other_settings_on_an_existing_folder_are_refused(full_run, tiny_vae):
@@ -299,8 +307,8 @@ def test_modes_become_rgb_with_transparency_over_white():
 
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
     assert decode_image(rgba).getpixel((0, 0)) == (255, 255, 255)
-    grey16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
-    assert decode_image(grey16).getpixel((0, 0)) == (255, 255, 255)
+    grey16 = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))  # mid-grey: clipping would give 255
+    assert decode_image(grey16).getpixel((0, 0)) == (128, 128, 128)
     assert decode_image(Image.new("L", (4, 4), 7)).getpixel((1, 1)) == (7, 7, 7)
     pal = Image.new("P", (4, 4), 0)
     pal.putpalette([10, 20, 30] * 256)

@@ -1,6 +1,7 @@
 """The optimizer step through the real FSDP2 path: a non-finite step is skipped on the device, a finite one applied."""
 import pytest
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from engine.config import OptimConfig
 from engine.data.train_data import Batch
@@ -37,6 +38,9 @@ def test_nonfinite_step_is_skipped_and_counted_then_training_goes_on(parts):
     model, ema, opt, counters = parts
     edm = EDM()
     noise = draw_step_noise(edm, 0, 0, 4, (3, 32, 32), 64, 0.5, 0.1, torch.device("cpu"))
+    with torch.no_grad():  # an EMA equal to the model would not move under any update: make them differ
+        for p in ema.parameters():
+            p.add_(0.01 * torch.randn_like(p))
     before, ema_before = snapshot(model), snapshot(ema)
     train_step(model, ema, opt, edm, noise, batch(bad=True), 1.0, 0.9, counters)
     assert all(torch.equal(a, b) for a, b in zip(snapshot(model), before))
@@ -75,6 +79,8 @@ def test_activation_checkpointing_gives_the_same_step(dist_env):
         opt = build_optimizer(model, OptimConfig(lr=1e-2))
         torch.manual_seed(1)
         noise = draw_step_noise(EDM(), 0, 0, 4, (3, 32, 32), 64, 0.5, 0.1, torch.device("cpu"))
+        wrapped = sum(isinstance(m, CheckpointWrapper) for m in model.modules())
+        assert wrapped == (len(model.blocks) + len(model.patch_mixer) if ac else 0)  # the flag reached the blocks
         train_step(model, ema, opt, EDM(), noise, batch(), 1.0, 0.9, StepCounters(dist_env.device))
         return snapshot(model)
 
