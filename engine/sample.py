@@ -63,6 +63,8 @@ def main(argv=None) -> Path:
     steps = args.steps or cfg.sample.steps
     scale = cfg.sample.cfg_scale if args.cfg is None else args.cfg
     images = sample(model, edm, y.to(device), y_mask.to(device), steps=steps, cfg_scale=scale, generator=gen).cpu()
+    if not torch.isfinite(images).all():  # a PNG would clamp NaN to black and hide it
+        raise FloatingPointError(f"sampling from {ckpt} gave non-finite values (the weights or --cfg {scale} diverge)")
     out = Path(args.out) if args.out else run / "samples" / f"sample_{args.seed}.png"
     vae = args.vae or cfg.data.vae
     if cfg.data.channels != 3:

@@ -245,7 +245,7 @@ def test_tiny_microdit_same_output_and_grads_with_triton_attention():
     tri = build_model(cfg, {"attention": "triton"}).to(DEVICE)
     tri.load_state_dict(ref.state_dict())
     for p in ref.parameters():  # adaLN-Zero starts at zero: perturb so every attention path carries signal
-        p.data.add_(0.02 * torch.randn_like(p))
+        p.data.add_(0.05 * torch.randn_like(p))
     tri.load_state_dict(ref.state_dict())
     gen = torch.Generator().manual_seed(1)
     B, L = 2, 6
@@ -263,7 +263,10 @@ def test_tiny_microdit_same_output_and_grads_with_triton_attention():
         if b is None:
             assert a is None, name
             continue
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3, msg=lambda s: f"{name}: {s}")
+        # relative to each parameter's own gradient scale: the q/k weights' gradients are tiny (near-uniform
+        # softmax), and a fixed atol would let a broken dQ/dK pass
+        scale = max(b.abs().max().item(), 1e-12)
+        torch.testing.assert_close(a, b, atol=1e-4 * scale, rtol=1e-3, msg=lambda s: f"{name}: {s}")
 
 
 # ------------------------------------------------------------------------------------------------ registry, sdpa
@@ -297,12 +300,21 @@ def test_packed_key_index_packs_valid_keys_without_a_sync():
 
 
 def test_sdpa_reports_the_kernel_it_uses_once_per_signature():
+    import kernels.attention as ka
+
     q, k, v, _, gen = make_inputs(2, 2, 16, 8, 32, torch.float32)
     mask = make_mask("lens", 2, 8, gen).to(DEVICE)
-    name = sdpa_backend_used(q, k, v, mask)
-    valid = {"flash", "cudnn", "efficient", "math"} if DEVICE.type == "cuda" else {"cpu-flash", "math"}
-    assert name in valid
-    assert sdpa_backend_used(q, k, v, mask) == name
+    ka._SDPA_CHOICES.clear()
+    asked = []
+    real = torch._fused_sdp_choice
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "_fused_sdp_choice", lambda *a, **kw: asked.append(1) or real(*a, **kw))
+        name = sdpa_backend_used(q, k, v, mask)
+        valid = {"flash", "cudnn", "efficient", "math"} if DEVICE.type == "cuda" else {"cpu-flash", "math"}
+        assert name in valid
+        assert sdpa_backend_used(q, k, v, mask) == name and len(asked) == 1  # the second call reads the cache
+        sdpa_backend_used(q[:, :, :5], k, v, mask)  # another signature asks torch again
+        assert len(asked) == 2
 
 
 # ------------------------------------------------------------------------------------------------ GPU-only backends

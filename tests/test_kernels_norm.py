@@ -75,10 +75,37 @@ def test_opcheck_custom_ops():
 
 
 def test_deterministic_backward():
+    """Fixed-order partial sums, no atomics. Only a GPU can break this (concurrent programs; the interpreter runs them
+    one by one): bench/gpu_session.sh runs this file on CUDA."""
     args = make_inputs(3, 50, 45, torch.float32, True)
     g = torch.randn(3, 50, 45, device=DEV)
     (o1, g1), (o2, g2) = run(layernorm_modulate_triton, args, g), run(layernorm_modulate_triton, args, g)
     assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def several_programs_per_sample(monkeypatch):
+    """On CPU the launcher gives each sample one program; force 2-row tiles and 4 rows per program (the GPU's
+    layout: S programs per sample, a ragged last one, partial sums reduced over S) so that path is tested here."""
+    import triton
+
+    def tiles(B, N, D, device, backward):
+        S = triton.cdiv(max(N, 1), 4)
+        return 2, triton.next_power_of_2(max(D, 1)), 4, S, 1
+
+    monkeypatch.setattr(kn, "_tiles", tiles)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_several_programs_per_sample(monkeypatch, dtype):
+    several_programs_per_sample(monkeypatch)
+    args = make_inputs(3, 13, 45, dtype, True)
+    g = torch.randn(3, 13, 45, device=DEV)
+    out, grads = run(layernorm_modulate_triton, args, g)
+    same, same_grads = run(layernorm_modulate_ref, args, g)
+    ref, ref_grads = run(layernorm_modulate_ref, [a.double() for a in args], g.double())
+    close_as_torch(out, same, ref, dtype, "out")
+    for name, mine, t, r in zip(("dx", "dweight", "dshift", "dscale"), grads, same_grads, ref_grads):
+        close_as_torch(mine, t, r, dtype, name)
 
 
 def test_launcher_rejects_bad_inputs():

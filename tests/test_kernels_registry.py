@@ -60,14 +60,30 @@ def test_expert_choice_matches_per_expert_loop_forward_and_backward(B, T, D, F_,
 
 
 def test_every_expert_takes_exactly_k_tokens():
+    """kernels.moe.route picks, per sample and expert, the k tokens with the highest router probability (softmax over
+    experts), all distinct; combine_plan maps every slot back to its token exactly once."""
+    from kernels.moe import combine_plan, route
+
     B, T, D, E, k = 2, 32, 8, 4, 16
-    x = torch.randn(B, T, D)
-    probs = torch.softmax(x @ torch.randn(E, D).T, dim=-1)
-    _, token = torch.topk(probs.transpose(1, 2), k, dim=-1)  # the selection expert_choice_ref makes
-    assert token.shape == (B, E, k)
+    x, router = torch.randn(B, T, D), torch.randn(E, D)
+    gate, token = route(x, router, k)
+    assert gate.shape == token.shape == (B, E, k)
+    probs = torch.softmax(x @ router.T, dim=-1)  # (B, T, E)
     for b in range(B):
         for e in range(E):
             assert token[b, e].unique().numel() == k  # k distinct tokens per expert
+            chosen = set(token[b, e].tolist())
+            worst_chosen = probs[b, token[b, e], e].min()
+            others = [t for t in range(T) if t not in chosen]
+            assert (probs[b, others, e] <= worst_chosen).all()  # no unchosen token beats a chosen one
+            torch.testing.assert_close(gate[b, e], probs[b, token[b, e], e])
+    dest, offsets, entries = combine_plan(token, T)
+    assert dest.numel() == entries.numel() == E * B * k and sorted(entries.tolist()) == list(range(E * B * k))
+    counts = offsets[1:] - offsets[:-1]  # experts per token
+    assert counts.sum() == E * B * k and counts.max() <= E
+    for t_global in range(B * T):  # each token's entries are exactly the slots whose destination is that token
+        slots = entries[offsets[t_global]:offsets[t_global + 1]]
+        assert (dest[slots] == t_global).all() and counts[t_global] == (dest == t_global).sum()
 
 
 def test_expert_choice_rejects_impossible_k():
@@ -83,14 +99,18 @@ def test_layernorm_modulate_matches_definition():
     torch.testing.assert_close(layernorm_modulate_ref(x, w, shift, scale, 1e-6), expected)
 
 
-@pytest.mark.parametrize("Nk", [1, 5, 77])
+@pytest.mark.parametrize("Nk", [1, 2, 5, 77])
 def test_sdpa_backend_matches_math_reference_with_padding(Nk):
     attn_sdpa, attn_ref = kernels.resolve("attention", "sdpa"), kernels.resolve("attention", "torch")
     q, k, v = torch.randn(2, 3, 9, 16), torch.randn(2, 3, Nk, 16), torch.randn(2, 3, Nk, 16)
-    mask = torch.arange(Nk)[None] < torch.tensor([[Nk], [max(1, Nk // 2)]])
+    valid = max(1, Nk // 2)  # keys of sample 1 from here on are padding (none when Nk = 1)
+    mask = torch.arange(Nk)[None] < torch.tensor([[Nk], [valid]])
     torch.testing.assert_close(attn_sdpa(q, k, v, mask), attn_ref(q, k, v, mask), atol=1e-5, rtol=1e-4)
-    # padded keys really are ignored: changing them changes nothing
+    if valid == Nk:
+        return
+    # padded keys really are ignored by both: changing them changes nothing
     k2, v2 = k.clone(), v.clone()
-    k2[1, :, max(1, Nk // 2):] = 100.0
-    v2[1, :, max(1, Nk // 2):] = -100.0
-    torch.testing.assert_close(attn_ref(q, k2, v2, mask), attn_ref(q, k, v, mask))
+    k2[1, :, valid:] = 100.0
+    v2[1, :, valid:] = -100.0
+    for attn in (attn_sdpa, attn_ref):
+        torch.testing.assert_close(attn(q, k2, v2, mask), attn(q, k, v, mask), atol=1e-5, rtol=1e-4)

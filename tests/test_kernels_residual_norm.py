@@ -7,7 +7,7 @@ import kernels
 import kernels.norm as kn
 from kernels.residual_norm import (add_layernorm_modulate_launch, add_layernorm_modulate_ref,
                                    add_layernorm_modulate_triton)
-from test_kernels_norm import ATOL, DEV, SHAPES, close_as_torch
+from test_kernels_norm import ATOL, DEV, SHAPES, close_as_torch, several_programs_per_sample
 
 # (gate, modulation): the block's two uses (gated + plain LN before cross-attention; ungated + adaLN before the MLP)
 # and the other two combinations.
@@ -52,6 +52,21 @@ def test_forward_and_backward_match_reference(B, N, D, dtype, gate, mod):
             close_as_torch(mine, same, ref, dtype, name)
 
 
+@pytest.mark.parametrize("gate,mod", [(True, False), (False, True)])
+def test_several_programs_per_sample(monkeypatch, gate, mod):
+    several_programs_per_sample(monkeypatch)
+    args = make_inputs(3, 13, 45, torch.float32, gate, mod)
+    gh, go = torch.randn(3, 13, 45, device=DEV), torch.randn(3, 13, 45, device=DEV)
+    outs, grads = run(add_layernorm_modulate_triton, args, gh, go)
+    same_outs, same_grads = run(add_layernorm_modulate_ref, args, gh, go)
+    ref_outs, ref_grads = run(add_layernorm_modulate_ref, [None if a is None else a.double() for a in args],
+                              gh.double(), go.double())
+    for name, mine, same, ref in zip(("h", "out") + NAMES, outs + tuple(grads), same_outs + tuple(same_grads),
+                                     ref_outs + tuple(ref_grads)):
+        if ref is not None:
+            close_as_torch(mine, same, ref, torch.float32, name)
+
+
 def test_without_weight():
     args = make_inputs(2, 9, 20, torch.float32, True, True, weight=False)
     gh, go = torch.randn(2, 9, 20), torch.randn(2, 9, 20)
@@ -89,6 +104,8 @@ def test_opcheck_custom_ops():
 
 
 def test_deterministic_backward():
+    """Fixed-order partial sums, no atomics. Only a GPU can break this (concurrent programs; the interpreter runs them
+    one by one): bench/gpu_session.sh runs this file on CUDA."""
     args = make_inputs(3, 50, 45, torch.float32, True, True)
     gh, go = torch.randn(3, 50, 45, device=DEV), torch.randn(3, 50, 45, device=DEV)
     (o1, g1), (o2, g2) = run(add_layernorm_modulate_triton, args, gh, go), run(add_layernorm_modulate_triton, args, gh, go)

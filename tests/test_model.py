@@ -41,9 +41,10 @@ def test_moe_placement_every_second_block_not_last():
     assert [i for i, b in enumerate(m.patch_mixer) if hasattr(b.mlp, "gate")] == [1, 3, 5]
 
 
-@pytest.mark.parametrize("N,r", [(64, 0.5), (256, 0.75), (1024, 0.75), (7, 0.9), (1, 0.5)])
-def test_kept_tokens_is_round_of_one_minus_r_times_n(N, r):
-    assert kept_tokens(N, r) == max(1, round((1 - r) * N))
+@pytest.mark.parametrize("N,r,K", [(64, 0.5, 32), (256, 0.75, 64), (1024, 0.75, 256), (7, 0.9, 1), (1, 0.5, 1),
+                                   (10, 0.75, 2), (256, 0.0, 256)])
+def test_kept_tokens_is_round_of_one_minus_r_times_n(N, r, K):
+    assert kept_tokens(N, r) == K  # round((1 - r)·N), at least one token
 
 
 def small_model(**kw):
@@ -72,7 +73,8 @@ def test_blocks_are_identity_at_init():
 
 
 def test_kept_token_path_equals_reference_gather():
-    """Deferred masking: the masked forward equals running the mixer on all tokens and gathering afterwards."""
+    """Deferred masking: the masked forward equals running the mixer on ALL tokens, then keeping rows by hand and
+    running the projection, backbone and final layer on them (a gather before the mixer would differ)."""
     model = small_model()
     for p in model.parameters():  # leave the zero init so the output depends on everything
         p.data.normal_(0, 0.05)
@@ -82,11 +84,19 @@ def test_kept_token_path_equals_reference_gather():
     keep = torch.stack([torch.randperm(N)[:K].sort().values for _ in range(2)])
     out = model(x, t, y, mask, keep)
     assert out.shape == (2, K, model.cfg.patch_channels)
-    # reference: a model whose gather is an explicit python loop
-    captured = {}
-    model.gather_fn = lambda h, idx: captured.setdefault("h", torch.stack([h[b, idx[b]] for b in range(h.shape[0])]))
-    torch.testing.assert_close(model(x, t, y, mask, keep), out)
-    assert captured["h"].shape[1] == K
+
+    seen = {}
+    hooks = [model.patch_mixer[-1].register_forward_hook(lambda m, a, o: seen.update(mixer_out=o)),  # returns None
+             model.blocks[0].register_forward_pre_hook(lambda m, a: seen.update(block_args=a[1:]))]
+    model(x, t, y, mask)  # unmasked: the mixer's output for all N tokens, and the backbone's (y, y_mask, c)
+    for h in hooks:
+        h.remove()
+    assert seen["mixer_out"].shape[1] == N
+    h = torch.stack([seen["mixer_out"][b, keep[b]] for b in range(2)])  # (2, K, mixer width), kept rows by hand
+    h = model.patch_mixer_map_xout(h)
+    for block in model.blocks:
+        h = block(h, *seen["block_args"])
+    torch.testing.assert_close(out, model.final_layer(h, seen["block_args"][-1]))
 
 
 def test_padding_of_caption_is_ignored():

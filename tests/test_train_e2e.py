@@ -123,10 +123,22 @@ def test_sample_cli_writes_finite_images(baseline, tmp_path):
                            "a red circle", "--prompt", "two blue squares", "--num", "2", "--steps", "4",
                            "--out", str(out)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]  # the CLI refuses non-finite samples (a PNG would hide NaN)
+    import numpy as np
     from PIL import Image
-    img = Image.open(out)
-    assert img.width > 0 and img.height > 0
+
+    img = np.asarray(Image.open(out).convert("RGB"))
+    assert img.shape[0] > 0 and img.shape[1] > 0 and img.std() > 5  # pictures, not a constant (e.g. black) canvas
+
+
+def test_sample_cli_refuses_non_finite_samples(baseline, tmp_path, monkeypatch):
+    import engine.sample as sample_cli
+
+    monkeypatch.setattr(sample_cli, "sample", lambda *a, **k: torch.full((2, 3, 32, 32), float("nan")))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        sample_cli.main(["--run", str(baseline), "--prompt", "a red circle", "--num", "2", "--steps", "2",
+                         "--out", str(tmp_path / "grid.png")])
+    assert not (tmp_path / "grid.png").exists()
 
 
 def test_sampler_gives_finite_images_of_the_right_shape():
@@ -149,6 +161,17 @@ def test_next_phase_starts_from_earlier_checkpoint_at_twice_the_resolution(out_d
     run = torchrun(out_dir, "phase2", extra=["data.image_size=64", "model.pos_interp_scale=2.0", "train.steps=2",
                                              f"train.init_from={ckpt}", "train.global_batch=8", "train.micro_batch=8"])
     assert (run / "checkpoints" / "step_00000002").is_dir()
+    from engine.sample import load_run_model
+    from models.layers import sincos_pos_embed_2d
+
+    _, before, _ = load_run_model(baseline, None, use_ema=False)
+    cfg, after, _ = load_run_model(run, None, use_ema=False)
+    # two AdamW steps at lr <= 2e-3 (warmup) move no weight by more than ~2·lr: phase 2 started from phase 1's weights
+    lr = cfg.optim.lr
+    for (name, a), b in zip(after.named_parameters(), before.parameters()):
+        assert (a - b).abs().max() <= 3 * lr, name
+    assert after.pos_embed.shape[1] == 4 * before.pos_embed.shape[1]
+    torch.testing.assert_close(after.pos_embed[0], sincos_pos_embed_2d(after.cfg.dim, 16, 2.0).to(after.pos_embed))
 
 
 def test_nonfinite_streak_stops_the_run_with_a_clear_error(out_dir):
