@@ -32,39 +32,33 @@ def run(fn, args, gh, go):
     return (h, out), [None if a is None else a.grad for a in leaves]
 
 
-@pytest.mark.parametrize("gate,mod", VARIANTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B,N,D", SHAPES)
-def test_forward_and_backward_match_reference(B, N, D, dtype, gate, mod):
+def check_against_reference(B, N, D, dtype, gate, mod):
+    """Triton vs the fp64 reference for (h, out) and every gradient, with the same-dtype torch error as the yardstick."""
     args = make_inputs(B, N, D, dtype, gate, mod)
     gh, go = torch.randn(B, N, D, device=DEV), torch.randn(B, N, D, device=DEV)
     outs, grads = run(add_layernorm_modulate_triton, args, gh, go)
     ref_outs, ref_grads = run(add_layernorm_modulate_ref, [None if a is None else a.double() for a in args],
                               gh.double(), go.double())
     same_outs, same_grads = run(add_layernorm_modulate_ref, args, gh, go)
-    for name, mine, same, ref in zip(("h", "out"), outs, same_outs, ref_outs):
-        assert mine.dtype == dtype and mine.shape == (B, N, D)
-        close_as_torch(mine, same, ref, dtype, name)
-    for name, mine, same, ref in zip(NAMES, grads, same_grads, ref_grads):
+    for name, mine, same, ref in zip(("h", "out") + NAMES, outs + tuple(grads), same_outs + tuple(same_grads),
+                                     ref_outs + tuple(ref_grads)):
         assert (mine is None) == (ref is None), name
         if ref is not None:
-            assert mine.dtype == dtype
+            assert mine.dtype == dtype and mine.shape == ref.shape, name
             close_as_torch(mine, same, ref, dtype, name)
+
+
+@pytest.mark.parametrize("gate,mod", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,N,D", SHAPES)
+def test_forward_and_backward_match_reference(B, N, D, dtype, gate, mod):
+    check_against_reference(B, N, D, dtype, gate, mod)
 
 
 @pytest.mark.parametrize("gate,mod", [(True, False), (False, True)])
 def test_several_programs_per_sample(monkeypatch, gate, mod):
     several_programs_per_sample(monkeypatch)
-    args = make_inputs(3, 13, 45, torch.float32, gate, mod)
-    gh, go = torch.randn(3, 13, 45, device=DEV), torch.randn(3, 13, 45, device=DEV)
-    outs, grads = run(add_layernorm_modulate_triton, args, gh, go)
-    same_outs, same_grads = run(add_layernorm_modulate_ref, args, gh, go)
-    ref_outs, ref_grads = run(add_layernorm_modulate_ref, [None if a is None else a.double() for a in args],
-                              gh.double(), go.double())
-    for name, mine, same, ref in zip(("h", "out") + NAMES, outs + tuple(grads), same_outs + tuple(same_grads),
-                                     ref_outs + tuple(ref_grads)):
-        if ref is not None:
-            close_as_torch(mine, same, ref, torch.float32, name)
+    check_against_reference(3, 13, 45, torch.float32, gate, mod)
 
 
 def test_without_weight():
@@ -149,13 +143,4 @@ def test_registry_follows_the_norm_flag():
 @pytest.mark.parametrize("gate,mod", [(True, False), (False, True)])
 @pytest.mark.parametrize("B,N,D", [(256, 256, 768), (256, 64, 1024), (8, 256, 1152)])
 def test_triton_residual_norm_at_microdit_xl_shapes(B, N, D, gate, mod):
-    args = make_inputs(B, N, D, torch.bfloat16, gate, mod)
-    gh, go = torch.randn(B, N, D, device=DEV), torch.randn(B, N, D, device=DEV)
-    outs, grads = run(add_layernorm_modulate_triton, args, gh, go)
-    same_outs, same_grads = run(add_layernorm_modulate_ref, args, gh, go)
-    ref_outs, ref_grads = run(add_layernorm_modulate_ref, [None if a is None else a.double() for a in args],
-                              gh.double(), go.double())
-    for name, mine, same, ref in zip(("h", "out") + NAMES, outs + tuple(grads), same_outs + tuple(same_grads),
-                                     ref_outs + tuple(ref_grads)):
-        if ref is not None:
-            close_as_torch(mine, same, ref, torch.bfloat16, name)
+    check_against_reference(B, N, D, torch.bfloat16, gate, mod)
