@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU work for a lent device machine, in steps that each fit one device call (10 minutes, 8 files back):
 #
-#   bash bench/gpu_session.sh check              device + software, csrc/ build, all kernel tests on CUDA
+#   bash bench/gpu_session.sh check              device + software, csrc/ build, token/norm/MoE kernel tests on CUDA
 #   bash bench/gpu_session.sh kernels            bench/test_kernels.py (gather, norm, residual_norm, MoE) at XL shapes
-#   bash bench/gpu_session.sh attention          bench/test_attention.py (every attention backend)
+#   bash bench/gpu_session.sh attention          tests/test_attention.py on CUDA, then bench/test_attention.py
 #   bash bench/gpu_session.sh train              XL 256-px masked step at the largest micro-batch + a 30-step XL run
 #   bash bench/gpu_session.sh kernels attention  several steps in one call
 #
@@ -34,14 +34,19 @@ step_check() {
   } 2>&1 | tee "$OUT/device.txt"
   $PY setup.py build_ext --inplace >"$OUT/build_ext.log" 2>&1
   echo "build_ext: exit $? ($(tail -1 "$OUT/build_ext.log"))"
-  # Every kernel test file on CUDA: the gpu-marked XL-shape tests and the odd-shape tables, now compiled for real.
-  timeout 500 $PY -m pytest tests/test_kernels_*.py tests/test_attention.py -q -p no:cacheprovider -rs \
+  # The token/norm/MoE kernel test files on CUDA: gpu-marked XL shapes and the odd-shape tables, compiled for real.
+  timeout 480 $PY -m pytest tests/test_kernels_*.py tests/test_csrc_sm90.py -q -p no:cacheprovider -rs \
     >"$OUT/gpu_tests.log" 2>&1
   echo "kernel tests on the GPU: exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -15
 }
 
 step_kernels() { bench kernels bench/test_kernels.py; }
-step_attention() { bench attention bench/test_attention.py; }
+step_attention() {
+  # Attention tests on CUDA first (each new shape autotunes the Triton kernels: compiles dominate), then the bench.
+  timeout 360 $PY -m pytest tests/test_attention.py -q -p no:cacheprovider -rs >"$OUT/attention_tests.log" 2>&1
+  echo "attention tests on the GPU: exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/attention_tests.log" | tail -10
+  bench attention bench/test_attention.py
+}
 
 step_train() {
   $PY setup.py build_ext --inplace >/dev/null 2>&1
