@@ -66,3 +66,22 @@ def test_attention_uses_hopper_tensor_cores(report):
     assert matmul_kernels
     assert all(r["wgmma"] for r in matmul_kernels), [(r["kernel"], r["config"]) for r in matmul_kernels
                                                       if not r["wgmma"]]
+
+
+@pytest.mark.parametrize("arch", [80, 89])
+def test_attention_has_a_fitting_config_on_ampere_and_ada(arch, tmp_path):
+    """A100 (sm_80, 163 KB) and L40S / RTX 4090 (sm_89, 99 KB) have less shared memory than an H100: configs over
+    the limit are dropped by the autotuner, but every case must keep at least one, and none may spill."""
+    out = tmp_path / f"sm{arch}.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", str(arch), "--ops", "attention", "--json",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    fitting = {}
+    for r in report["kernels"]:
+        key = (r["case"], r["kernel"])
+        fitting[key] = fitting.get(key, False) or r["shared_bytes"] <= report["shared_limit"]
+        assert not r["local_bytes"], (r["case"], r["kernel"], r["config"])
+        assert r["kernel"] == "_attn_bwd_delta" or r["mma"]  # Ampere tensor cores (mma.sync)
+    assert all(fitting.values()), [k for k, ok in fitting.items() if not ok]
