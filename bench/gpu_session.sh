@@ -52,7 +52,8 @@ step_train() {
   $PY setup.py build_ext --inplace >/dev/null 2>&1
   bench train_step bench/test_train_step.py
   # A short real run: phase-1 shapes on random latents and captions, one GPU, 30 steps at micro-batch 128.
-  torchrun --standalone --nproc_per_node=1 engine/train.py --config configs/microdit_xl_256_masked.yaml \
+  $PY -m torch.distributed.run --standalone --nproc_per_node=1 engine/train.py \
+    --config configs/microdit_xl_256_masked.yaml \
     run.out_dir=/tmp/tessera_runs run.name=xl_smoke train.steps=30 train.global_batch=128 train.micro_batch=128 \
     train.log_every=10 train.ckpt_every=1000 train.progress_bar=false data.source=random data.vae='""' \
     >"$OUT/train.log" 2>&1
