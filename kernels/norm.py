@@ -22,8 +22,8 @@ The backward recomputes mean and rstd from x (it reads x anyway), so the forward
 Bytes: forward reads x, writes out; backward reads x and dy, writes dx (+ tiny partials).
 
 The gated residual add x + gate·y that precedes the block's second and third norms is fused with them in
-kernels/residual_norm.py (same flag); this op serves the block's first norm and the final layer, whose inputs come
-straight from the previous block.
+kernels/residual_norm.py (same flag), through the same two kernels with their HAS_RES flag on; this op serves the
+block's first norm and the final layer, whose inputs come straight from the previous block.
 
 Host syncs: none.
 """
@@ -58,78 +58,110 @@ def layernorm_modulate_ref(
 
 
 # ---- Triton kernels ------------------------------------------------------------------------------------------------
+# Shared with kernels/residual_norm.py: HAS_RES adds the residual first (h = x + gate·y, stored, then normalized).
 @triton.jit
 def _ln_modulate_fwd_kernel(
-    x_ptr, w_ptr, shift_ptr, scale_ptr, out_ptr,
-    N, D, shift_stride, scale_stride, eps, rows_per_prog,
-    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, y_ptr, gate_ptr, w_ptr, shift_ptr, scale_ptr, h_ptr, out_ptr,
+    N, D, gate_stride, shift_stride, scale_stride, eps, rows_per_prog,
+    HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_MOD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """out = LN(h)·w·(1+scale) + shift over BLOCK_M-row tiles of one sample; h = x, or with HAS_RES h = x + gate·y
+    (x + y without HAS_GATE) rounded once to h's dtype and stored; the statistics are those of the stored h."""
     b = tl.program_id(0)
     s = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    shift = tl.load(shift_ptr + b * shift_stride + cols, mask=cmask, other=0.0).to(ACC)
-    scale1 = tl.load(scale_ptr + b * scale_stride + cols, mask=cmask, other=0.0).to(ACC) + 1.0
+    if HAS_MOD:
+        shift = tl.load(shift_ptr + b * shift_stride + cols, mask=cmask, other=0.0).to(ACC)
+        mult = tl.load(scale_ptr + b * scale_stride + cols, mask=cmask, other=0.0).to(ACC) + 1.0
+    else:
+        shift = tl.full([BLOCK_D], 0.0, ACC)
+        mult = tl.full([BLOCK_D], 1.0, ACC)
     if HAS_W:
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        scale1 = scale1 * w  # LN(x)·(1+scale) = x̂·(w·(1+scale))
+        mult = mult * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)  # LN(h)·(1+scale) = ĥ·(w·(1+scale))
+    if HAS_GATE:
+        g = tl.load(gate_ptr + b * gate_stride + cols, mask=cmask, other=0.0).to(ACC)
     row0 = s * rows_per_prog
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rows = row0 + m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < N
-        mask = rmask[:, None] & cmask[None, :]
+        mask = (rows < N)[:, None] & cmask[None, :]
         offs = (b * N + rows).to(tl.int64)[:, None] * D + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-        y = xc * rstd[:, None] * scale1[None, :] + shift[None, :]
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        hf = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if HAS_RES:
+            yv = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+            if HAS_GATE:
+                yv = yv * g[None, :]
+            h = (hf + yv).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + offs, h, mask=mask)
+            hf = h.to(ACC)
+        mean = tl.sum(hf, axis=1) / D
+        hc = tl.where(mask, hf - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+        out = hc * rstd[:, None] * mult[None, :] + shift[None, :]
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ln_modulate_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, scale_ptr, dx_ptr, dshift_ptr, dscale_ptr, dw_ptr,
-    N, D, scale_stride, eps, rows_per_prog, S,
-    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    dout_ptr, dres_ptr, h_ptr, y_ptr, gate_ptr, w_ptr, scale_ptr, dx_ptr, dy_ptr, part_ptr,
+    N, D, gate_stride, scale_stride, eps, rows_per_prog, S, part_stride,
+    HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_MOD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """dn = the LN-modulate backward of dout at h (statistics recomputed from h); dx = dn, or with HAS_RES
+    dx = dres + dn and dy = gate·dx (dx without HAS_GATE). Partials per program, (B·S, D) each at part_stride:
+    dshift = Σ dout, dscale = Σ dout·ĥ·w, dweight = Σ dout·(1+scale)·ĥ, and with HAS_RES dgate = Σ dx·y."""
     b = tl.program_id(0)
     s = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    scale1 = tl.load(scale_ptr + b * scale_stride + cols, mask=cmask, other=0.0).to(ACC) + 1.0
+    if HAS_MOD:
+        scale1 = tl.load(scale_ptr + b * scale_stride + cols, mask=cmask, other=0.0).to(ACC) + 1.0
+    else:
+        scale1 = tl.full([BLOCK_D], 1.0, ACC)
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
     else:
         w = tl.where(cmask, 1.0, 0.0).to(ACC)
+    if HAS_GATE:
+        g = tl.load(gate_ptr + b * gate_stride + cols, mask=cmask, other=0.0).to(ACC)
     acc_shift = tl.zeros([BLOCK_D], dtype=ACC)
     acc_scale = tl.zeros([BLOCK_D], dtype=ACC)
     acc_w = tl.zeros([BLOCK_D], dtype=ACC)
+    acc_gate = tl.zeros([BLOCK_D], dtype=ACC)
     row0 = s * rows_per_prog
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rows = row0 + m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < N
-        mask = rmask[:, None] & cmask[None, :]
+        mask = (rows < N)[:, None] & cmask[None, :]
         offs = (b * N + rows).to(tl.int64)[:, None] * D + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-        xhat = xc * rstd[:, None]  # (BLOCK_M, BLOCK_D), 0 outside the tensor
-        dh = dy * scale1[None, :]  # gradient w.r.t. LN(x) = x̂·w
-        acc_shift += tl.sum(dy, axis=0)
-        acc_scale += tl.sum(dy * xhat * w[None, :], axis=0)
-        acc_w += tl.sum(dh * xhat, axis=0)
-        dxhat = dh * w[None, :]
-        c1 = tl.sum(dxhat * xhat, axis=1) / D
-        c2 = tl.sum(dxhat, axis=1) / D
-        dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        hf = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
+        do = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(ACC)
+        mean = tl.sum(hf, axis=1) / D
+        hc = tl.where(mask, hf - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+        hhat = hc * rstd[:, None]  # (BLOCK_M, BLOCK_D), 0 outside the tensor
+        acc_shift += tl.sum(do, axis=0)
+        acc_scale += tl.sum(do * hhat * w[None, :], axis=0)
+        acc_w += tl.sum(do * scale1[None, :] * hhat, axis=0)
+        dhhat = do * scale1[None, :] * w[None, :]
+        c1 = tl.sum(dhhat * hhat, axis=1) / D
+        c2 = tl.sum(dhhat, axis=1) / D
+        dh = (dhhat - hhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_RES:
+            dh += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(dx_ptr + offs, dh.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_RES:
+            if HAS_GATE:
+                acc_gate += tl.sum(dh * tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC), axis=0)
+                dh = dh * g[None, :]
+            tl.store(dy_ptr + offs, dh.to(dy_ptr.dtype.element_ty), mask=mask)
     part = (b * S + s).to(tl.int64) * D + cols
-    tl.store(dshift_ptr + part, acc_shift, mask=cmask)
-    tl.store(dscale_ptr + part, acc_scale, mask=cmask)
-    tl.store(dw_ptr + part, acc_w, mask=cmask)
+    tl.store(part_ptr + part, acc_shift, mask=cmask)
+    tl.store(part_ptr + part_stride + part, acc_scale, mask=cmask)
+    tl.store(part_ptr + 2 * part_stride + part, acc_w, mask=cmask)
+    if HAS_RES:
+        tl.store(part_ptr + 3 * part_stride + part, acc_gate, mask=cmask)
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------------
@@ -223,9 +255,10 @@ def layernorm_modulate_launch(x, weight, shift, scale, eps: float) -> torch.Tens
         return _forward_torch(x, weight, shift, scale, eps, out)
     block_m, block_d, rows, S, warps = _tiles(B, N, D, x.device, backward=False)
     _ln_modulate_fwd_kernel[(B, S)](
-        x, weight if weight is not None else x, shift, scale, out,
-        N, D, shift.stride(0), scale.stride(0), eps, rows,
-        HAS_W=weight is not None, ACC=_acc(x.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+        x, x, x, weight if weight is not None else x, shift, scale, out, out,  # no residual: y, gate, h unused
+        N, D, 0, shift.stride(0), scale.stride(0), eps, rows,
+        HAS_RES=False, HAS_GATE=False, HAS_W=weight is not None, HAS_MOD=True, ACC=_acc(x.dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
     )
     return out
 
@@ -245,9 +278,10 @@ def layernorm_modulate_backward_launch(dy, x, weight, scale, eps: float):
     parts = torch.empty(3, B * S, D, dtype=acc_dtype, device=x.device)  # dshift, dscale, dweight partials
     if x.numel() > 0:
         _ln_modulate_bwd_kernel[(B, S)](
-            dy, x, weight if weight is not None else x, scale, dx, parts[0], parts[1], parts[2],
-            N, D, scale.stride(0), eps, rows, S,
-            HAS_W=weight is not None, ACC=_acc(x.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+            dy, dy, x, x, x, weight if weight is not None else x, scale, dx, dx, parts,  # no residual: dres, y, gate, dy unused
+            N, D, 0, scale.stride(0), eps, rows, S, B * S * D,
+            HAS_RES=False, HAS_GATE=False, HAS_W=weight is not None, HAS_MOD=True, ACC=_acc(x.dtype),
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
         )
     else:
         parts.zero_()

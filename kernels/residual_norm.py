@@ -25,8 +25,9 @@ Backends:
 
 Numerics: h is computed in fp32 (fp64 for fp64) and rounded once to x's dtype (torch rounds gate·y, then the sum);
 the statistics are taken from the ROUNDED h, which is what the backward reads back and what the unfused norm saw.
-Tiles and grid as kernels/norm.py (a whole row in registers, D <= 8192; per-sample reductions of the backward —
-dshift, dscale, dgate — and dweight as fp32 partials summed by torch in a fixed order): no atomics, deterministic.
+The kernels are kernels/norm.py's, with their residual flag on (HAS_RES): same tiles and grid (a whole row in
+registers, D <= 8192; per-sample reductions of the backward — dshift, dscale, dgate — and dweight as fp32 partials
+summed by torch in a fixed order): no atomics, deterministic.
 Host syncs: none.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from kernels import norm as _norm
 from kernels.gather import triton_unavailable  # noqa: F401  (the registry's check for `kernels.norm: triton`)
-from kernels.norm import layernorm_modulate_ref, tl, triton
+from kernels.norm import layernorm_modulate_ref
 
 
 # ---- reference ---------------------------------------------------------------------------------------------------
@@ -46,103 +47,6 @@ def add_layernorm_modulate_ref(x, y, gate, weight, shift, scale, eps: float) -> 
     if shift is None:
         return h, F.layer_norm(h, (h.shape[-1],), weight, None, eps)
     return h, layernorm_modulate_ref(h, weight, shift, scale, eps)
-
-
-# ---- Triton kernels ------------------------------------------------------------------------------------------------
-@triton.jit
-def _add_ln_fwd_kernel(
-    x_ptr, y_ptr, gate_ptr, w_ptr, shift_ptr, scale_ptr, h_ptr, out_ptr,
-    N, D, gate_stride, shift_stride, scale_stride, eps, rows_per_prog,
-    HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_MOD: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0)
-    s = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    if HAS_MOD:
-        shift = tl.load(shift_ptr + b * shift_stride + cols, mask=cmask, other=0.0).to(ACC)
-        mult = tl.load(scale_ptr + b * scale_stride + cols, mask=cmask, other=0.0).to(ACC) + 1.0
-    else:
-        shift = tl.full([BLOCK_D], 0.0, ACC)
-        mult = tl.full([BLOCK_D], 1.0, ACC)
-    if HAS_W:
-        mult = mult * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)  # LN(h)·(1+scale) = ĥ·(w·(1+scale))
-    if HAS_GATE:
-        g = tl.load(gate_ptr + b * gate_stride + cols, mask=cmask, other=0.0).to(ACC)
-    row0 = s * rows_per_prog
-    for m0 in range(0, rows_per_prog, BLOCK_M):
-        rows = row0 + m0 + tl.arange(0, BLOCK_M)
-        mask = (rows < N)[:, None] & cmask[None, :]
-        offs = (b * N + rows).to(tl.int64)[:, None] * D + cols[None, :]
-        yv = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if HAS_GATE:
-            yv = yv * g[None, :]
-        h = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) + yv).to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + offs, h, mask=mask)
-        hf = h.to(ACC)  # statistics of the stored h (see header)
-        mean = tl.sum(hf, axis=1) / D
-        hc = tl.where(mask, hf - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
-        out = hc * rstd[:, None] * mult[None, :] + shift[None, :]
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _add_ln_bwd_kernel(
-    dout_ptr, dres_ptr, h_ptr, y_ptr, gate_ptr, w_ptr, scale_ptr, dx_ptr, dy_ptr, part_ptr,
-    N, D, gate_stride, scale_stride, eps, rows_per_prog, S, part_stride,
-    HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_MOD: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dn = LN-modulate backward of dout; dh = dres + dn; dx = dh; dy = gate·dh. Partials per program (4, B·S, D):
-    dshift = Σ dout, dscale = Σ dout·ĥ·w, dweight = Σ dout·(1+scale)·ĥ, dgate = Σ dh·y."""
-    b = tl.program_id(0)
-    s = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    if HAS_MOD:
-        scale1 = tl.load(scale_ptr + b * scale_stride + cols, mask=cmask, other=0.0).to(ACC) + 1.0
-    else:
-        scale1 = tl.full([BLOCK_D], 1.0, ACC)
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    else:
-        w = tl.where(cmask, 1.0, 0.0).to(ACC)
-    if HAS_GATE:
-        g = tl.load(gate_ptr + b * gate_stride + cols, mask=cmask, other=0.0).to(ACC)
-    acc_shift = tl.zeros([BLOCK_D], dtype=ACC)
-    acc_scale = tl.zeros([BLOCK_D], dtype=ACC)
-    acc_w = tl.zeros([BLOCK_D], dtype=ACC)
-    acc_gate = tl.zeros([BLOCK_D], dtype=ACC)
-    row0 = s * rows_per_prog
-    for m0 in range(0, rows_per_prog, BLOCK_M):
-        rows = row0 + m0 + tl.arange(0, BLOCK_M)
-        mask = (rows < N)[:, None] & cmask[None, :]
-        offs = (b * N + rows).to(tl.int64)[:, None] * D + cols[None, :]
-        hf = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
-        do = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(ACC)
-        mean = tl.sum(hf, axis=1) / D
-        hc = tl.where(mask, hf - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
-        hhat = hc * rstd[:, None]  # (BLOCK_M, BLOCK_D), 0 outside the tensor
-        acc_shift += tl.sum(do, axis=0)
-        acc_scale += tl.sum(do * hhat * w[None, :], axis=0)
-        acc_w += tl.sum(do * scale1[None, :] * hhat, axis=0)
-        dhhat = do * scale1[None, :] * w[None, :]
-        c1 = tl.sum(dhhat * hhat, axis=1) / D
-        c2 = tl.sum(dhhat, axis=1) / D
-        dh = tl.load(dres_ptr + offs, mask=mask, other=0.0).to(ACC) + (dhhat - hhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + offs, dh.to(dx_ptr.dtype.element_ty), mask=mask)
-        if HAS_GATE:
-            acc_gate += tl.sum(dh * tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC), axis=0)
-            dh = dh * g[None, :]
-        tl.store(dy_ptr + offs, dh.to(dy_ptr.dtype.element_ty), mask=mask)
-    part = (b * S + s).to(tl.int64) * D + cols
-    tl.store(part_ptr + part, acc_shift, mask=cmask)
-    tl.store(part_ptr + part_stride + part, acc_scale, mask=cmask)
-    tl.store(part_ptr + 2 * part_stride + part, acc_w, mask=cmask)
-    tl.store(part_ptr + 3 * part_stride + part, acc_gate, mask=cmask)
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------------
@@ -180,12 +84,12 @@ def add_layernorm_modulate_launch(x, y, gate, weight, shift, scale, eps: float):
         h.copy_(x.to(acc) + yv)
         return h, _norm._forward_torch(h, weight, _mod_or_zeros(shift, x), _mod_or_zeros(scale, x), eps, out)
     block_m, block_d, rows, S, warps = _norm._tiles(B, N, D, x.device, backward=False)
-    _add_ln_fwd_kernel[(B, S)](
+    _norm._ln_modulate_fwd_kernel[(B, S)](
         x, y, gate if gate is not None else x, weight if weight is not None else x,
         shift if shift is not None else x, scale if scale is not None else x, h, out,
         N, D, gate.stride(0) if gate is not None else 0, shift.stride(0) if shift is not None else 0,
         scale.stride(0) if scale is not None else 0, eps, rows,
-        **_flags(x, gate, weight, shift), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+        HAS_RES=True, **_flags(x, gate, weight, shift), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
     )
     return h, out
 
@@ -212,12 +116,12 @@ def add_layernorm_modulate_backward_launch(dout, dres, h, y, gate, weight, scale
     block_m, block_d, rows, S, warps = _norm._tiles(B, N, D, h.device, backward=True)
     parts = torch.empty(4, B * S, D, dtype=acc, device=h.device)  # dshift, dscale, dweight, dgate partials
     if h.numel() > 0:
-        _add_ln_bwd_kernel[(B, S)](
+        _norm._ln_modulate_bwd_kernel[(B, S)](
             dout, dres, h, y, gate if gate is not None else h, weight if weight is not None else h,
             scale if has_mod else h, dx, dy, parts,
             N, D, gate.stride(0) if gate is not None else 0, scale.stride(0) if has_mod else 0, eps, rows, S, B * S * D,
-            HAS_GATE=gate is not None, HAS_W=weight is not None, HAS_MOD=has_mod, ACC=_norm._acc(h.dtype),
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+            HAS_RES=True, **_flags(h, gate, weight, scale if has_mod else None), BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=warps,
         )
     else:
         parts.zero_()
