@@ -1,6 +1,6 @@
 """Compile every Triton kernel of kernels/ for a GPU this machine does not have, and read what each would use there.
 
-    python -m kernels.aot [--arch 90] [--dtype bfloat16] [--json FILE]     (TRITON_INTERPRET must be unset)
+    python bench/compile_check.py [--arch 90] [--dtype bfloat16] [--json FILE]     (TRITON_INTERPRET must be unset)
 
 Why: the tests run the kernels under TRITON_INTERPRET=1, which checks their arithmetic but never compiles them. Here
 the real launchers run on meta tensors at MicroDiT_XL_2 shapes while a stand-in Triton driver reports an sm_<arch>
@@ -25,22 +25,29 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:  # run as a script from anywhere: the repo's packages importable
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
 
 # Per-block shared memory a kernel may opt into, and SM counts (the norm launcher sizes its grid by them).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132}
 
 # The modules whose kernels are compiled, and the launch gates that normally send non-CUDA tensors to torch.
-KERNEL_MODULES = ("kernels.gather", "kernels.moe", "kernels.norm", "kernels.residual_norm", "kernels.attention_triton")
+# (kernels/residual_norm.py launches kernels.norm's kernels: its cases compile through that module.)
+KERNEL_MODULES = ("kernels.gather", "kernels.moe", "kernels.norm", "kernels.attention_triton")
 _GATES = (("kernels.gather", "use_triton"), ("kernels.moe", "use_triton"), ("kernels.norm", "_use_triton"))
 
 
@@ -103,7 +110,7 @@ def triton_kernels(module) -> dict[str, object]:
 def compiling_for(arch: int, sink: list) -> Iterator[None]:
     """Within: Triton targets sm_<arch>, launchers accept meta tensors, and every launch compiles into `sink`."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("kernels.aot compiles kernels: unset TRITON_INTERPRET (the interpreter never compiles)")
+        raise RuntimeError("compile_check compiles kernels: unset TRITON_INTERPRET (the interpreter never compiles)")
     import importlib
 
     modules = {name: importlib.import_module(name) for name in KERNEL_MODULES}
@@ -211,14 +218,15 @@ _GLOBAL_ACCESS = re.compile(r"\b(?:ld|st)\.global(?:\.[a-z_0-9]+)*?(?:\.v(\d))?\
 _RES_USAGE = re.compile(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)")
 
 
-def _cuobjdump() -> str | None:
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return path if os.access(path, os.X_OK) else None
+def cuobjdump() -> str | None:
+    """The CUDA toolkit's cuobjdump, else the one bundled with Triton's CUDA backend, else None."""
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return shutil.which("cuobjdump") or (bundled if os.access(bundled, os.X_OK) else None)
 
 
 def resource_usage(cubin: bytes) -> tuple[int, int, int] | None:
     """(registers, static shared bytes, local bytes per thread) of the cubin's kernel, or None without cuobjdump."""
-    tool = _cuobjdump()
+    tool = cuobjdump()
     if tool is None:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

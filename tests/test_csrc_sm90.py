@@ -3,28 +3,19 @@
 The extension itself builds and runs only where torch has CUDA (tests/test_kernels_gather.py, gpu-marked); its
 device code lives in csrc/gather_kernels.cuh, free of torch headers, so plain nvcc compiles it here. The SASS of the
 16-byte instantiation must load and store with LDG/STG .128 only, and the kernel must not spill."""
-import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from compile_check import cuobjdump  # noqa: E402
+
 NVCC = shutil.which("nvcc")
-
-
-def cuobjdump() -> str | None:
-    here = shutil.which("cuobjdump")
-    if here:
-        return here
-    import triton
-
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(bundled) if os.access(bundled, os.X_OK) else None
-
-
 pytestmark = pytest.mark.skipif(NVCC is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
 
 

@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for an H100 (sm_90) at MicroDiT_XL_2 shapes, and what it compiles to is sane.
 
 The other kernel tests run the kernels in the interpreter, which never compiles them; this one compiles them for the
-GPU (kernels/aot.py, no GPU needed) in a subprocess without TRITON_INTERPRET and checks, for every autotune config
+GPU (bench/compile_check.py, no GPU needed) in a subprocess without TRITON_INTERPRET and checks, for every autotune config
 that survives pruning: shared memory within the H100's per-block limit (a config over it would fail to launch),
 no register spills, 16-byte global loads/stores (memory-bound kernels at bf16 with D a multiple of 8), and Hopper
 warpgroup MMA (wgmma) in every attention kernel that multiplies matrices.
@@ -28,13 +28,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _nvidia_backend(), reason
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> dict[int, dict]:
-    """kernels.aot for sm_90 (every op) and for sm_80 / sm_89 (attention), compiled in parallel subprocesses (each
+    """bench/compile_check.py for sm_90 (every op) and for sm_80 / sm_89 (attention), compiled in parallel subprocesses (each
     compile is single-threaded; a cold Triton cache makes this the slowest test file)."""
     folder = tmp_path_factory.mktemp("aot")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     runs = {}
     for arch, ops in ((90, []), (80, ["--ops", "attention"]), (89, ["--ops", "attention"])):
-        cmd = [sys.executable, "-m", "kernels.aot", "--arch", str(arch), *ops, "--json", str(folder / f"{arch}.json")]
+        cmd = [sys.executable, str(ROOT / "bench" / "compile_check.py"), "--arch", str(arch), *ops,
+               "--json", str(folder / f"{arch}.json")]
         runs[arch] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                       text=True)
     out = {}
@@ -52,7 +53,7 @@ def report(reports) -> dict:
 
 def test_every_kernel_is_compiled(report):
     compiled = {r["kernel"] for r in report["kernels"]}
-    assert set(report["kernels_defined"]) == compiled, "a Triton kernel has no case in kernels/aot.py"
+    assert set(report["kernels_defined"]) == compiled, "a Triton kernel has no case in bench/compile_check.py"
     assert len(report["kernels_defined"]) >= 8
 
 
