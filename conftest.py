@@ -23,7 +23,7 @@ def dist_env():
     """A one-process group (gloo on CPU, nccl on GPU) for code that runs the FSDP2 path in-process."""
     import torch.distributed as dist
 
-    from engine.parallel import init_distributed
+    from engine.training.parallel import init_distributed
 
     d = init_distributed()
     yield d

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kernels
-from engine.metrics import peak_flops
+from engine.training.metrics import peak_flops
 from kernels.attention import sdpa_backend_used
 
 GPU = torch.cuda.is_available()

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from engine.metrics import peak_flops
+from engine.training.metrics import peak_flops
 from kernels.gather import gather_tokens_ref, scatter_tokens_triton
 from kernels.moe import expert_choice_ref
 

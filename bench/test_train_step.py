@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.diffusion import draw_step_noise
-from engine.metrics import peak_flops
-from engine.step import StepCounters, train_step
+from engine.diffusion.edm import draw_step_noise
+from engine.training.metrics import peak_flops
+from engine.training.step import StepCounters, train_step
 from engine.train import build
 from models.flops import train_flops_per_image
 

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
 
 import torch
 
-from engine.checkpoint import Checkpointer
+from engine.training.checkpoint import Checkpointer
 from engine.config import Config, save_config
 from models.config import ModelConfig
 from models.microdit import MicroDiT

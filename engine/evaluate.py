@@ -118,8 +118,8 @@ def synthetic_batches(ds, n: int, batch: int):
 def generate(model, edm, encoder, prompts: list[str], steps: int, cfg_scale: float, seed: int, batch_size: int,
              decoder=None):
     """Yields (start index, images float (b, 3, H, W) in [-1, 1] on the CPU) batch by batch."""
-    from engine.sampling import sample
-    from engine.seeding import derive_seed
+    from engine.sampling.sampler import sample
+    from engine.training.seeding import derive_seed
 
     device = next(model.parameters()).device
     for i in range(0, len(prompts), batch_size):
@@ -179,7 +179,7 @@ class Scores:
         self.clip_scores, self.grid, self.image_hw = [], [], None
 
     def update(self, start: int, u8: np.ndarray, captions: list[str], specs) -> None:
-        from engine.images import save_png
+        from engine.outputs.images import save_png
 
         self.image_hw = tuple(u8.shape[1:3])
         room = self.args.grid - sum(len(g) for g in self.grid)
@@ -215,8 +215,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
     from engine.data.train_data import load_text_encoder
-    from engine.diffusion import EDM
-    from engine.images import save_grid_with_captions, to_uint8
+    from engine.diffusion.edm import EDM
+    from engine.outputs.images import save_grid_with_captions, to_uint8
     from engine.sample import load_run_model
 
     run = Path(args.run)
@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
         vae = args.vae or getattr(cfg.data, "vae", "")
         if not vae:
             raise SystemExit("latent run: give --vae <AutoencoderKL id or path> (or set data.vae) to decode images")
-        from engine.vae import LatentDecoder
+        from engine.encoders.vae import LatentDecoder
         decoder = LatentDecoder(vae, device)
 
     # everything that can fail is loaded and checked before the (long) generation

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from engine.data.manifest import FORMAT, MANIFEST, REPORT, combine_checksums, file_checksums, write_json_atomic
 from engine.data.preprocess import make_decoder
 from engine.data.sources import iter_records, owned_by, source_files, source_root
-from engine.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder
+from engine.encoders.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder
 
 WORK = ".work"  # run state under <out>: shard commit markers, per-rank reports, the settings of the first run
 LATENT_SAMPLING = "mean"

@@ -13,11 +13,11 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
 
 import torch
 
-from engine.checkpoint import Checkpointer, load_model_weights
+from engine.training.checkpoint import Checkpointer, load_model_weights
 from engine.config import load_config
 from engine.data.train_data import load_text_encoder
-from engine.diffusion import EDM
-from engine.sampling import sample
+from engine.diffusion.edm import EDM
+from engine.sampling.sampler import sample
 from models.sizes import build_model, model_config
 
 
@@ -70,11 +70,11 @@ def main(argv=None) -> Path:
     if cfg.data.channels != 3:
         torch.save(images, out.with_suffix(".latents.pt"))  # keep the latents: decoding is lossy to look at
         if vae:
-            from engine.vae import LatentDecoder
+            from engine.encoders.vae import LatentDecoder
             images = LatentDecoder(vae, device)(images.to(device)).cpu()
         else:
             print(f"latent run without --vae: the PNG shows 3 raw latent channels; latents in {out.with_suffix('.latents.pt')}")
-    from engine.images import save_grid_with_captions
+    from engine.outputs.images import save_grid_with_captions
     save_grid_with_captions(out, images, captions, nrow=args.num)
     print(f"wrote {out} ({len(captions)} images, {steps} Heun steps, cfg {scale}, from {ckpt})")
     return out

@@ -15,16 +15,16 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
 import torch
 import torch.distributed as dist
 
-from engine.checkpoint import Checkpointer, load_model_weights
+from engine.training.checkpoint import Checkpointer, load_model_weights
 from engine.config import Config, config_diff, describe, load_config, save_config
 from engine.data.train_data import build_train_data
-from engine.diffusion import EDM, draw_step_noise
-from engine.ema import make_ema
-from engine.metrics import MetricsLogger, ThroughputMeter
-from engine.optim import build_optimizer, lr_factor, set_lr
-from engine.parallel import Dist, init_distributed, param_dtype, parallelize
-from engine.reporting import embed_prompts, truncate_jsonl, write_loss_curve, write_sample_grid
-from engine.step import StepCounters, train_step
+from engine.diffusion.edm import EDM, draw_step_noise
+from engine.training.ema import make_ema
+from engine.training.metrics import MetricsLogger, ThroughputMeter
+from engine.training.optim import build_optimizer, lr_factor, set_lr
+from engine.training.parallel import Dist, init_distributed, param_dtype, parallelize
+from engine.outputs.reporting import embed_prompts, truncate_jsonl, write_loss_curve, write_sample_grid
+from engine.training.step import StepCounters, train_step
 from models.flops import kept_tokens, train_flops_per_image
 from models.sizes import build_model, model_config
 
@@ -81,7 +81,7 @@ def build(cfg: Config, d: Dist) -> Run:
     ckpt = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_checkpoints)
     decoder = None
     if cfg.data.vae and d.is_main:
-        from engine.vae import LatentDecoder
+        from engine.encoders.vae import LatentDecoder
         decoder = LatentDecoder(cfg.data.vae, d.device)
     return Run(cfg, d, run_dir, model, ema, build_optimizer(model, cfg.optim), data, encoder, edm, ckpt, decoder)
 

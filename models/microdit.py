@@ -1,7 +1,7 @@
 """MicroDiT: patch-mixer over all tokens, deferred masking, then a layer-wise-scaled backbone with expert-choice MoE.
 
 Plain DiT is a setting of the same class (no mixer, no MoE, constant width, adaLN-only conditioning).
-The model predicts, for the kept tokens, the values of their patches (EDM's F_θ); engine/diffusion.py wraps it.
+The model predicts, for the kept tokens, the values of their patches (EDM's F_θ); engine/diffusion/edm.py wraps it.
 """
 from __future__ import annotations
 

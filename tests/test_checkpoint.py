@@ -1,4 +1,4 @@
-"""Tests for engine/checkpoint.py: round trips, atomicity, pruning, RNG, phase init, FSDP2.
+"""Tests for engine/training/checkpoint.py: round trips, atomicity, pruning, RNG, phase init, FSDP2.
 
 Run as a script under torchrun (``python tests/test_checkpoint.py train|resume DIR``) it is
 the two-rank FSDP2 worker that ``test_fsdp2_resume_matches_uninterrupted_run`` launches.
@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.checkpoint import Checkpointer, is_complete, load_model_weights
+from engine.training.checkpoint import Checkpointer, is_complete, load_model_weights
 
 
 class Tiny(nn.Module):
@@ -231,7 +231,7 @@ def _worker(mode: str, out: Path) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_resume_matches_uninterrupted_run(tmp_path):
-    root = str(Path(__file__).resolve().parents[1])  # the workers import engine.checkpoint
+    root = str(Path(__file__).resolve().parents[1])  # the workers import engine.training.checkpoint
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     for mode in ("train", "resume"):

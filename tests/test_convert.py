@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoint import load_model_weights
+from engine.training.checkpoint import load_model_weights
 from engine.config import load_config
 from engine.convert import main, official_state_dict_to_tessera
 from models.microdit import MicroDiT

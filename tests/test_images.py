@@ -1,10 +1,10 @@
-"""engine.images: uint8 conversion, grid arithmetic, atomic PNG writes, captioned sheets, loss curves."""
+"""engine.outputs.images: uint8 conversion, grid arithmetic, atomic PNG writes, captioned sheets, loss curves."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from engine.images import PAD, make_grid, plot_loss_curve, save_grid_with_captions, save_png, to_uint8
+from engine.outputs.images import PAD, make_grid, plot_loss_curve, save_grid_with_captions, save_png, to_uint8
 
 
 def test_to_uint8_maps_range_clamps_and_transposes():

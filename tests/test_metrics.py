@@ -1,4 +1,4 @@
-"""Tests for engine/metrics.py: throughput and cost arithmetic on a fake clock, loggers."""
+"""Tests for engine/training/metrics.py: throughput and cost arithmetic on a fake clock, loggers."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from engine import metrics
-from engine.metrics import (
+from engine.training import metrics
+from engine.training.metrics import (
     JsonlLogger, MetricsLogger, TensorBoardLogger, ThroughputMeter, peak_flops, peak_flops_for_name,
 )
 

@@ -20,7 +20,7 @@ from engine.data.manifest import FORMAT, read_manifest, shard_checksum, verify_c
 from engine.data.preprocess import (BadImage, PILDecoder, decode_image, make_decoder, preprocess,  # noqa: E402
                                     resize_center_crop, to_tensor)
 from engine.data.sources import iter_records  # noqa: E402
-from engine.text_encoder import TextEncoder  # noqa: E402
+from engine.encoders.text_encoder import TextEncoder  # noqa: E402
 from test_sources import N, image_bytes, tar_samples, write_all_formats, write_folder, write_tar  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,11 +5,11 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 
 from engine.config import OptimConfig
 from engine.data.train_data import Batch
-from engine.diffusion import EDM, draw_step_noise
-from engine.ema import make_ema
-from engine.optim import build_optimizer, lr_factor
-from engine.parallel import parallelize
-from engine.step import StepCounters, train_step
+from engine.diffusion.edm import EDM, draw_step_noise
+from engine.training.ema import make_ema
+from engine.training.optim import build_optimizer, lr_factor
+from engine.training.parallel import parallelize
+from engine.training.step import StepCounters, train_step
 from models.sizes import build_model, model_config
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.data.caption_cache import embed_unique
-from engine.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder, resolve_text_encoder_path
+from engine.encoders.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder, resolve_text_encoder_path
 
 CAPTIONS = ["a red circle", "two blue squares left of a yellow triangle", "three green triangles above a white circle",
             "a purple square", "two red circles"]
@@ -112,7 +112,7 @@ def test_real_default_minilm():
 
 
 def test_heavy_deps_not_imported_at_module_import():
-    code = ("import sys, engine.text_encoder, engine.images, engine.data.synthetic, engine.data.sampler, "
+    code = ("import sys, engine.encoders.text_encoder, engine.outputs.images, engine.data.synthetic, engine.data.sampler, "
             "engine.data.caption_cache; bad = {'transformers', 'matplotlib', 'PIL'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

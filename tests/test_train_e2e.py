@@ -142,8 +142,8 @@ def test_sample_cli_refuses_non_finite_samples(baseline, tmp_path, monkeypatch):
 
 
 def test_sampler_gives_finite_images_of_the_right_shape():
-    from engine.diffusion import EDM
-    from engine.sampling import sample
+    from engine.diffusion.edm import EDM
+    from engine.sampling.sampler import sample
     from models.sizes import build_model, model_config
 
     torch.manual_seed(0)

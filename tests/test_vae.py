@@ -4,7 +4,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from engine.vae import LatentDecoder  # noqa: E402
+from engine.encoders.vae import LatentDecoder  # noqa: E402
 
 
 def test_decoder_undoes_the_scaling_factor_and_returns_images(tmp_path):

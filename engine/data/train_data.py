@@ -14,7 +14,7 @@ import torch
 
 from engine.config import Config
 from engine.data.sampler import global_batch_indices
-from engine.seeding import derive_seed
+from engine.training.seeding import derive_seed
 
 
 @dataclass
@@ -108,7 +108,7 @@ class PaddingVisible:
 
 def load_text_encoder(cfg: Config):
     """The configured text encoder, checked against data.caption_channels."""
-    from engine.text_encoder import TextEncoder
+    from engine.encoders.text_encoder import TextEncoder
 
     encoder = TextEncoder(cfg.data.text_encoder, max_length=cfg.data.caption_len)
     if encoder.dim != cfg.data.caption_channels:

@@ -140,7 +140,7 @@ def _as_uint8_hwc(images) -> np.ndarray:
         arr = images.cpu().numpy()
         arr = arr[None] if arr.ndim == 3 else arr
     else:
-        from engine.images import to_uint8
+        from engine.outputs.images import to_uint8
         arr = to_uint8(images)
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"images must be uint8 (B, H, W, 3) or float (B, 3, H, W), got shape {arr.shape}")

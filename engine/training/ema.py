@@ -6,7 +6,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from engine.parallel import local_tensors
+from engine.training.parallel import local_tensors
 
 
 def make_ema(model: nn.Module) -> nn.Module:

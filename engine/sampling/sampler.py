@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.diffusion import EDM
+from engine.diffusion.edm import EDM
 
 
 def karras_sigmas(edm: EDM, steps: int, device=None) -> torch.Tensor:

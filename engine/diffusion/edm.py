@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.seeding import derive_seed
+from engine.training.seeding import derive_seed
 from models.flops import kept_tokens
 
 

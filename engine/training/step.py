@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from engine.diffusion import EDM, StepNoise
-from engine.ema import ema_update
+from engine.diffusion.edm import EDM, StepNoise
+from engine.training.ema import ema_update
 
 
 @dataclass

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from engine.diffusion import EDM
-from engine.parallel import reshard
-from engine.sampling import sample
+from engine.diffusion.edm import EDM
+from engine.training.parallel import reshard
+from engine.sampling.sampler import sample
 
 
 def embed_prompts(encoder, prompts: list[str], per_prompt: int, device) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -21,8 +21,8 @@ def embed_prompts(encoder, prompts: list[str], per_prompt: int, device) -> tuple
 def write_sample_grid(path: Path, model, edm: EDM, captions, y, y_mask, steps: int, cfg_scale: float, seed: int,
                       is_main: bool, decoder=None) -> None:
     """Sample with the (sharded) model on every process, same noise everywhere; the main process writes the PNG.
-    `decoder` turns latents into images (engine/vae.py); without one a latent run shows 3 raw latent channels."""
-    from engine.images import save_grid_with_captions
+    `decoder` turns latents into images (engine/encoders/vae.py); without one a latent run shows 3 raw latent channels."""
+    from engine.outputs.images import save_grid_with_captions
 
     gen = torch.Generator(device=y.device).manual_seed(seed)
     was_training = model.training
@@ -50,7 +50,7 @@ def read_losses(jsonl: Path) -> tuple[list[int], list[float]]:
 
 
 def write_loss_curve(jsonl: Path, path: Path, title: str) -> None:
-    from engine.images import plot_loss_curve
+    from engine.outputs.images import plot_loss_curve
 
     steps, losses = read_losses(jsonl)
     if steps:

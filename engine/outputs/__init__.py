@@ -1,0 +1,1 @@
+"""What a run writes for people to look at: images, grids, loss curves."""

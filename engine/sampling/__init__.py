@@ -1,0 +1,1 @@
+"""How images come out of a trained model: samplers and classifier-free guidance."""
