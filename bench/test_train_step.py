@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.diffusion.edm import draw_step_noise
+from engine.diffusion.noise import draw_step_noise
 from engine.training.metrics import peak_flops
 from engine.training.step import StepCounters, train_step
 from engine.train import build

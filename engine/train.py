@@ -18,7 +18,8 @@ import torch.distributed as dist
 from engine.training.checkpoint import Checkpointer, load_model_weights
 from engine.config import Config, config_diff, describe, load_config, save_config
 from engine.data.train_data import build_train_data
-from engine.diffusion.edm import EDM, draw_step_noise
+from engine.diffusion.edm import EDM
+from engine.diffusion.noise import draw_step_noise
 from engine.training.ema import make_ema
 from engine.training.metrics import MetricsLogger, ThroughputMeter
 from engine.training.optim import build_optimizer, lr_factor, set_lr

@@ -1,7 +1,8 @@
 """EDM pieces: preconditioning, loss on kept patches only, and step randomness as a pure function of (seed, step)."""
 import torch
 
-from engine.diffusion.edm import EDM, draw_step_noise
+from engine.diffusion.edm import EDM
+from engine.diffusion.noise import draw_step_noise
 from engine.sampling.sampler import karras_sigmas
 from models.sizes import build_model, model_config
 

@@ -5,7 +5,8 @@ import torch
 
 import kernels
 import kernels.gather as kg
-from engine.diffusion.edm import EDM, draw_step_noise
+from engine.diffusion.edm import EDM
+from engine.diffusion.noise import draw_step_noise
 from kernels.gather import (gather_tokens_pos_ref, gather_tokens_pos_triton, gather_tokens_ref, gather_tokens_triton,
                             scatter_tokens_triton)
 

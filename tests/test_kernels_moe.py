@@ -9,7 +9,8 @@ import torch
 
 import kernels
 import kernels.moe as km
-from engine.diffusion.edm import EDM, draw_step_noise
+from engine.diffusion.edm import EDM
+from engine.diffusion.noise import draw_step_noise
 from kernels.moe import combine_plan, expert_choice_ref, expert_choice_triton, route
 from models.sizes import build_model, model_config
 

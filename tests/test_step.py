@@ -4,8 +4,9 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from engine.config import OptimConfig
-from engine.data.train_data import Batch
-from engine.diffusion.edm import EDM, draw_step_noise
+from engine.data.batch import Batch
+from engine.diffusion.edm import EDM
+from engine.diffusion.noise import draw_step_noise
 from engine.training.ema import make_ema
 from engine.training.optim import build_optimizer, lr_factor
 from engine.training.parallel import parallelize

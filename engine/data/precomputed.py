@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from engine.data.sampler import global_batch_indices
-from engine.data.train_data import Batch
+from engine.data.batch import Batch
 
 
 class PrecomputedSet(Dataset):

@@ -7,21 +7,14 @@ device, for benchmarks and smoke tests of large models without a dataset. Both a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine.config import Config
+from engine.data.batch import Batch
 from engine.data.sampler import global_batch_indices
 from engine.training.seeding import derive_seed
-
-
-@dataclass
-class Batch:
-    x: torch.Tensor  # (B, C, H, W) clean inputs (pixels in [-1, 1] or scaled latents)
-    y: torch.Tensor  # (B, L, D) caption token embeddings
-    y_mask: torch.Tensor  # (B, L) bool, True = real token
 
 
 class InMemoryData:

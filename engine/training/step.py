@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from engine.diffusion.edm import EDM, StepNoise
+from engine.diffusion.edm import EDM
+from engine.diffusion.noise import StepNoise
 from engine.training.ema import ema_update
 
 
