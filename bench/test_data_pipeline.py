@@ -84,7 +84,7 @@ def test_sdxl_vae_encode_images_per_sec_gpu(benchmark, res, batch):
     """The dominant precompute cost at real size: SDXL-VAE encode, bf16, channels_last, as precompute runs it."""
     from diffusers import AutoencoderKL
 
-    from engine.precompute import encode_latents, vae_info
+    from engine.encoders.vae import encode_latents, vae_info
 
     device = torch.device("cuda")
     vae = AutoencoderKL(**SDXL_VAE).to(device, torch.bfloat16).eval().requires_grad_(False)

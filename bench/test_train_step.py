@@ -10,9 +10,9 @@ import torch
 
 from engine.config import load_config
 from engine.diffusion.noise import draw_step_noise
+from engine.training.loop import build
 from engine.training.metrics import peak_flops
 from engine.training.step import StepCounters, train_step
-from engine.train import build
 from models.flops import train_flops_per_image
 
 ROOT = Path(__file__).resolve().parents[1]

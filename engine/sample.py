@@ -13,12 +13,10 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
 
 import torch
 
-from engine.training.checkpoint import Checkpointer, load_model_weights
-from engine.config import load_config
 from engine.data.train_data import load_text_encoder
 from engine.diffusion.edm import EDM
 from engine.sampling.sampler import sample
-from models.sizes import build_model, model_config
+from engine.training.run_folder import load_run_model
 
 
 def parse_args(argv=None):
@@ -34,20 +32,6 @@ def parse_args(argv=None):
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
     p.add_argument("--vae", help="diffusers AutoencoderKL to decode latents (default: the run's data.vae)")
     return p.parse_args(argv)
-
-
-def load_run_model(run: Path, checkpoint: str | None, use_ema: bool = True):
-    """(config, model in eval mode on the best device) from a run folder."""
-    cfg = load_config(run / "config.yaml")
-    ckpt = Path(checkpoint) if checkpoint else Checkpointer(run / "checkpoints").latest()
-    if ckpt is None:
-        raise FileNotFoundError(f"no complete checkpoint in {run / 'checkpoints'}")
-    mcfg = model_config(cfg.model.name, input_size=cfg.data.image_size, in_channels=cfg.data.channels,
-                        caption_channels=cfg.data.caption_channels, pos_interp_scale=cfg.model.pos_interp_scale)
-    model = build_model(mcfg, {"attention": "auto", "gather": "auto", "moe": "auto", "norm": "auto"})
-    load_model_weights(ckpt, model, from_ema=use_ema)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return cfg, model.to(device).eval(), ckpt
 
 
 def main(argv=None) -> Path:

@@ -1,50 +1,21 @@
-"""Train a MicroDiT: `torchrun --nproc_per_node=N engine/train.py [--config configs/tiny.yaml] [key=value ...]`.
-
-Build (config, process group, data, model, FSDP2, optimizer), resume from the last complete checkpoint if the run
-folder has one, then loop. The loop reads device values only on log steps."""
+"""Train a MicroDiT: `torchrun --nproc_per_node=N engine/train.py [--config configs/tiny.yaml] [key=value ...]`
+(or `python -m engine.train ...`). Parse, validate, start the process group, call the training run."""
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the repo's packages, not engine/'s files, by name
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch
 import torch.distributed as dist
 
-from engine.training.checkpoint import Checkpointer, load_model_weights
-from engine.config import Config, config_diff, describe, load_config, save_config
-from engine.data.train_data import build_train_data
-from engine.diffusion.edm import EDM
-from engine.diffusion.noise import draw_step_noise
-from engine.training.ema import make_ema
-from engine.training.metrics import MetricsLogger, ThroughputMeter
-from engine.training.optim import build_optimizer, lr_factor, set_lr
-from engine.training.parallel import Dist, init_distributed, param_dtype, parallelize
-from engine.outputs.reporting import embed_prompts, truncate_jsonl, write_loss_curve, write_sample_grid
-from engine.training.step import StepCounters, train_step
-from models.flops import kept_tokens, train_flops_per_image
-from models.sizes import build_model, model_config
+from engine.config import describe, load_config
+from engine.training.loop import train
+from engine.training.parallel import init_distributed
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-
-
-@dataclass
-class Run:
-    cfg: Config
-    dist: Dist
-    dir: Path
-    model: torch.nn.Module
-    ema: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    data: object
-    encoder: object
-    edm: EDM
-    ckpt: Checkpointer
-    decoder: object  # latents -> images for sample grids (None: pixel space, or no data.vae given)
 
 
 def parse_args(argv=None):
@@ -53,177 +24,6 @@ def parse_args(argv=None):
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 train.steps=100")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     return p.parse_args(argv)
-
-
-def build(cfg: Config, d: Dist) -> Run:
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    check_resumable(run_dir, cfg, d.is_main)
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    # The main process embeds the captions first and fills the on-disk cache; the others then read it.
-    cache = Path(cfg.run.out_dir) / ".cache"
-    if d.is_main:
-        data, encoder = build_train_data(cfg, d.device, cache, d.rank, d.world_size)
-    dist.barrier()
-    if not d.is_main:
-        data, encoder = build_train_data(cfg, d.device, cache, d.rank, d.world_size)
-
-    mcfg = model_config(cfg.model.name, input_size=cfg.data.image_size, in_channels=cfg.data.channels,
-                        caption_channels=cfg.data.caption_channels, pos_interp_scale=cfg.model.pos_interp_scale)
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
-    model = build_model(mcfg, asdict(cfg.kernels))
-    ema = make_ema(model)
-    dtype = param_dtype(cfg.train.precision, d.device)
-    t = cfg.train
-    model = parallelize(model.to(d.device), d.device, dtype, t.activation_checkpointing, t.compile)
-    ema = parallelize(ema.to(d.device), d.device, dtype)
-    edm = EDM(cfg.diffusion.sigma_data, cfg.diffusion.p_mean, cfg.diffusion.p_std)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_checkpoints)
-    decoder = None
-    if cfg.data.vae and d.is_main:
-        from engine.encoders.vae import LatentDecoder
-        decoder = LatentDecoder(cfg.data.vae, d.device)
-    return Run(cfg, d, run_dir, model, ema, build_optimizer(model, cfg.optim), data, encoder, edm, ckpt, decoder)
-
-
-def check_resumable(run_dir: Path, cfg: Config, is_main: bool) -> None:
-    """Resuming with other settings is allowed (more steps, say) and the changes are listed; a different global
-    batch is refused, on every process, before anything is written: the data position would jump."""
-    if not (run_dir / "config.yaml").is_file():
-        return
-    old = load_config(run_dir / "config.yaml")
-    changed = config_diff(old, cfg)
-    if changed and is_main:
-        print(f"warning: resuming {run_dir} with a changed config: {'; '.join(changed)}", flush=True)
-    if old.train.global_batch != cfg.train.global_batch and Checkpointer(run_dir / "checkpoints").checkpoints():
-        raise ValueError(
-            f"config: train.global_batch={cfg.train.global_batch} but {run_dir} was trained at "
-            f"{old.train.global_batch}: resuming would move the data position. Keep the global batch, or start a new "
-            "phase from its checkpoint with train.init_from and another run.name")
-
-
-def resume_or_init(run: Run, meter: ThroughputMeter) -> tuple[int, StepCounters]:
-    """Continue from the newest complete checkpoint of this run, else start from `train.init_from` or scratch."""
-    counters = StepCounters(run.dist.device)
-    latest = run.ckpt.latest()
-    if latest is not None:
-        extra = run.ckpt.load(latest, model=run.model, ema=run.ema, optimizer=run.optimizer)
-        counters.nonfinite_total.fill_(extra["nonfinite_total"])
-        counters.streak.fill_(extra["streak"])
-        counters.load_window(extra.get("window"), is_main=run.dist.is_main)
-        meter.load_state_dict(extra["meter"])
-        step = extra["step"]
-        if run.dist.is_main:
-            truncate_jsonl(run.dir / "metrics.jsonl", step)
-            print(f"resuming {run.dir} from {latest.name} (step {step})", flush=True)
-        return step, counters
-    if run.cfg.train.init_from:
-        load_model_weights(run.cfg.train.init_from, run.model, run.ema)
-    return 0, counters
-
-
-def micro_batches(run: Run, step: int) -> list:
-    """This process's micro-batches of `step`: (Batch, lo, hi) with [lo, hi) positions in the global batch."""
-    t, d = run.cfg.train, run.dist
-    per_rank = t.global_batch // d.world_size
-    start = d.rank * per_rank
-    out = []
-    for lo in range(start, start + per_rank, t.micro_batch):
-        hi = lo + t.micro_batch
-        out.append((run.data.batch(step, t.global_batch, lo, hi), lo, hi))
-    return out
-
-
-def log_window(run: Run, step: int, counters: StepCounters, meter: ThroughputMeter, logger: MetricsLogger, bar) -> None:
-    """Read the device counters (the loop's only host sync), check the non-finite streak, write a metrics line."""
-    summed = torch.stack([counters.loss_sum, counters.finite_steps])
-    dist.all_reduce(summed)  # sum over processes; the other counters are identical on every process
-    values = torch.cat([summed, torch.stack([counters.max_streak, counters.nonfinite_total, counters.grad_norm])])
-    loss_sum, finite, max_streak, skipped, grad_norm = values.tolist()  # NOTE: host sync (log steps only, one)
-    limit = run.cfg.train.max_nonfinite_steps
-    if max_streak >= limit:
-        raise FloatingPointError(
-            f"{int(max_streak)} consecutive steps had a non-finite loss or gradient (limit train.max_nonfinite_steps="
-            f"{limit}); stopped at step {step}. Lower optim.lr or check the data; the last good checkpoint is kept."
-        )
-    record = {"step": step, "loss": loss_sum / finite if finite else None, "grad_norm": grad_norm,
-              "lr": run.optimizer.param_groups[0]["lr"], "nonfinite_skipped": int(skipped), **meter.report(step)}
-    logger.log(step, record)
-    if bar is not None:
-        bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
-                        img_s=f"{record['images_per_sec']:.0f}")
-    counters.reset_window()
-
-
-def checkpoint(run: Run, step: int, counters: StepCounters, meter: ThroughputMeter, prompts) -> None:
-    # The open logging window (steps since the last metrics line) is saved summed over processes, so the first
-    # line after a resume averages the same steps as an uninterrupted run's.
-    window = torch.stack([counters.loss_sum, counters.finite_steps])
-    dist.all_reduce(window)
-    values = torch.cat([window, torch.stack([counters.max_streak, counters.nonfinite_total, counters.streak])])
-    loss_sum, finite, max_streak, skipped, streak = values.tolist()  # NOTE: host sync (checkpoint steps only, one)
-    extra = {"step": step, "samples_seen": step * run.cfg.train.global_batch, "nonfinite_total": skipped,
-             "streak": streak, "meter": meter.state_dict(),
-             "window": {"loss_sum": loss_sum, "finite_steps": finite, "max_streak": max_streak, "steps": counters.steps}}
-    run.ckpt.save(step, model=run.model, ema=run.ema, optimizer=run.optimizer, extra=extra)
-    write_samples(run, step, prompts)
-    if run.dist.is_main:
-        write_loss_curve(run.dir / "metrics.jsonl", run.dir / "loss_curve.png", title=f"{run.cfg.run.name}: training loss")
-
-
-def write_samples(run: Run, step: int, prompts) -> None:
-    if prompts is None:
-        return
-    s = run.cfg.sample
-    write_sample_grid(run.dir / "samples" / f"step_{step:08d}.png", run.ema, run.edm, *prompts, steps=s.steps,
-                      cfg_scale=s.cfg_scale, seed=s.seed, is_main=run.dist.is_main, decoder=run.decoder)
-
-
-def train(cfg: Config, d: Dist) -> Path:
-    run = build(cfg, d)
-    t = cfg.train
-    mcfg = run.model.cfg
-    flops = train_flops_per_image(mcfg, cfg.data.caption_len, cfg.diffusion.mask_ratio)
-    meter = ThroughputMeter(d.world_size, t.global_batch, kept_tokens(mcfg.num_patches, cfg.diffusion.mask_ratio), flops, t.steps,
-                            cfg.cost.usd_per_gpu_hour, device=d.device)
-    start, counters = resume_or_init(run, meter)
-    run.data.start(start)
-    logger = MetricsLogger(run.dir, purge_step=start or None)
-    prompts = None
-    if run.encoder is not None:
-        prompts = embed_prompts(run.encoder, cfg.sample.prompts, cfg.sample.per_prompt, d.device)
-    bar = None
-    if d.is_main and t.progress_bar:
-        from tqdm import tqdm
-        bar = tqdm(total=t.steps, initial=start, desc=cfg.run.name, dynamic_ncols=True)
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-
-    run.model.train()
-    for step in range(start, t.steps):
-        meter.step_start()
-        set_lr(run.optimizer, cfg.optim.lr * lr_factor(step, t.steps, cfg.optim))
-        noise = draw_step_noise(run.edm, cfg.run.seed, step, t.global_batch, shape, mcfg.num_patches,
-                                cfg.diffusion.mask_ratio, cfg.data.caption_dropout, d.device)
-        batches = micro_batches(run, step)
-        meter.data_ready()
-        train_step(run.model, run.ema, run.optimizer, run.edm, noise, batches, cfg.optim.grad_clip, t.ema_decay, counters)
-        meter.step_end()
-        done = step + 1
-        if bar is not None:
-            bar.update(1)
-        if done % t.log_every == 0 or done == t.steps:
-            log_window(run, done, counters, meter, logger, bar)
-        if done % t.ckpt_every == 0 or done == t.steps:
-            checkpoint(run, done, counters, meter, prompts)
-            meter.exclude_pause()
-        elif t.sample_every and done % t.sample_every == 0:
-            write_samples(run, done, prompts)
-            meter.exclude_pause()
-    if bar is not None:
-        bar.close()
-    logger.close()
-    return run.dir
 
 
 def main(argv=None) -> None:

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.training.checkpoint import load_model_weights
 from engine.config import load_config
-from engine.convert import main, official_state_dict_to_tessera
+from engine.convert import main
+from engine.training.checkpoint import load_model_weights
+from engine.training.official_checkpoint import official_state_dict_to_tessera
 from models.microdit import MicroDiT
 from models.sizes import model_config
 

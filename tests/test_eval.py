@@ -510,7 +510,7 @@ def test_folder_reference_resizes_and_reports_unreadable_files(tmp_path, incepti
 
     from PIL import Image
 
-    from engine.evaluate import fid_metrics, folder_images, load_prompts
+    from engine.eval.evaluation import fid_metrics, folder_images, load_prompts
 
     ds = SyntheticShapes(5, 64, 5)
     (tmp_path / "sub").mkdir()

@@ -16,6 +16,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("datasets")
 
 from engine import precompute  # noqa: E402
+from engine.data import precompute as precompute_lib  # noqa: E402
 from engine.data.manifest import FORMAT, read_manifest, shard_checksum, verify_checksums  # noqa: E402
 from engine.data.preprocess import (BadImage, PILDecoder, decode_image, make_decoder, preprocess,  # noqa: E402
                                     resize_center_crop, to_tensor)
@@ -206,7 +207,7 @@ def test_killed_midway_then_rerun_finishes_without_duplicates_or_gaps(tiny_vae, 
     write_tar(src / "t.tar", tar_samples(50, 12))
     expected |= {f"src/t/{i:09d}" for i in range(50, 62)}
     out = tmp_path / "out"
-    real_write, calls = precompute.write_shard_set, []
+    real_write, calls = precompute_lib.write_shard_set, []
 
     def crash_after_first_shard(*args):
         if calls:
@@ -214,7 +215,7 @@ def test_killed_midway_then_rerun_finishes_without_duplicates_or_gaps(tiny_vae, 
         calls.append(real_write(*args))
         return calls[-1]
 
-    monkeypatch.setattr(precompute, "write_shard_set", crash_after_first_shard)
+    monkeypatch.setattr(precompute_lib, "write_shard_set", crash_after_first_shard)
     with pytest.raises(KeyboardInterrupt):
         run([src], out, tiny_vae)
     monkeypatch.undo()
@@ -229,7 +230,7 @@ def test_killed_midway_then_rerun_finishes_without_duplicates_or_gaps(tiny_vae, 
         written.append(len(rows))
         return real_write(out_, name, rows, features)
 
-    monkeypatch.setattr(precompute, "write_shard_set", record_write)
+    monkeypatch.setattr(precompute_lib, "write_shard_set", record_write)
     m = run([src], out, tiny_vae)
     assert written == [4], written
     assert m["resolutions"]["64"]["count"] == 24 and m["bad_inputs"] == 0
@@ -343,7 +344,7 @@ def test_dali_decoder_missing_names_the_package(monkeypatch):
 
 
 def test_heavy_deps_not_imported_at_module_import():
-    code = ("import sys, engine.data.sources, engine.data.preprocess, engine.data.manifest, engine.precompute; "
+    code = ("import sys, engine.data.sources, engine.data.preprocess, engine.data.manifest, engine.data.precompute, engine.precompute; "
             "bad = {'PIL', 'fsspec', 'datasets', 'diffusers', 'transformers', 'pyarrow'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

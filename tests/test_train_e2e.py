@@ -161,7 +161,7 @@ def test_next_phase_starts_from_earlier_checkpoint_at_twice_the_resolution(out_d
     run = torchrun(out_dir, "phase2", extra=["data.image_size=64", "model.pos_interp_scale=2.0", "train.steps=2",
                                              f"train.init_from={ckpt}", "train.global_batch=8", "train.micro_batch=8"])
     assert (run / "checkpoints" / "step_00000002").is_dir()
-    from engine.sample import load_run_model
+    from engine.training.run_folder import load_run_model
     from models.layers import sincos_pos_embed_2d
 
     _, before, _ = load_run_model(baseline, None, use_ema=False)

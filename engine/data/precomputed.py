@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from engine.data.sampler import global_batch_indices
 from engine.data.batch import Batch
+from engine.data.sampler import global_batch_indices
 
 
 class PrecomputedSet(Dataset):

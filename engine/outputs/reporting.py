@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from engine.diffusion.edm import EDM
-from engine.training.parallel import reshard
 from engine.sampling.sampler import sample
+from engine.training.parallel import reshard
 
 
 def embed_prompts(encoder, prompts: list[str], per_prompt: int, device) -> tuple[list[str], torch.Tensor, torch.Tensor]:
