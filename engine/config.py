@@ -70,12 +70,13 @@ class DataConfig:
 class DiffusionConfig:
     mask_ratio: float = 0.5
     """Fraction of tokens dropped after the patch-mixer (0.75 in masked phases, 0 in unmasked ones)."""
-    p_mean: float = -0.6
-    """Mean of log sigma during training (EDM log-normal)."""
+    p_mean: float = -1.2
+    """Mean of log sigma during training (EDM log-normal). EDM's pixel-space value; MicroDiT's latent phases use
+    -0.6 (256 px) and 0 (512 px)."""
     p_std: float = 1.2
-    """Std of log sigma during training."""
+    """Std of log sigma during training (MicroDiT: 1.2 at 256 px, 0.6 at 512 px)."""
     sigma_data: float = 0.5
-    """Data standard deviation: 0.9 for SDXL latents (MicroDiT), 0.5 for pixels in [-1, 1]."""
+    """Data standard deviation: 0.5 for pixels in [-1, 1] (the default data), 0.9 for SDXL latents (MicroDiT)."""
 
 
 @dataclass

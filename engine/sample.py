@@ -41,8 +41,7 @@ def main(argv=None) -> Path:
     device = next(model.parameters()).device
     captions = [p for p in args.prompt for _ in range(args.num)]
     y, y_mask = load_text_encoder(cfg).encode(captions)
-    d = cfg.diffusion
-    edm = EDM(d.sigma_data, d.p_mean, d.p_std)
+    edm = EDM.from_config(cfg.diffusion)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     steps = args.steps or cfg.sample.steps
     scale = cfg.sample.cfg_scale if args.cfg is None else args.cfg

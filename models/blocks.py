@@ -21,6 +21,7 @@ class DiTBlock(nn.Module):
         self.norm_fn, self.residual_norm_fn, self.eps = ops["norm"], ops["residual_norm"], eps
         self.norm1 = layer_norm(dim, eps)
         self.attn = SelfAttention(dim, qkv_hidden, hd, cfg.qk_norm, bias, eps, ops["attention"])
+        self.cross_attention = cfg.cross_attention
         if cfg.cross_attention:
             self.cross_attn = CrossAttention(dim, dim, hd, cfg.qk_norm, bias, eps, ops["attention"])
             self.norm2 = layer_norm(dim, eps)
@@ -38,7 +39,7 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift3, scale3, gate3 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, dim) each
         branch, gate = self.attn(self.norm_fn(x, self.norm1.weight, shift1, scale1, self.eps)), gate1
         # Each residual add is fused with the norm that reads its result: (x + gate·branch, norm(x + gate·branch)).
-        if hasattr(self, "cross_attn"):
+        if self.cross_attention:
             x, h = self.residual_norm_fn(x, branch, gate, self.norm2.weight, None, None, self.eps)
             branch, gate = self.cross_attn(h, y, y_mask), None
         x, h = self.residual_norm_fn(x, branch, gate, self.norm3.weight, shift3, scale3, self.eps)

@@ -11,7 +11,8 @@ import torch.nn as nn
 import kernels
 from models.blocks import DiTBlock
 from models.config import ModelConfig
-from models.layers import CaptionBlock, FinalLayer, Mlp, TimestepEmbedder, layer_norm, sincos_pos_embed_2d
+from models.layers import CaptionBlock, FinalLayer, Mlp, SwiGLU, TimestepEmbedder, layer_norm, sincos_pos_embed_2d
+from models.moe import ExpertChoiceMoE
 
 DEFAULT_KERNELS = {"gather": "auto", "moe": "auto", "norm": "auto", "attention": "auto"}
 
@@ -75,17 +76,18 @@ class MicroDiT(nn.Module):
         dt = self.x_embedder.proj.weight.dtype  # the compute dtype (bf16 under FSDP mixed precision)
         h = (self.x_embedder(x.to(dt)) + self.pos_embed).to(dt)  # (B, N, dim); pos_embed is an fp32 buffer
         y = self.y_embedder.y_proj(y.to(dt))  # (B, L, dim); c_noise stays fp32 for the timestep features
-        if hasattr(self, "y_emb_preprocess"):
+        if self.cfg.caption_refiner:
             y = self.y_emb_preprocess(y, y_mask)
         c = self.t_embedder(c_noise) + self.pooled_y_emb_process(masked_mean(y, y_mask))  # (B, dim)
 
-        if hasattr(self, "patch_mixer"):
+        mixer = self.cfg.mixer_depth > 0
+        if mixer:
             h, y_mixer = self.patch_mixer_map_xin(h), self.patch_mixer_map_y(y)  # (B, N, mixer_dim), (B, L, mixer_dim)
             for block in self.patch_mixer:
                 h = block(h, y_mixer, y_mask, c)
         if keep_idx is not None:
             h = self.gather_fn(h, keep_idx)  # (B, K, width): deferred masking, after the mixer
-        if hasattr(self, "patch_mixer"):
+        if mixer:
             h = self.patch_mixer_map_xout(h)  # (B, K, dim): projected on kept tokens only
         for block in self.blocks:
             h = block(h, y, y_mask, c)
@@ -126,9 +128,9 @@ class MicroDiT(nn.Module):
         depth = self.cfg.depth
         for i, block in enumerate(self.blocks):
             init_block(block, 0.02 / (2 * (i + 1 if self.cfg.depth_init else depth)) ** 0.5)
-        for block in getattr(self, "patch_mixer", []):
+        for block in self.patch_mixer if self.cfg.mixer_depth > 0 else []:
             init_block(block, 0.02 / (2 * depth) ** 0.5)
-        if hasattr(self, "y_emb_preprocess"):
+        if self.cfg.caption_refiner:
             blk = self.y_emb_preprocess
             trunc(blk.attn.qkv.weight, 0.02)
             trunc(blk.mlp.w1.weight, 0.02)
@@ -137,6 +139,10 @@ class MicroDiT(nn.Module):
             nn.init.zeros_(blk.mlp.w3.weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.linear.weight)
+
+    def block_containers(self) -> list[nn.ModuleList]:
+        """The lists of transformer blocks (patch-mixer, then backbone): the unit FSDP shards and compiles."""
+        return [self.patch_mixer, self.blocks] if self.cfg.mixer_depth > 0 else [self.blocks]
 
     # ---- accounting ---------------------------------------------------------------------------------------------
     def num_params(self) -> int:
@@ -157,25 +163,24 @@ def trunc(w: torch.Tensor, std: float) -> None:
 
 def init_block(block: DiTBlock, out_std: float) -> None:
     """Input projections ~ N(0, 0.02); output projections depth-scaled; gates and cross-attention output zero."""
-    for norm in (block.norm1, block.norm3, getattr(block, "norm2", None)):
-        if norm is not None:
-            nn.init.ones_(norm.weight)
+    for norm in (block.norm1, block.norm3, *([block.norm2] if block.cross_attention else [])):
+        nn.init.ones_(norm.weight)
     trunc(block.attn.qkv.weight, 0.02)
     trunc(block.attn.proj.weight, out_std)
-    if hasattr(block, "cross_attn"):
+    if block.cross_attention:
         trunc(block.cross_attn.q_linear.weight, 0.02)
         trunc(block.cross_attn.kv_linear.weight, 0.02)
         nn.init.zeros_(block.cross_attn.proj.weight)  # zero so the fresh block is the identity (adaLN-Zero spirit)
     mlp = block.mlp
-    if hasattr(mlp, "gate"):  # expert-choice MoE
+    if isinstance(mlp, ExpertChoiceMoE):
         trunc(mlp.gate.weight, 0.02)
         trunc(mlp.w1, 0.02)
         trunc(mlp.w2, out_std)
-    elif hasattr(mlp, "w3"):  # SwiGLU
+    elif isinstance(mlp, SwiGLU):
         trunc(mlp.w1.weight, 0.02)
         trunc(mlp.w2.weight, out_std)
         trunc(mlp.w3.weight, out_std)
-    else:  # GELU MLP (DiT)
+    else:  # GELU Mlp (DiT)
         trunc(mlp.fc1.weight, 0.02)
         trunc(mlp.fc2.weight, out_std)
     nn.init.zeros_(block.adaLN_modulation[-1].weight)

@@ -1,6 +1,6 @@
 """Attention backends (kernels.attention) against the fp32 reference: forward and backward over shape tables.
 
-Pass rule (DESIGN convention 2): a backend's max error against the fp32 reference is at most 2x the error of plain
+Pass rule (docs/DESIGN.md convention 2): a backend's max error against the fp32 reference is at most 2x the error of plain
 PyTorch in the same dtype, plus a small dtype atol. Triton runs through TRITON_INTERPRET=1 here (root conftest);
 shapes are small and each program gets 64x64 tiles so the whole file stays quick on 2 CPU cores.
 """

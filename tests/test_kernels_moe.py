@@ -1,7 +1,7 @@
 """kernels.moe: the Triton expert-choice MoE (TRITON_INTERPRET=1 on CPU) against the torch reference, its determinism
 and custom ops; and a whole tiny MicroDiT with every Triton backend against the same model with torch backends.
 
-Tolerance (DESIGN convention 2): error vs the reference in fp64 at most 2x the error of PyTorch in the same dtype,
+Tolerance (docs/DESIGN.md convention 2): error vs the reference in fp64 at most 2x the error of PyTorch in the same dtype,
 plus a small dtype atol (relative to the largest reference value). Both backends route with the same torch ops, so a
 near-tie that flips a token choice in one dtype flips it in the other as well."""
 import pytest

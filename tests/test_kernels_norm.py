@@ -1,6 +1,6 @@
 """kernels.norm: the Triton fused LayerNorm + adaLN modulate (TRITON_INTERPRET=1 on CPU) against the torch reference.
 
-Tolerance (DESIGN convention 2): error vs the reference in fp64 at most 2x the error of PyTorch in the same dtype,
+Tolerance (docs/DESIGN.md convention 2): error vs the reference in fp64 at most 2x the error of PyTorch in the same dtype,
 plus a small dtype atol (relative to the largest reference value)."""
 import pytest
 import torch

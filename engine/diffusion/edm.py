@@ -6,17 +6,24 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import DiffusionConfig
 from engine.diffusion.noise import StepNoise
 
 
 @dataclass(frozen=True)
 class EDM:
-    sigma_data: float = 0.5
-    p_mean: float = -1.2
-    p_std: float = 1.2
+    """Defaults are the config tree's (engine/config.py DiffusionConfig): one source of truth."""
+
+    sigma_data: float = DiffusionConfig.sigma_data
+    p_mean: float = DiffusionConfig.p_mean
+    p_std: float = DiffusionConfig.p_std
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+
+    @classmethod
+    def from_config(cls, d: DiffusionConfig) -> "EDM":
+        return cls(sigma_data=d.sigma_data, p_mean=d.p_mean, p_std=d.p_std)
 
     def precondition(self, sigma: torch.Tensor):
         """c_skip, c_out, c_in, c_noise for sigma of shape (B,); the first three broadcast over (B, ...)."""

@@ -197,8 +197,7 @@ def evaluate_run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     scores = Scores(args, extractors, clip, geneval, out)
 
-    d = cfg.diffusion
-    edm, encoder = EDM(d.sigma_data, d.p_mean, d.p_std), load_text_encoder(cfg)
+    edm, encoder = EDM.from_config(cfg.diffusion), load_text_encoder(cfg)
     t_gen = time.perf_counter()
     for i, x in generate(model, edm, encoder, prompts, steps, scale, args.seed, args.batch_size, decoder):
         scores.update(i, to_uint8(x), prompts[i:i + len(x)], specs[i:i + len(x)] if specs else None)

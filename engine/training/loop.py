@@ -61,7 +61,7 @@ def build(cfg: Config, d: Dist) -> Run:
     t = cfg.train
     model = parallelize(model.to(d.device), d.device, dtype, t.activation_checkpointing, t.compile)
     ema = parallelize(ema.to(d.device), d.device, dtype)
-    edm = EDM(cfg.diffusion.sigma_data, cfg.diffusion.p_mean, cfg.diffusion.p_std)
+    edm = EDM.from_config(cfg.diffusion)
     ckpt = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_checkpoints)
     decoder = None
     if cfg.data.vae and d.is_main:

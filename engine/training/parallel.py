@@ -59,12 +59,7 @@ def param_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def blocks_of(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
     """(container, index) of every transformer block: the unit of sharding, checkpointing and compilation."""
-    out = []
-    for name in ("patch_mixer", "blocks"):
-        container = getattr(model, name, None)
-        if container is not None:
-            out += [(container, i) for i in range(len(container))]
-    return out
+    return [(container, i) for container in model.block_containers() for i in range(len(container))]
 
 
 def parallelize(
