@@ -42,9 +42,9 @@ def test_moe_placement_every_second_block_not_last():
 
 
 @pytest.mark.parametrize("N,r,K", [(64, 0.5, 32), (256, 0.75, 64), (1024, 0.75, 256), (7, 0.9, 1), (1, 0.5, 1),
-                                   (10, 0.75, 2), (256, 0.0, 256)])
-def test_kept_tokens_is_round_of_one_minus_r_times_n(N, r, K):
-    assert kept_tokens(N, r) == K  # round((1 - r)·N), at least one token
+                                   (10, 0.75, 2), (256, 0.0, 256), (256, 0.7, 76), (10, 0.85, 1)])
+def test_kept_tokens_truncates_as_the_official_code(N, r, K):
+    assert kept_tokens(N, r) == K  # int(N·(1 - r)) as micro_diffusion's get_mask; at least one token
 
 
 def small_model(**kw):
