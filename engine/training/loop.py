@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.config import Config, config_diff, load_config, save_config
+from engine.config import Config, ConfigError, config_diff, load_config, save_config
 from engine.data.train_data import build_train_data
 from engine.diffusion.edm import EDM
 from engine.diffusion.noise import draw_step_noise
@@ -80,7 +80,7 @@ def check_resumable(run_dir: Path, cfg: Config, is_main: bool) -> None:
     if changed and is_main:
         print(f"warning: resuming {run_dir} with a changed config: {'; '.join(changed)}", flush=True)
     if old.train.global_batch != cfg.train.global_batch and Checkpointer(run_dir / "checkpoints").checkpoints():
-        raise ValueError(
+        raise ConfigError(
             f"config: train.global_batch={cfg.train.global_batch} but {run_dir} was trained at "
             f"{old.train.global_batch}: resuming would move the data position. Keep the global batch, or start a new "
             "phase from its checkpoint with train.init_from and another run.name")
@@ -102,7 +102,10 @@ def resume_or_init(run: Run, meter: ThroughputMeter) -> tuple[int, StepCounters]
             print(f"resuming {run.dir} from {latest.name} (step {step})", flush=True)
         return step, counters
     if run.cfg.train.init_from:
-        load_model_weights(run.cfg.train.init_from, run.model, run.ema)
+        try:
+            load_model_weights(run.cfg.train.init_from, run.model, run.ema)
+        except (OSError, ValueError) as e:  # no such folder, an unfinished save, or weights of another model
+            raise ConfigError(f"config: train.init_from={run.cfg.train.init_from!r}: {e}") from None
     return 0, counters
 
 
