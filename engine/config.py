@@ -100,7 +100,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
     ema_decay: float = 0.999
-    """EMA of the weights, used for sampling."""
+    """EMA of the weights, used for sampling: ema = decay · ema + (1 - decay) · weights each step (0 = a copy)."""
+    ema_start: int = 0
+    """Step from which the EMA averages; before it the EMA is a copy of the weights (the official 512-px masked phase
+    starts its EMA at step 25K)."""
     init_from: str = ""
     """Checkpoint folder of an earlier phase to initialise the weights from (position embeddings are rebuilt)."""
     max_nonfinite_steps: int = 20
@@ -128,7 +131,7 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     warmup_steps: int = 20
-    """Linear warmup from 0 to lr."""
+    """Linear warmup from 0 at step 0 to lr at step warmup_steps (as the official trainer's schedulers)."""
     schedule: str = "cosine"
     """'cosine' (to min_lr_ratio · lr at the last step) or 'constant'."""
     min_lr_ratio: float = 0.0
@@ -225,6 +228,7 @@ class Config:
              f"must be a multiple of train.micro_batch={t.micro_batch}"),
             ("train.precision", lambda: t.precision in ("auto", "bf16", "fp32"), "must be 'auto', 'bf16' or 'fp32'"),
             ("train.ema_decay", lambda: 0 <= t.ema_decay < 1, "must be in [0, 1)"),
+            ("train.ema_start", lambda: t.ema_start >= 0, "must be >= 0"),
             ("train.max_nonfinite_steps", lambda: t.max_nonfinite_steps >= 1, "must be >= 1"),
             ("train.log_every", lambda: t.log_every >= 1, "must be >= 1"),
             ("train.ckpt_every", lambda: t.ckpt_every >= 1, "must be >= 1"),

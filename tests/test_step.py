@@ -63,8 +63,8 @@ def test_nonfinite_step_is_skipped_and_counted_then_training_goes_on(parts):
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
     cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
-    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
-    assert lr_factor(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(0, 100, cfg) == 0.0  # the official trainer's warmup starts at 0
+    assert lr_factor(9, 100, cfg) == pytest.approx(0.9)
     assert lr_factor(10, 100, cfg) == pytest.approx(1.0)
     assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
     assert lr_factor(55, 100, cfg) == pytest.approx(0.55)

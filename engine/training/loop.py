@@ -14,7 +14,7 @@ from engine.diffusion.edm import EDM
 from engine.diffusion.noise import draw_step_noise
 from engine.outputs.reporting import embed_prompts, truncate_jsonl, write_loss_curve, write_sample_grid
 from engine.training.checkpoint import Checkpointer, load_model_weights
-from engine.training.ema import make_ema
+from engine.training.ema import ema_decay_at, make_ema
 from engine.training.metrics import MetricsLogger, ThroughputMeter
 from engine.training.optim import build_optimizer, lr_factor, set_lr
 from engine.training.parallel import Dist, parallelize, param_dtype
@@ -193,7 +193,8 @@ def train(cfg: Config, d: Dist) -> Path:
                                 cfg.diffusion.mask_ratio, cfg.data.caption_dropout, d.device)
         batches = micro_batches(run, step)
         meter.data_ready()
-        train_step(run.model, run.ema, run.optimizer, run.edm, noise, batches, cfg.optim.grad_clip, t.ema_decay, counters)
+        ema_decay = ema_decay_at(step, t.ema_decay, t.ema_start)
+        train_step(run.model, run.ema, run.optimizer, run.edm, noise, batches, cfg.optim.grad_clip, ema_decay, counters)
         meter.step_end()
         done = step + 1
         if bar is not None:

@@ -19,9 +19,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine or constant."""
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup from 0 at step 0 to 1 at step
+    warmup_steps, then cosine (to min_lr_ratio at step total_steps) or constant. These are the official trainer's
+    schedules (Composer's CosineAnnealingWithWarmup and ConstantWithWarmup, evaluated at the batch count)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        return step / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
     span = max(total_steps - cfg.warmup_steps, 1)
