@@ -32,9 +32,9 @@ OFFICIAL = {
         lr=8e-5, schedule=("constant", 0, 1.0), steps=55_000 - 50_000, clip=0.5, p=(0.0, 0.6),
         mask=0.0, ema=(0.9975, 0), micro_batch=16, input_size=64, pos_interp_scale=2.0),
 }
-# Shared by every phase: AdamW, EDM's sigma_data for SDXL latents, the batch, caption dropout and the caption shape.
+# Shared by every phase: AdamW, EDM's sigma_data for SDXL latents, the batch, caption dropout and the text encoder.
 COMMON = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, sigma_data=0.9, global_batch=2048, caption_dropout=0.1,
-              caption_len=77, caption_channels=1024)
+              text_encoder="apple/DFN5B-CLIP-ViT-H-14-378", caption_len=77, caption_channels=1024)
 
 
 def official_lr(step: int, phase: dict) -> float:
@@ -74,7 +74,7 @@ def test_every_other_setting_matches_the_official_phase(name):
     assert d.sigma_data == COMMON["sigma_data"]
     assert (t.global_batch, t.micro_batch) == (COMMON["global_batch"], phase["micro_batch"])
     assert (data.image_size, cfg.model.pos_interp_scale) == (phase["input_size"], phase["pos_interp_scale"])
-    assert data.caption_dropout == COMMON["caption_dropout"]
+    assert (data.caption_dropout, data.text_encoder) == (COMMON["caption_dropout"], COMMON["text_encoder"])
     assert (data.caption_len, data.caption_channels) == (COMMON["caption_len"], COMMON["caption_channels"])
     if phase["ema"] is None:  # no EMA: the "EMA" used for samples is the weights themselves at every step
         assert all(ema_decay_at(s, t.ema_decay, t.ema_start) == 0.0 for s in (0, t.steps // 2, t.steps - 1))
