@@ -35,6 +35,10 @@ class ModelSection:
     """Size from models/sizes.py (MicroDiT_XL_2, MicroDiT_Tiny_2, MicroDiT_Nano_4, DiT_XL_2)."""
     pos_interp_scale: float = 1.0
     """Position-embedding interpolation: 1.0 at 256 px, 2.0 at 512 px."""
+    init: str = "identity"
+    """Weight init: 'identity' (cross-attention output and patch-embedding bias start at zero, so a fresh block is the
+    identity) or 'official' (as SonyResearch/micro_diffusion: the cross-attention output drawn like the other output
+    projections, PyTorch's default patch-embedding bias). The README lists every difference from the official code."""
 
 
 @dataclass
@@ -138,6 +142,9 @@ class OptimConfig:
     """Final lr / peak lr for the cosine schedule."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
+    decay_norms_and_biases: bool = False
+    """Weight decay on every parameter, norms and biases included (the official code does); False decays only
+    tensors with 2+ dimensions."""
 
 
 @dataclass
@@ -199,6 +206,7 @@ class Config:
             ("run.seed", lambda: r.seed >= 0, "must be >= 0"),
             ("model.name", lambda: m.name in sizes(), f"is not a model size; choices: {', '.join(sizes())}"),
             ("model.pos_interp_scale", lambda: m.pos_interp_scale > 0, "must be > 0"),
+            ("model.init", lambda: m.init in ("identity", "official"), "must be 'identity' or 'official'"),
             ("data.source", lambda: dt.source in ("synthetic", "precomputed", "random"),
              "must be 'synthetic', 'precomputed' or 'random'"),
             ("data.path", lambda: dt.source != "precomputed" or bool(dt.path),

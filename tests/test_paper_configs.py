@@ -70,6 +70,7 @@ def test_every_other_setting_matches_the_official_phase(name):
     cfg, phase = load_config(ROOT / "configs" / name), OFFICIAL[name]
     o, d, t, data = cfg.optim, cfg.diffusion, cfg.train, cfg.data
     assert (o.betas, o.eps, o.weight_decay) == (COMMON["betas"], COMMON["eps"], COMMON["weight_decay"])
+    assert o.decay_norms_and_biases and cfg.model.init == "official"  # the official AdamW groups and weight init
     assert o.grad_clip == phase["clip"] and (d.p_mean, d.p_std) == phase["p"] and d.mask_ratio == phase["mask"]
     assert d.sigma_data == COMMON["sigma_data"]
     assert (t.global_batch, t.micro_batch) == (COMMON["global_batch"], phase["micro_batch"])
@@ -82,3 +83,16 @@ def test_every_other_setting_matches_the_official_phase(name):
         smoothing, start = phase["ema"]
         assert ema_decay_at(start, t.ema_decay, t.ema_start) == smoothing
         assert start == 0 or ema_decay_at(start - 1, t.ema_decay, t.ema_start) == 0.0
+
+
+def test_the_official_moe_learning_rate_rule_matches_no_parameter():
+    """The official train.py halves the lr of parameters whose name contains 'moe'. Our parameter names are the
+    official ones (tests/test_convert.py), and none contains it: the rule never applies, there or here (README)."""
+    import torch
+
+    from models.sizes import build_model, model_config
+
+    with torch.device("meta"):
+        names = [n for n, _ in build_model(model_config("MicroDiT_XL_2")).named_parameters()]
+    assert len(names) > 100 and not [n for n in names if "moe" in n.lower()]
+

@@ -61,6 +61,17 @@ def test_nonfinite_step_is_skipped_and_counted_then_training_goes_on(parts):
         torch.testing.assert_close(e1, e0 + 0.1 * (m1 - e0))
 
 
+def test_weight_decay_groups():
+    """Default: decay only tensors with 2+ dimensions; decay_norms_and_biases: every parameter, as the official code."""
+    model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8))
+    n_all, n_1d = len(list(model.parameters())), sum(p.dim() < 2 for p in model.parameters())
+    assert n_1d > 0
+    for flag, decayed in ((False, n_all - n_1d), (True, n_all)):
+        groups = build_optimizer(model, OptimConfig(weight_decay=0.1, decay_norms_and_biases=flag)).param_groups
+        assert sum(len(g["params"]) for g in groups if g["weight_decay"] == 0.1) == decayed
+        assert sum(len(g["params"]) for g in groups) == n_all
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
     assert lr_factor(0, 100, cfg) == 0.0  # the official trainer's warmup starts at 0

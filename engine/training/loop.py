@@ -53,7 +53,8 @@ def build(cfg: Config, d: Dist) -> Run:
         data, encoder = build_train_data(cfg, d.device, cache, d.rank, d.world_size)
 
     mcfg = model_config(cfg.model.name, input_size=cfg.data.image_size, in_channels=cfg.data.channels,
-                        caption_channels=cfg.data.caption_channels, pos_interp_scale=cfg.model.pos_interp_scale)
+                        caption_channels=cfg.data.caption_channels, pos_interp_scale=cfg.model.pos_interp_scale,
+                        init=cfg.model.init)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
     model = build_model(mcfg, asdict(cfg.kernels))
     ema = make_ema(model)
