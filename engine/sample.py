@@ -16,6 +16,7 @@ import torch
 from engine.data.train_data import load_text_encoder
 from engine.diffusion.edm import EDM
 from engine.sampling.sampler import sample
+from engine.training.errors import run_cli
 from engine.training.run_folder import load_run_model
 
 
@@ -31,13 +32,14 @@ def parse_args(argv=None):
     p.add_argument("--out", help="PNG path (default: <run>/samples/sample_<seed>.png)")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
     p.add_argument("--vae", help="diffusers AutoencoderKL to decode latents (default: the run's data.vae)")
+    p.add_argument("--text-encoder", help="text encoder (hub id or folder) instead of the run's data.text_encoder")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
     run = Path(args.run)
-    cfg, model, ckpt = load_run_model(run, args.checkpoint, use_ema=not args.raw_weights)
+    cfg, model, ckpt = load_run_model(run, args.checkpoint, not args.raw_weights, text_encoder=args.text_encoder)
     device = next(model.parameters()).device
     captions = [p for p in args.prompt for _ in range(args.num)]
     y, y_mask = load_text_encoder(cfg).encode(captions)
@@ -64,4 +66,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

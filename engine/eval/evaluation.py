@@ -165,7 +165,8 @@ def evaluate_run(args) -> dict:
     from engine.training.run_folder import load_run_model
 
     run = Path(args.run)
-    cfg, model, ckpt = load_run_model(run, args.checkpoint, use_ema=not args.raw_weights)
+    cfg, model, ckpt = load_run_model(run, args.checkpoint, use_ema=not args.raw_weights,
+                                      text_encoder=args.text_encoder)
     device = next(model.parameters()).device
     synthetic = cfg.data.source == "synthetic"
     n, steps = args.num_images, args.steps or cfg.sample.steps

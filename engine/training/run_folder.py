@@ -11,9 +11,13 @@ from engine.training.checkpoint import Checkpointer, load_model_weights
 from models.sizes import build_model, model_config
 
 
-def load_run_model(run: Path, checkpoint: str | None, use_ema: bool = True):
-    """(config, model in eval mode on the best device, checkpoint folder) from a run folder."""
+def load_run_model(run: Path, checkpoint: str | None, use_ema: bool = True, text_encoder: str | None = None):
+    """(config, model in eval mode on the best device, checkpoint folder) from a run folder. `text_encoder` (the
+    tools' --text-encoder) replaces the run's data.text_encoder, e.g. a local copy of a hub encoder or a stand-in of
+    the same width; the width is checked when it is loaded."""
     cfg = load_config(run / "config.yaml")
+    if text_encoder:
+        cfg.data.text_encoder = text_encoder
     ckpt = Path(checkpoint) if checkpoint else Checkpointer(run / "checkpoints").latest()
     if ckpt is None:
         raise FileNotFoundError(f"no complete checkpoint in {run / 'checkpoints'}")
