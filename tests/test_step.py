@@ -115,3 +115,40 @@ def test_bf16_step_runs_and_keeps_the_noise_level_in_fp32(dist_env):
     assert counters.finite_steps.item() == 1 and torch.isfinite(counters.loss_sum)
     assert seen["c_noise"].dtype == torch.float32
     torch.testing.assert_close(seen["c_noise"], noise.sigma.log() / 4)
+
+
+def forward_backward(model, backward: bool = True):
+    torch.manual_seed(2)
+    out = model(torch.randn(2, 3, 32, 32), torch.randn(2), torch.randn(2, 4, 8), None)
+    if backward:
+        out.square().mean().backward()
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_reshard_after_forward_reaches_every_block(dist_env, reshard):
+    """train.reshard_after_forward=false (SHARD_GRAD_OP): after forward each block still holds its gathered weights
+    (plain tensors) for backward; true frees them (sharded DTensors again), so backward gathers them once more."""
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8))
+    model = parallelize(model, dist_env.device, torch.float32, reshard_after_forward=reshard)
+    forward_backward(model, backward=False)
+    blocks = list(model.patch_mixer) + list(model.blocks)
+    assert all(isinstance(p, DTensor) == reshard for b in blocks for p in b.parameters())
+
+
+def test_reduce_dtype_bf16_reduces_gradients_in_bf16(dist_env):
+    """train.reduce_dtype: fp32 sums keep fp32 gradients; bf16 rounds every gradient to a bf16 value."""
+    def grads(reduce_dtype):
+        torch.manual_seed(0)
+        model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8))
+        for p in model.parameters():
+            p.data.normal_(0, 0.05)
+        model = parallelize(model, dist_env.device, torch.float32, reduce_dtype=reduce_dtype)
+        forward_backward(model)
+        return [p.grad.to_local() for p in model.parameters() if p.grad is not None]
+
+    is_bf16 = lambda g: torch.equal(g, g.bfloat16().float())
+    assert all(map(is_bf16, grads(torch.bfloat16)))
+    assert not all(map(is_bf16, grads(torch.float32)))

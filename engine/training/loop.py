@@ -60,7 +60,9 @@ def build(cfg: Config, d: Dist) -> Run:
     ema = make_ema(model)
     dtype = param_dtype(cfg.train.precision, d.device)
     t = cfg.train
-    model = parallelize(model.to(d.device), d.device, dtype, t.activation_checkpointing, t.compile)
+    reduce = torch.bfloat16 if t.reduce_dtype == "bf16" else torch.float32
+    model = parallelize(model.to(d.device), d.device, dtype, t.activation_checkpointing, t.compile,
+                        t.reshard_after_forward, reduce)
     ema = parallelize(ema.to(d.device), d.device, dtype)
     edm = EDM.from_config(cfg.diffusion)
     ckpt = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_checkpoints)
