@@ -13,11 +13,10 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
 
 import torch
 
-from engine.data.train_data import load_text_encoder
 from engine.diffusion.edm import EDM
 from engine.sampling.sampler import sample
 from engine.training.errors import run_cli
-from engine.training.run_folder import load_run_model
+from engine.training.run_folder import embed_captions, load_run_model
 
 
 def parse_args(argv=None):
@@ -42,12 +41,12 @@ def main(argv=None) -> Path:
     cfg, model, ckpt = load_run_model(run, args.checkpoint, not args.raw_weights, text_encoder=args.text_encoder)
     device = next(model.parameters()).device
     captions = [p for p in args.prompt for _ in range(args.num)]
-    y, y_mask = load_text_encoder(cfg).encode(captions)
+    y, y_mask = embed_captions(cfg, captions, device)
     edm = EDM.from_config(cfg.diffusion)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     steps = args.steps or cfg.sample.steps
     scale = cfg.sample.cfg_scale if args.cfg is None else args.cfg
-    images = sample(model, edm, y.to(device), y_mask.to(device), steps=steps, cfg_scale=scale, generator=gen).cpu()
+    images = sample(model, edm, y, y_mask, steps=steps, cfg_scale=scale, generator=gen).cpu()
     if not torch.isfinite(images).all():  # a PNG would clamp NaN to black and hide it
         raise FloatingPointError(f"sampling from {ckpt} gave non-finite values (the weights or --cfg {scale} diverge)")
     out = Path(args.out) if args.out else run / "samples" / f"sample_{args.seed}.png"

@@ -18,9 +18,10 @@ from engine.training.seeding import derive_seed
 
 
 class InMemoryData:
-    """Inputs and caption embeddings held on the device; a batch is an index_select."""
+    """Inputs and caption embeddings held on the device; a batch is an index_select. mask None: no token is padding."""
 
-    def __init__(self, x: torch.Tensor, caption_ids: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor, seed: int):
+    def __init__(self, x: torch.Tensor, caption_ids: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor | None,
+                 seed: int):
         self.x, self.caption_ids, self.emb, self.mask, self.seed = x, caption_ids, emb, mask, seed
 
     def start(self, step: int) -> None:
@@ -36,7 +37,7 @@ class InMemoryData:
         if self.x.device.type == "cuda":  # pinned + non_blocking: a pageable copy would wait for the GPU
             idx = idx.pin_memory().to(self.x.device, non_blocking=True)
         cap = self.caption_ids[idx]
-        return Batch(self.x[idx], self.emb[cap], self.mask[cap])
+        return Batch(self.x[idx], self.emb[cap], None if self.mask is None else self.mask[cap])
 
 
 class RandomData:
@@ -78,7 +79,15 @@ def build_train_data(cfg: Config, device: torch.device, cache_dir: Path, rank: i
     everything = range(d.num_samples)
     ids, emb, mask = embed_unique(ds.captions(everything), encoder, cache_path=cache_dir / "synthetic_captions.safetensors")
     x = ds.images(everything)
-    return InMemoryData(x.to(device), ids.to(device), emb.to(device), mask.to(device), cfg.run.seed), encoder
+    mask = key_padding_mask(cfg, mask)
+    return InMemoryData(x.to(device), ids.to(device), emb.to(device), mask if mask is None else mask.to(device),
+                        cfg.run.seed), encoder
+
+
+def key_padding_mask(cfg: Config, mask: torch.Tensor) -> torch.Tensor | None:
+    """The caption mask attention gets: None when data.attend_to_padding says every position is real. Decided from
+    the config, never by looking at the mask: checking it for padding would be a host sync in every step."""
+    return None if cfg.data.attend_to_padding else mask
 
 
 class PaddingVisible:

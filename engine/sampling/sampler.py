@@ -17,7 +17,7 @@ def karras_sigmas(edm: EDM, steps: int, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(
-    model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor, steps: int = 30, cfg_scale: float = 1.0,
+    model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | None, steps: int = 30, cfg_scale: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Images (B, C, H, W) for caption embeddings y (B, L, D) with mask (B, L). The unconditional branch uses the
@@ -28,7 +28,7 @@ def sample(
     guided = cfg_scale != 1.0
     if guided:
         y = torch.cat([y, torch.zeros_like(y)])
-        y_mask = torch.cat([y_mask, torch.ones_like(y_mask)])
+        y_mask = None if y_mask is None else torch.cat([y_mask, torch.ones_like(y_mask)])  # None: nothing padded
 
     def denoise(x_cur: torch.Tensor, sigma: float) -> torch.Tensor:
         xin = torch.cat([x_cur, x_cur]) if guided else x_cur

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import Config, ConfigError, config_diff, load_config, save_config
-from engine.data.train_data import build_train_data
+from engine.data.train_data import build_train_data, key_padding_mask
 from engine.diffusion.edm import EDM
 from engine.diffusion.noise import draw_step_noise
 from engine.outputs.reporting import embed_prompts, truncate_jsonl, write_loss_curve, write_sample_grid
@@ -181,7 +181,8 @@ def train(cfg: Config, d: Dist) -> Path:
     logger = MetricsLogger(run.dir, purge_step=start or None)
     prompts = None
     if run.encoder is not None:
-        prompts = embed_prompts(run.encoder, cfg.sample.prompts, cfg.sample.per_prompt, d.device)
+        captions, y, y_mask = embed_prompts(run.encoder, cfg.sample.prompts, cfg.sample.per_prompt, d.device)
+        prompts = captions, y, key_padding_mask(cfg, y_mask)
     bar = None
     if d.is_main and t.progress_bar:
         from tqdm import tqdm

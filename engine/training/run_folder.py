@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import load_config
+from engine.config import Config, load_config
 from engine.training.checkpoint import Checkpointer, load_model_weights
 from models.sizes import build_model, model_config
 
@@ -28,3 +28,12 @@ def load_run_model(run: Path, checkpoint: str | None, use_ema: bool = True, text
     load_model_weights(ckpt, model, from_ema=use_ema)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return cfg, model.to(device).eval(), ckpt
+
+
+def embed_captions(cfg: Config, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Captions through the run's text encoder: embeddings (B, L, D) and the key mask attention gets, on `device`."""
+    from engine.data.train_data import key_padding_mask, load_text_encoder
+
+    y, y_mask = load_text_encoder(cfg).encode(captions)
+    y_mask = key_padding_mask(cfg, y_mask)
+    return y.to(device), None if y_mask is None else y_mask.to(device)
