@@ -102,15 +102,25 @@ def test_mfu_is_none_without_a_known_peak():
     assert r["mfu"] is None and r["tflops_per_sec_per_device"] == pytest.approx(32.0)
 
 
-@pytest.mark.parametrize("name,tflops", [
-    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835),
-    ("NVIDIA H200", 989), ("NVIDIA GH200 480GB", 989), ("NVIDIA B200", 2250),
-    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA L40S", 362), ("NVIDIA L4", 121),
-    ("NVIDIA A10G", 70), ("NVIDIA GeForce RTX 4090", 165), ("Quadro K620", None),
+@pytest.mark.parametrize("name,tflops", [  # datasheets: the dense figure, or the sparse (*) one / 2
+    ("NVIDIA H100 80GB HBM3", 1979 / 2), ("NVIDIA H100 PCIe", 1513 / 2), ("NVIDIA H100 NVL", 1671 / 2),
+    ("NVIDIA H200", 1979 / 2), ("NVIDIA H200 NVL", 1671 / 2), ("NVIDIA GH200 480GB", 1979 / 2),
+    ("NVIDIA B200", 4500 / 2), ("NVIDIA GB200", 5000 / 2), ("NVIDIA A100-SXM4-80GB", 624 / 2),
+    ("NVIDIA A10", 250 / 2), ("NVIDIA L40S", 362.05), ("NVIDIA L40", 181.05), ("NVIDIA L4", 242 / 2),
+    ("NVIDIA GeForce RTX 4090", 330.4 / 2), ("NVIDIA A10G", None), ("Quadro K620", None), ("NVIDIA H20", None),
 ])
-def test_peak_table_prefers_the_longest_match(name, tflops):
+def test_peak_table_matches_whole_names_longest_first(name, tflops):
     got = peak_flops_for_name(name)
-    assert got == (None if tflops is None else tflops * 1e12)
+    assert got == (None if tflops is None else pytest.approx(tflops * 1e12, rel=2e-3))  # datasheets round
+
+
+def test_unknown_gpu_gives_no_mfu_and_one_warning_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Mystery X1")
+    monkeypatch.setattr(metrics, "_WARNED_DEVICES", set())
+    assert peak_flops("cuda") is None and peak_flops("cuda") is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'NVIDIA Mystery X1'" in err and "mfu is null" in err
 
 
 def test_state_dict_carries_cost_across_resume():

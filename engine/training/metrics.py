@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -23,45 +24,60 @@ __all__ = [
     "ThroughputMeter", "JsonlLogger", "TensorBoardLogger", "MetricsLogger",
 ]
 
-# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, keyed by a substring of
-# torch.cuda.get_device_name(); the longest matching key wins ("L40S" before "L4").
+# Dense bf16 tensor-core peak in TFLOP/s (no 2:4 sparsity: datasheets print the sparse figure, marked *, which is
+# twice this), keyed by a name inside torch.cuda.get_device_name(). A key matches whole words only ("A10" is neither
+# "A10G" nor "A100", "H200" not "GH200"); the longest matching key wins ("H100 NVL" before "H100").
+# Sources, NVIDIA's product datasheets and architecture whitepapers (sparse figure / 2 where only that is printed):
+#   H100 SXM 1,979* / PCIe 1,513* / NVL 1,671* (H100 datasheet); H800 SXM and PCIe: the H100 SXM and PCIe figures;
+#   H200 SXM 1,979* / NVL 1,671* (H200 datasheet); GH200 1,979* (Grace Hopper datasheet); B200 (HGX) 4.5 PF* and
+#   GB200 5 PF* per GPU (HGX B200 / GB200 NVL72 specifications); A100 and A800 312 (A100 datasheet); A10 125 (A10
+#   datasheet); L40S 362.05, L40 181.05, L4 121 (their datasheets); RTX 6000 Ada 364.2 (Ada whitepaper, FP32
+#   accumulate); RTX 4090 165.2 (Ada whitepaper, FP32 accumulate); RTX 3090 71 (GA102 whitepaper, FP32 accumulate);
+#   MI300X 1,307.4 (AMD's datasheet). The AWS A10G has no NVIDIA datasheet: it is unknown here (no MFU), not guessed.
 PEAK_BF16_TFLOPS: dict[str, float] = {
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,  # SXM, reported as "NVIDIA H100 80GB HBM3"
-    "H800": 989.0,
-    "H200": 989.0,
-    "GH200": 989.0,
+    "H100": 989.4,  # SXM, reported as "NVIDIA H100 80GB HBM3"
+    "H100 PCIe": 756.5,
+    "H100 NVL": 835.5,
+    "H800": 989.4,
+    "H800 PCIe": 756.5,
+    "H200": 989.4,  # SXM, reported as "NVIDIA H200"
+    "H200 NVL": 835.5,
+    "GH200": 989.4,
     "B200": 2250.0,
     "GB200": 2500.0,
     "A100": 312.0,
     "A800": 312.0,
-    "L40S": 362.0,
-    "L40": 181.0,
-    "L4": 121.0,
-    "A10G": 70.0,  # approximate: AWS does not publish it
     "A10": 125.0,
-    "RTX 6000 Ada": 364.0,
-    "RTX 4090": 165.0,
+    "L40S": 362.05,
+    "L40": 181.05,
+    "L4": 121.0,
+    "RTX 6000 Ada": 364.2,
+    "RTX 4090": 165.2,
     "RTX 3090": 71.0,
-    "MI300X": 1307.0,
+    "MI300X": 1307.4,
 }
+_WARNED_DEVICES: set[str] = set()
 
 
 def peak_flops_for_name(name: str) -> float | None:
     """Peak dense bf16 FLOP/s for a device name, or None if the table does not know it."""
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if key.lower() in name.lower():
-            return PEAK_BF16_TFLOPS[key] * 1e12
-    return None
+    found = [k for k in PEAK_BF16_TFLOPS if re.search(rf"(?<![A-Za-z0-9]){re.escape(k)}(?![A-Za-z0-9])", name, re.I)]
+    return PEAK_BF16_TFLOPS[max(found, key=len)] * 1e12 if found else None
 
 
 def peak_flops(device: torch.device | str | None = None) -> float | None:
-    """Peak dense bf16 FLOP/s of ``device``; None on CPU or an unknown GPU (no MFU then)."""
+    """Peak dense bf16 FLOP/s of ``device``; None on CPU or an unknown GPU (no MFU then: one warning line per
+    device name, so a missing table entry is seen rather than a made-up MFU)."""
     device = _resolve(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return peak_flops_for_name(torch.cuda.get_device_name(device))
+    name = torch.cuda.get_device_name(device)
+    peak = peak_flops_for_name(name)
+    if peak is None and name not in _WARNED_DEVICES:
+        _WARNED_DEVICES.add(name)
+        print(f"warning: no dense bf16 peak known for device {name!r}: mfu is null (add it to PEAK_BF16_TFLOPS in "
+              "engine/training/metrics.py, from its datasheet)", file=sys.stderr, flush=True)
+    return peak
 
 
 def peak_memory_gib(device: torch.device | str | None = None) -> float:
