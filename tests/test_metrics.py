@@ -123,6 +123,19 @@ def test_unknown_gpu_gives_no_mfu_and_one_warning_line(monkeypatch, capsys):
     assert err.count("\n") == 1 and "'NVIDIA Mystery X1'" in err and "mfu is null" in err
 
 
+def test_peak_memory_is_per_logging_window():
+    """Each report's peak_mem_gib is that window's: a large allocation freed in window 1 is not window 2's peak."""
+    clock = FakeClock()
+    meter = _meter(clock)
+    _run(meter, clock, 2)
+    big = torch.ones(512 * 2**20 // 4)  # 512 MiB, touched
+    del big
+    first = meter.report(2)["peak_mem_gib"]
+    _run(meter, clock, 2)
+    second = meter.report(4)["peak_mem_gib"]
+    assert first - second > 0.4, (first, second)
+
+
 def test_state_dict_carries_cost_across_resume():
     clock = FakeClock()
     meter = _meter(clock)

@@ -80,15 +80,41 @@ def peak_flops(device: torch.device | str | None = None) -> float | None:
     return peak
 
 
-def peak_memory_gib(device: torch.device | str | None = None) -> float:
-    """Peak allocated CUDA memory on ``device``, or the process's max RSS on CPU, in GiB."""
+def peak_memory_gib(device: torch.device | str | None = None, reset: bool = False) -> float:
+    """Peak allocated CUDA memory on ``device``, or the process's peak RSS on CPU, in GiB, since the last reset (or
+    the start). ``reset`` then starts a new peak, so each logging window reports its own. On CPU the peak is Linux's
+    VmHWM, which writing 5 to /proc/self/clear_refs resets; where that is unavailable it is the process's peak."""
     device = _resolve(device)
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    hwm = _proc_status_kib("VmHWM")
+    if hwm is None:
+        import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # bytes on macOS, KiB on Linux
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # bytes on macOS, KiB on Linux
+    if reset:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak resident set size to the current one
+        except OSError:
+            pass
+    return hwm / 2**20
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A `kB` field of /proc/self/status (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def _resolve(device: torch.device | str | None) -> torch.device:
@@ -185,7 +211,7 @@ class ThroughputMeter:
         out: dict[str, float | None] = {
             "images_per_sec": None, "images_per_sec_per_device": None, "tokens_per_sec": None,
             "tflops_per_sec_per_device": None, "mfu": None, "data_wait_frac": None,
-            "peak_mem_gib": peak_memory_gib(self.device),
+            "peak_mem_gib": peak_memory_gib(self.device, reset=True),  # this window's peak
             "elapsed_hours": wall_s / 3600,
             "gpu_hours": gpu_hours,
             "cost_usd": gpu_hours * self.usd_per_gpu_hour,
