@@ -58,6 +58,18 @@ def test_rates_cost_and_projection():
     assert r["peak_mem_gib"] > 0
 
 
+def test_window_ends_at_the_report_after_the_host_sync():
+    """step_end returns when the host has queued a step; the device finishes later, and the log step's host sync
+    waits for it. The window and the billed time end at report(), after that sync."""
+    clock = FakeClock()
+    meter = _meter(clock)
+    _run(meter, clock, 5, step_s=0.1, wait_s=0.0)  # the host queues 5 steps in 0.5 s
+    clock.t += 3.6  # the sync: the device needs 4 s for them
+    r = meter.report(5)
+    assert r["images_per_sec"] == pytest.approx(4 * 64 / 4.0)  # 4 timed steps (after the warm-up) in 4 s, not 0.4 s
+    assert r["gpu_hours"] == pytest.approx(4.1 * 2 / 3600)
+
+
 def test_window_resets_between_reports():
     clock = FakeClock()
     meter = _meter(clock)

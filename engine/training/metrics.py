@@ -1,8 +1,9 @@
 """Throughput, MFU, memory and dollar-cost accounting per log window, and the run loggers.
 
 The trainer drives a ``ThroughputMeter`` with ``step_start() / data_ready() / step_end()``
-around every step and calls ``report(step)`` on log steps, after the loss ``.item()`` has
-synchronised the device, so that wall time covers the GPU work. The dict it returns goes to
+around every step and calls ``report(step)`` on log steps, after the log step's host sync: the
+window ends at that call, so its wall time covers the device work of its steps (``step_end``
+returns as soon as the host has queued a step, long before a GPU finishes it). The dict it returns goes to
 ``MetricsLogger.log(step, metrics)``, which writes JSONL and TensorBoard on rank 0.
 """
 from __future__ import annotations
@@ -186,7 +187,9 @@ class ThroughputMeter:
         self._wait = self._time() - self._step_t0
 
     def step_end(self) -> None:
-        """Call after ``optimizer.step()``."""
+        """Call after ``optimizer.step()`` (host time: the device may still be working on the step)."""
+        if self._window_t0 is None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # NOTE: host sync (the first step only): rates start once it is done
         now = self._time()
         if self._window_t0 is None:  # warm-up step ends: rates start here
             self._window_t0 = now
@@ -205,7 +208,9 @@ class ThroughputMeter:
         return 0.0 if self._last_end is None else self._last_end - self._run_t0
 
     def report(self, step: int) -> dict[str, float | None]:
-        """Metrics for the window since the last report; ``step`` = optimizer steps done so far."""
+        """Metrics for the window since the last report; ``step`` = optimizer steps done so far. Call it after the
+        log step's host sync: the window (and the billed time) ends now, when the device has done its steps."""
+        self._last_end = self._time()
         wall_s = self._prior_wall_s + self._run_s()
         gpu_hours = (self._prior_gpu_s + self._run_s() * self.world_size) / 3600
         out: dict[str, float | None] = {
