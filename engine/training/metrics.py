@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from engine.training.billing import process_age_s
+
 __all__ = [
     "PEAK_BF16_TFLOPS", "peak_flops", "peak_flops_for_name", "peak_memory_gib",
     "ThroughputMeter", "JsonlLogger", "TensorBoardLogger", "MetricsLogger",
@@ -137,10 +139,13 @@ class ThroughputMeter:
         device: device whose name picks the peak and whose memory is reported.
         peak_flops_per_device: overrides the table lookup (FLOP/s).
         time_fn: clock in seconds; injectable for tests.
+        process_start: when this process started, on ``time_fn``'s clock (default: from the OS).
 
     Rates cover the window since the previous ``report``; the first step of this process
     (compilation, allocator warm-up) is excluded from them but counted in GPU-hours.
-    GPU-hours start at the first ``step_start`` and carry across resumes via ``state_dict``.
+    GPU-hours and cost run from the start of this process: setup (imports, checksums, model
+    build, compilation) is billed, and reported on its own as setup_hours. Earlier starts of
+    the run are added with ``load_state_dict`` (from engine/training/billing.py's ledger).
     """
 
     def __init__(
@@ -154,6 +159,7 @@ class ThroughputMeter:
         device: torch.device | str | None = None,
         peak_flops_per_device: float | None = None,
         time_fn: Callable[[], float] = time.perf_counter,
+        process_start: float | None = None,
     ):
         self.world_size = world_size
         self.global_batch = global_batch
@@ -164,9 +170,9 @@ class ThroughputMeter:
         self.device = _resolve(device)
         self.peak = peak_flops_per_device if peak_flops_per_device is not None else peak_flops(self.device)
         self._time = time_fn
-        self._prior_wall_s = 0.0  # from runs before a resume
-        self._prior_gpu_s = 0.0
-        self._run_t0: float | None = None
+        self._prior = {"wall_s": 0.0, "gpu_s": 0.0, "setup_s": 0.0}  # earlier process starts of this run
+        self._run_t0 = time_fn() - process_age_s() if process_start is None else process_start
+        self._setup_s: float | None = None  # process start -> first step
         self._step_t0 = 0.0
         self._wait = 0.0
         self._last_end: float | None = None
@@ -177,8 +183,8 @@ class ThroughputMeter:
     def step_start(self) -> None:
         """Call before fetching the step's batch."""
         now = self._time()
-        if self._run_t0 is None:
-            self._run_t0 = now
+        if self._setup_s is None:
+            self._setup_s = now - self._run_t0
         self._step_t0 = now
         self._wait = 0.0
 
@@ -205,19 +211,26 @@ class ThroughputMeter:
             self._window_t0 += self._time() - self._last_end
 
     def _run_s(self) -> float:
-        return 0.0 if self._last_end is None else self._last_end - self._run_t0
+        """This process's billed seconds: from its start to the end of the last report (or step)."""
+        return (self._time() if self._last_end is None else self._last_end) - self._run_t0
+
+    def this_process(self) -> dict[str, float]:
+        """This process's wall, GPU and setup seconds up to now (the ledger's entry for it)."""
+        wall = self._time() - self._run_t0
+        return {"wall_s": wall, "gpu_s": wall * self.world_size, "setup_s": self._setup_s or 0.0}
 
     def report(self, step: int) -> dict[str, float | None]:
         """Metrics for the window since the last report; ``step`` = optimizer steps done so far. Call it after the
         log step's host sync: the window (and the billed time) ends now, when the device has done its steps."""
         self._last_end = self._time()
-        wall_s = self._prior_wall_s + self._run_s()
-        gpu_hours = (self._prior_gpu_s + self._run_s() * self.world_size) / 3600
+        wall_s = self._prior["wall_s"] + self._run_s()
+        gpu_hours = (self._prior["gpu_s"] + self._run_s() * self.world_size) / 3600
         out: dict[str, float | None] = {
             "images_per_sec": None, "images_per_sec_per_device": None, "tokens_per_sec": None,
             "tflops_per_sec_per_device": None, "mfu": None, "data_wait_frac": None,
             "peak_mem_gib": peak_memory_gib(self.device, reset=True),  # this window's peak
             "elapsed_hours": wall_s / 3600,
+            "setup_hours": (self._prior["setup_s"] + (self._setup_s or 0.0)) / 3600,  # in elapsed/GPU-hours too
             "gpu_hours": gpu_hours,
             "cost_usd": gpu_hours * self.usd_per_gpu_hour,
             "projected_total_hours": None, "projected_total_gpu_hours": None,
@@ -246,16 +259,13 @@ class ThroughputMeter:
         return out
 
     def state_dict(self) -> dict[str, float]:
-        """Accumulated wall and GPU seconds, to put in the checkpoint's extra dict."""
-        return {
-            "wall_s": self._prior_wall_s + self._run_s(),
-            "gpu_s": self._prior_gpu_s + self._run_s() * self.world_size,
-        }
+        """Wall, GPU and setup seconds of the whole run so far (earlier starts and this one)."""
+        mine = self.this_process()
+        return {k: self._prior[k] + mine[k] for k in self._prior}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        """Continue the accumulated totals of a resumed run (the world size may differ)."""
-        self._prior_wall_s = float(state["wall_s"]) - self._run_s()
-        self._prior_gpu_s = float(state["gpu_s"]) - self._run_s() * self.world_size
+        """The totals of the run's earlier process starts (each on its own world size); this process adds its own."""
+        self._prior = {k: float(state.get(k, 0.0)) for k in self._prior}
 
 
 def _plain(value: Any) -> Any:
