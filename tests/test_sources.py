@@ -202,6 +202,21 @@ def test_a_damaged_member_header_loses_only_its_member_and_is_reported(tmp_path,
     assert len(reported) == 1  # only the sample whose member was lost is incomplete
 
 
+def test_invalid_utf8_captions_are_kept_with_a_note(tmp_path):
+    """A caption with bytes that are not UTF-8 was silently altered; it is still stored (with U+FFFD) but noted."""
+    bad_text = b"a red \xff circle"
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(image_bytes(0))
+    (tmp_path / "imgs" / "a.txt").write_bytes(bad_text)
+    write_tar(tmp_path / "s.tar", [("k", {".jpg": image_bytes(1, "jpg"), ".txt": bad_text})])
+    write_parquet(tmp_path / "p.parquet", [(image_bytes(2), bad_text)])
+    good, bad = collect([str(tmp_path / "imgs"), str(tmp_path / "s.tar"), str(tmp_path / "p.parquet")])
+    assert not bad and len(good) == 3
+    for rec in good.values():
+        assert rec.caption == "a red \ufffd circle", rec
+        assert rec.notes == ["caption is not valid UTF-8 (byte 0xff at offset 6): stored with U+FFFD"], rec
+
+
 def test_parquet_bytes_structs_and_custom_columns(tmp_path):
     rows = [(image_bytes(i, "jpg"), caption(i)) for i in range(7)] + [(None, "no image"), (image_bytes(8), None)]
     write_parquet(tmp_path / "plain.parquet", rows, image_col="jpg", caption_col="text")

@@ -26,7 +26,7 @@ import json
 import os
 import posixpath
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -44,6 +44,7 @@ class Record:
     image: Any = None  # encoded bytes, or a PIL image
     caption: str | None = None
     error: str | None = None
+    notes: list[str] = field(default_factory=list)  # usable, but altered or odd: reported, and stored anyway
 
     @property
     def ok(self) -> bool:
@@ -119,19 +120,29 @@ def _stem(path: str) -> str:
     return posixpath.splitext(path)[0]
 
 
-def _caption_from(data: bytes, ext: str) -> tuple[str | None, str | None]:
-    """(caption, error) from a .txt or .json payload."""
-    text = data.decode("utf-8", errors="replace")
+def _caption_from(data: bytes, ext: str) -> tuple[str | None, str | None, list[str]]:
+    """(caption, error, notes) from a .txt or .json payload."""
+    text, notes = decode_caption(data)
     if ext == ".json":
         try:
             value = json.loads(text).get("caption")
         except (ValueError, AttributeError) as e:
-            return None, f"caption json unreadable: {e}"
+            return None, f"caption json unreadable: {e}", notes
         if value is None:
-            return None, "missing caption (json has no 'caption' field)"
+            return None, "missing caption (json has no 'caption' field)", notes
         text = str(value)
     text = text.strip()
-    return (text, None) if text else (None, "empty caption")
+    return (text, None, notes) if text else (None, "empty caption", notes)
+
+
+def decode_caption(data: bytes) -> tuple[str, list[str]]:
+    """UTF-8 text and notes: invalid bytes are stored as U+FFFD (the rest of the caption is worth keeping) and the
+    record says so, with the offset of the first bad byte, so that it is reported rather than silently altered."""
+    try:
+        return data.decode("utf-8"), []
+    except UnicodeDecodeError as e:
+        return data.decode("utf-8", errors="replace"), [
+            f"caption is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}): stored with U+FFFD"]
 
 
 def iter_records(sources: list[str], image_column: str | None = None, caption_column: str | None = None,
@@ -182,12 +193,12 @@ def _iter_folder(fs, images, texts, key_of, owner) -> Iterator[Record]:
             yield Record(key_of(img), src, error="missing caption (no .txt next to the image)")
             continue
         try:
-            caption, err = _caption_from(fs.cat_file(txt), ".txt")
+            caption, err, notes = _caption_from(fs.cat_file(txt), ".txt")
             data = fs.cat_file(img)
         except Exception as e:
             yield Record(key_of(img), src, error=f"unreadable file: {type(e).__name__}: {e}")
             continue
-        yield Record(key_of(img), src, data, caption, err)
+        yield Record(key_of(img), src, data, caption, err, notes)
     for txt in sorted(texts - used):
         if owner.take(key_of(txt)):
             yield Record(key_of(txt), fs.unstrip_protocol(txt), error="caption without an image")
@@ -205,8 +216,8 @@ def _tar_group(key: str, src: str, members: dict[str, bytes], duplicate: bool) -
     image = members[img_exts[0]]
     for ext in (".txt", ".json"):
         if ext in members:
-            caption, err = _caption_from(members[ext], ext)
-            return Record(key, src, image, caption, err)
+            caption, err, notes = _caption_from(members[ext], ext)
+            return Record(key, src, image, caption, err, notes)
     return Record(key, src, image, error="missing caption (no .txt or .json member)")
 
 
@@ -320,5 +331,8 @@ def _parquet_record(key: str, src: str, image, caption) -> Record:
         return Record(key, src, error="missing image bytes")
     if caption is None:
         return Record(key, src, image, error="missing caption")
+    notes = []
+    if isinstance(caption, bytes):  # a binary caption column: decode it, as a .txt member, not as repr(b'...')
+        caption, notes = decode_caption(caption)
     caption = str(caption).strip()
-    return Record(key, src, image, caption or None, None if caption else "empty caption")
+    return Record(key, src, image, caption or None, None if caption else "empty caption", notes)
