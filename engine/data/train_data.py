@@ -135,10 +135,10 @@ def build_precomputed(cfg: Config, device: torch.device, rank: int, world_size: 
     d, t = cfg.data, cfg.train
     if d.attend_to_padding:  # precompute stores real tokens only: there are no padding embeddings to attend to
         raise ConfigError("config: data.attend_to_padding=true cannot be honoured with data.source=precomputed "
-                         "(padding embeddings are not stored); set it to false to fine-tune on a precomputed set")
+                          "(padding embeddings are not stored); set it to false to fine-tune on a precomputed set")
     if "://" in d.path:
         raise ConfigError(f"config: data.path={d.path!r}: training reads a local (or mounted) folder; copy the set "
-                         "there first (precompute sources may be remote, its output and the training set may not)")
+                          "there first (precompute sources may be remote, its output and the training set may not)")
     try:  # every failure here is the set at data.path: missing, unfinished, built for another model, or modified
         ds = PrecomputedSet(d.path, d.resolution, d.caption_len)
         check_matches_config(ds, d.channels, d.image_size, d.caption_channels)
