@@ -1,20 +1,29 @@
-"""Evaluate a trained run: `python engine/evaluate.py --run runs/tiny [--inception inception-2015-12-05.pt]
-[--features facebook/dinov2-small] [--clip openai/clip-vit-base-patch32]`.
+"""Evaluate a trained run, or compare evaluations, by one protocol.
 
-Generates --num-images images with the run's EMA weights (EDM Heun + CFG, batched) and computes:
-  * GenEval-style accuracy (colour, shape, count, position, all) for runs trained on the built-in synthetic
-    dataset: always (engine/eval/geneval.py);
-  * FID against --reference with each feature extractor given (--inception TorchScript file and/or --features
-    transformers vision model; engine/eval/fid.py). FIDs are comparable only with the same extractor, number of
-    images and reference, which eval.json records;
+    python engine/evaluate.py --run runs/tiny [--step 300] [--inception inception-2015-12-05.pt] [--clip ...]
+    python engine/evaluate.py --compare runs/a runs/b [--out DIR]            # two runs on identical inputs
+    python engine/evaluate.py --compare runs/a/eval/x runs/a/eval/y ...      # evaluation folders (e.g. two samplers)
+
+Generates --num-images images with the run's EMA weights (EDM Heun + CFG, batched). Image i is made for prompt i of
+a fixed prompt set from the initial noise fixed by (--seed, i), whatever the batch size, so two runs or two sampler
+settings see identical inputs. Synthetic runs take the prompts from SyntheticShapes with a held-out seed
+(--data-seed, default 1000000 for every run, so runs of any seed see the same prompts; eval.json records how many
+captions training also saw); other runs take them from a text file (--prompts-from, one per line, cycled to
+--num-images) and need --reference for FID.
+Scores, each with a bootstrap 95% confidence interval over images:
+  * GenEval-style accuracy (colour, shape, count, position, all) for synthetic runs (engine/eval/geneval.py);
+  * the attribute Fréchet distance for synthetic runs: features of a small network trained (once, cached under
+    <run.out_dir>/.cache) on the synthetic data's attributes, against the prompts' own held-out images
+    (engine/eval/attribute_net.py);
+  * FID against --reference with each extractor given (--inception TorchScript file and/or --features transformers
+    vision model; engine/eval/reference.py), comparable only with the same extractor, image count and reference;
   * CLIP score with --clip (engine/eval/clip_score.py).
-Synthetic runs take prompts (and reference images, paired with the prompts) from SyntheticShapes with a held-out
-seed (--data-seed, default run.seed + 1000000; the run trained on run.seed). Other runs take prompts from a text
-file (--prompts-from, one per line, cycled to --num-images) and need --reference for FID.
 
-Writes <out>/eval.json, <out>/grid.png (captioned), <out>/geneval.jsonl (per image), the reference statistics
-<out>/reference_<inception|features>.npz (pass one back as --reference to skip recomputing it) and, with
---save-images, every image as <out>/images/NNNNN.png. Images depend on (seed, batch size, steps, cfg).
+Writes <out>/eval.json (everything a number depends on), grid.png, geneval.jsonl and the attribute features (per
+image, for --compare), reference_<extractor>.npz (pass one back as --reference to skip recomputing it) and, with
+--save-images, every image. --compare writes compare.json, compare.md (a table of paired differences with CIs) and,
+for a series, compare.png (metric against --x step|nfe). A run folder given to --compare is evaluated first with
+this command's settings.
 """
 from __future__ import annotations
 
@@ -31,13 +40,18 @@ from engine.training.errors import run_cli
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder (holds config.yaml and checkpoints/)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", help="run folder (holds config.yaml and checkpoints/)")
+    what.add_argument("--compare", nargs="+", metavar="RUN_OR_EVAL",
+                      help="two or more run folders or evaluation folders (holding eval.json); each is compared with "
+                           "the first")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the run's newest complete one)")
+    p.add_argument("--step", type=int, help="evaluate the run's checkpoint of this step")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
     p.add_argument("--num-images", type=int, default=256, help="images to generate")
     p.add_argument("--prompts-from", default=None,
                    help="'synthetic' (default for synthetic runs) or a text file with one prompt per line")
-    p.add_argument("--data-seed", type=int, help="SyntheticShapes seed of prompts/reference (default run.seed+1e6)")
+    p.add_argument("--data-seed", type=int, help="SyntheticShapes seed of prompts/reference (default 1000000)")
     p.add_argument("--reference", help="FID reference: 'synthetic' (default for synthetic runs), a folder of images "
                                        "(center-cropped and resized to the generated size) or an .npz of mu/sigma")
     p.add_argument("--num-reference", type=int, help="reference images (default: --num-images; folder: all)")
@@ -47,25 +61,33 @@ def parse_args(argv=None):
     p.add_argument("--inception-resize", type=int, help="resize to this side before the module (default: it does)")
     p.add_argument("--features", help="transformers vision model (hub id or path) as FID feature extractor")
     p.add_argument("--clip", help="transformers CLIP model (hub id or path) for the CLIP score")
-    p.add_argument("--no-geneval", action="store_true", help="skip the GenEval-style score of synthetic runs")
+    p.add_argument("--no-geneval", action="store_true",
+                   help="skip the GenEval-style score and the attribute Fréchet distance of synthetic runs")
     p.add_argument("--vae", help="latent runs: diffusers AutoencoderKL to decode with (default: the run's data.vae)")
     p.add_argument("--text-encoder", help="text encoder (hub id or folder) instead of the run's data.text_encoder")
     p.add_argument("--steps", type=int, help="Heun steps (default: the run's sample.steps)")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: image i starts from the noise of (seed, i)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (does not change images)")
     p.add_argument("--grid", type=int, default=64, help="images in grid.png")
     p.add_argument("--save-images", action="store_true", help="also write every image to <out>/images/")
-    p.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint name>)")
+    p.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint name>; --compare: ./compare)")
+    p.add_argument("--x", default="step", choices=["step", "nfe"], help="--compare: x axis of the series plot")
     args = p.parse_args(argv)
     for name in ("num_images", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.compare is not None and len(args.compare) < 2:
+        p.error("--compare needs at least two run or evaluation folders")
     return args
 
 
 def main(argv=None) -> dict:
-    return evaluate_run(parse_args(argv))
+    args = parse_args(argv)
+    if args.compare:
+        from engine.eval.compare import compare_folders
+        return compare_folders(args, evaluate_run)
+    return evaluate_run(args)
 
 
 if __name__ == "__main__":

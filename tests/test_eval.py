@@ -3,6 +3,7 @@ random transformers vision models), CLIP score arithmetic, the GenEval-style det
 end on a tiny trained run. Everything offline; tiny models are built from configs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import deque
@@ -444,8 +445,12 @@ def test_eval_modules_import_without_heavy_deps():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, attribute_net_file):
+    from engine.eval.attribute_net import cache_path
+
     out = tmp_path_factory.mktemp("runs")
+    cache_path(32, out / ".cache").parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(attribute_net_file, cache_path(32, out / ".cache"))  # evaluations use it instead of training one
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            str(ROOT / "engine" / "train.py"), f"run.out_dir={out}", "run.name=t", "train.steps=4",
            "train.ckpt_every=4", "train.progress_bar=false", "data.num_samples=128", "sample.steps=2",
@@ -510,7 +515,8 @@ def test_folder_reference_resizes_and_reports_unreadable_files(tmp_path, incepti
 
     from PIL import Image
 
-    from engine.eval.evaluation import fid_metrics, folder_images, load_prompts
+    from engine.eval.protocol import file_prompt_set
+    from engine.eval.reference import fid_metrics, folder_images
 
     ds = SyntheticShapes(5, 64, 5)
     (tmp_path / "sub").mkdir()
@@ -536,4 +542,4 @@ def test_folder_reference_resizes_and_reports_unreadable_files(tmp_path, incepti
     assert "broken.png" in (out / "reference_skipped.txt").read_text()
     assert FeatureStats.load(out / "reference_inception.npz").n == 6
     (tmp_path / "prompts.txt").write_text("# comment\na red circle\n\ntwo blue squares\n")
-    assert load_prompts(tmp_path / "prompts.txt", 5) == ["a red circle", "two blue squares"] * 2 + ["a red circle"]
+    assert file_prompt_set(tmp_path / "prompts.txt", 5).prompts == ["a red circle", "two blue squares"] * 2 + ["a red circle"]

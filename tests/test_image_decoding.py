@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from engine.data.preprocess import decode_image
-from engine.eval.evaluation import folder_images
+from engine.eval.reference import folder_images
 
 
 def test_16_bit_grey_keeps_its_brightness():

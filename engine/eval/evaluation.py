@@ -1,9 +1,15 @@
-"""Evaluation of a trained run (the library behind engine/evaluate.py): generate images with the run's EMA weights,
-score them (GenEval-style detector, FID with any feature extractor given, CLIP score) and write eval.json."""
+"""Evaluation of a trained run (the library behind engine/evaluate.py), by the comparison protocol: a fixed prompt set,
+image i's initial noise fixed by (seed, i), scores with bootstrap confidence intervals, and per-image records so that
+two evaluations can be compared image by image (engine/eval/compare.py).
+
+Scores: the GenEval-style detector and the attribute Fréchet distance (synthetic runs, always), FID with any feature
+extractor given (engine/eval/reference.py) and the CLIP score. eval.json records everything a number depends on.
+"""
 from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,117 +17,104 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+from engine.config import ConfigError
+from engine.eval.protocol import HELD_OUT_SEED, PromptSet, mean_ci, paired_noise, statistic_ci
+
+GENEVAL_METRICS = ("colour", "shape", "count", "position", "all")
 
 
-# ---------------------------------------------------------------- prompts and reference images
+# ---------------------------------------------------------------- inputs
 
 
-def load_prompts(source: str, n: int) -> list[str]:
-    """Prompts of a text file (blank lines and #-comments skipped), cycled to n."""
-    lines = [l.strip() for l in Path(source).read_text().splitlines()]
-    prompts = [l for l in lines if l and not l.startswith("#")]
-    if not prompts:
-        raise ValueError(f"--prompts-from {source}: no prompts in the file")
-    return [prompts[i % len(prompts)] for i in range(n)]
+def resolve_checkpoint(run: Path, checkpoint: str | None, step: int | None) -> Path:
+    """The checkpoint folder to evaluate: --checkpoint, else --step, else the newest complete one."""
+    from engine.training.checkpoint import Checkpointer
+
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--run {run}: not a run folder (no config.yaml)")
+    ckpts = Checkpointer(run / "checkpoints")
+    if checkpoint:
+        if not (Path(checkpoint) / ".metadata").is_file():
+            raise ConfigError(f"--checkpoint {checkpoint}: not a complete checkpoint folder")
+        return Path(checkpoint)
+    done = ckpts.checkpoints()
+    if not done:
+        raise ConfigError(f"--run {run}: no complete checkpoint in {run / 'checkpoints'}")
+    if step is None:
+        return done[-1]
+    found = [c for c in done if _step_of(c) == step]
+    if not found:
+        raise ConfigError(f"--step {step}: {run} has no checkpoint of that step; it has "
+                          f"{', '.join(str(_step_of(c)) for c in done)}")
+    return found[0]
 
 
-def folder_images(folder: Path, size: tuple[int, int], limit: int | None, batch: int, skipped: list):
-    """uint8 (b, H, W, 3) batches of the folder's images (sorted, recursive), decoded and cropped exactly as training
-    data is (EXIF orientation, transparency over white, short side resized, centre crop); unreadable files are
-    appended to `skipped` and left out."""
-    from engine.data.preprocess import decode_image, resize_center_crop
-
-    if size[0] != size[1]:
-        raise ValueError(f"reference images are cropped square; got size {size}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    buf, used = [], 0
-    for f in files:
-        if limit is not None and used >= limit:
-            break
-        try:
-            buf.append(np.asarray(resize_center_crop(decode_image(f.read_bytes(), size[0]), size[0])))
-        except Exception as e:  # undecodable, truncated, zero-byte: reported, never fatal
-            skipped.append(f"{f}: {type(e).__name__}: {e}")
-            continue
-        used += 1
-        if len(buf) == batch:
-            yield np.stack(buf)
-            buf = []
-    if buf:
-        yield np.stack(buf)
+def _step_of(ckpt: Path) -> int | None:
+    m = re.search(r"(\d+)$", Path(ckpt).name)
+    return int(m.group(1)) if m else None
 
 
-def synthetic_batches(ds, n: int, batch: int):
-    for i in range(0, n, batch):
-        yield ds.images(range(i, min(n, i + batch)))
+def prompt_set(args, cfg) -> PromptSet:
+    """The evaluation's prompts: the held-out synthetic set, or a prompt file."""
+    from engine.eval.protocol import file_prompt_set, synthetic_prompt_set
+
+    source = args.prompts_from or ("synthetic" if cfg.data.source == "synthetic" else None)
+    if source is None:
+        raise ConfigError("--prompts-from <file.txt> is needed for runs not trained on the synthetic dataset")
+    if source != "synthetic":
+        return file_prompt_set(source, args.num_images)
+    if cfg.data.source != "synthetic":
+        raise ConfigError(f"--prompts-from synthetic: the run trained on data.source={cfg.data.source}")
+    data_seed = HELD_OUT_SEED if args.data_seed is None else args.data_seed
+    if data_seed == cfg.run.seed:
+        raise ConfigError(f"--data-seed {data_seed} is the run's training seed: the prompt set must be held out")
+    return synthetic_prompt_set(args.num_images, cfg.data.image_size, data_seed, training_captions(cfg))
+
+
+def training_captions(cfg) -> set[str]:
+    from engine.data.synthetic import SyntheticShapes
+
+    ds = SyntheticShapes(cfg.data.num_samples, cfg.data.image_size, cfg.run.seed)
+    return set(ds.captions(range(cfg.data.num_samples)))
+
+
+def sampler_record(steps: int, cfg_scale: float, edm) -> dict:
+    """How images were made. NFE counts denoiser calls (CFG doubles each call's batch, not the count)."""
+    return {"solver": "heun", "schedule": "karras", "steps": steps, "nfe": 2 * steps - 1, "cfg_scale": cfg_scale,
+            "sigma_min": edm.sigma_min, "sigma_max": edm.sigma_max, "rho": edm.rho}
 
 
 # ---------------------------------------------------------------- generation
 
 
-def generate(model, edm, encoder, prompts: list[str], steps: int, cfg_scale: float, seed: int, batch_size: int,
+def generate(model, edm, embed, prompts: list[str], steps: int, cfg_scale: float, seed: int, batch_size: int,
              decoder=None):
-    """Yields (start index, images float (b, 3, H, W) in [-1, 1] on the CPU) batch by batch."""
+    """Yields (start index, images float (b, 3, H, W) in [-1, 1] on the CPU) batch by batch. Image i starts from the
+    noise paired_noise(seed, i): the same for any batch size, run or sampler setting."""
     from engine.sampling.sampler import sample
-    from engine.training.seeding import derive_seed
 
     device = next(model.parameters()).device
+    c = model.cfg
     for i in range(0, len(prompts), batch_size):
-        y, y_mask = encoder.encode(prompts[i:i + batch_size])
-        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "evaluate", i))
-        x = sample(model, edm, y.to(device), y_mask.to(device), steps=steps, cfg_scale=cfg_scale, generator=gen)
+        batch = prompts[i:i + batch_size]
+        y, y_mask = embed(batch)
+        noise = paired_noise(seed, i, len(batch), (c.in_channels, c.input_size, c.input_size), device)
+        x = sample(model, edm, y, y_mask, steps=steps, cfg_scale=cfg_scale, noise=noise)
         if decoder is not None:
             x = decoder(x)
         yield i, x.float().clamp(-1, 1).cpu()
 
 
-# ---------------------------------------------------------------- main
-
-
-def _step_of(ckpt: Path) -> int | None:
-    m = re.search(r"(\d+)$", ckpt.name)
-    return int(m.group(1)) if m else None
-
-
-def build_extractors(args, device) -> dict:
-    from engine.eval.fid import HFVisionFeatures, InceptionTorchScript
-
-    ex = {}
-    if args.inception:
-        ex["inception"] = InceptionTorchScript(args.inception, input_range=args.inception_input,
-                                               resize=args.inception_resize, device=device)
-    if args.features:
-        ex["features"] = HFVisionFeatures(args.features, device=device)
-    return ex
-
-
-def prepare_prompts(args, cfg, data_seed: int) -> tuple[str, list[str], list | None]:
-    """(source, prompts, ground-truth PromptSpecs or None) for --num-images images."""
-    source = args.prompts_from or ("synthetic" if cfg.data.source == "synthetic" else None)
-    if source is None:
-        raise SystemExit("--prompts-from <file.txt> is needed for runs not trained on the synthetic dataset")
-    if source != "synthetic":
-        return source, load_prompts(source, args.num_images), None
-    if cfg.data.source != "synthetic":
-        raise SystemExit(f"--prompts-from synthetic: the run trained on data.source={cfg.data.source}")
-    from engine.data.synthetic import SyntheticShapes
-    from engine.eval.geneval import spec_from_describe
-
-    ds = SyntheticShapes(args.num_images, cfg.data.image_size, data_seed)
-    idx = range(args.num_images)
-    return source, ds.captions(idx), [spec_from_describe(ds.describe(i)) for i in idx]
-
-
 class Scores:
     """Everything computed from the generated images, fed batch by batch (only the grid's images are kept)."""
 
-    def __init__(self, args, extractors: dict, clip, geneval, out: Path):
+    def __init__(self, args, extractors: dict, clip, geneval, attributes, out: Path):
         from engine.eval.fid import FeatureStats
 
-        self.args, self.extractors, self.clip, self.geneval, self.out = args, extractors, clip, geneval, out
+        self.args, self.extractors, self.clip, self.geneval, self.attributes = args, extractors, clip, geneval, attributes
+        self.out = out
         self.stats = {k: FeatureStats(e.name) for k, e in extractors.items()}
-        self.clip_scores, self.grid, self.image_hw = [], [], None
+        self.clip_scores, self.grid, self.attr_features, self.image_hw = [], [], [], None
 
     def update(self, start: int, u8: np.ndarray, captions: list[str], specs) -> None:
         from engine.outputs.images import save_png
@@ -135,182 +128,157 @@ class Scores:
                 save_png(self.out / "images" / f"{start + j:05d}.png", img)
         for k, e in self.extractors.items():
             self.stats[k].update(e(u8))
+        if self.attributes is not None:
+            self.attr_features.append(self.attributes(u8).numpy())
         if self.clip is not None:
             self.clip_scores.append(self.clip.scores(u8, captions))
         if self.geneval is not None:
             self.geneval.update(u8, captions, specs)
 
-    def metrics(self, reference: str, ref_ds) -> dict:
+    def metrics(self, reference: str, ref_ds, prompts: PromptSet) -> dict:
+        from engine.eval.reference import fid_metrics
+
         m: dict = {}
         if self.geneval is not None:
-            res = self.geneval.result()
-            m["geneval"] = {**res.summary(), "detector": "procedural (engine/eval/geneval.py)"}
-            with open(self.out / "geneval.jsonl", "w") as f:
-                f.writelines(json.dumps(rec) + "\n" for rec in res.per_image)
+            m["geneval"] = geneval_metrics(self.geneval.result(), prompts, self.out)
+        if self.attributes is not None:
+            m["fd_attr"] = attribute_fd(self.attributes, np.concatenate(self.attr_features), prompts, self.out)
         if self.extractors:
             m["fid"] = fid_metrics(self.extractors, self.stats, reference, ref_ds, self.args, self.image_hw, self.out)
         if self.clip is not None:
             s = torch.cat(self.clip_scores)
             m["clip_score"] = {"value": float(s.mean()), "std": float(s.std()) if len(s) > 1 else 0.0,
-                               "model": self.args.clip, "num_images": len(s)}
+                               "ci": mean_ci(s.tolist())["ci"], "model": self.args.clip, "num_images": len(s)}
         return m
+
+
+def geneval_metrics(res, prompts: PromptSet, out: Path) -> dict:
+    """Means with bootstrap 95% CIs, split by whether training saw the caption; per-image records to geneval.jsonl."""
+    with open(out / "geneval.jsonl", "w") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in res.per_image)
+    g = {**res.summary(), "detector": "procedural (engine/eval/geneval.py)"}
+    g["ci"] = {k: mean_ci([r[k] for r in res.per_image])["ci"] for k in GENEVAL_METRICS}
+    if prompts.seen is not None:
+        for name, want in (("seen_captions", True), ("unseen_captions", False)):
+            rows = [r for r in res.per_image if prompts.seen[r["index"]] == want]
+            g[name] = {k: mean_ci([r[k] for r in rows]) for k in GENEVAL_METRICS}
+    return g
+
+
+def attribute_fd(extractor, features: np.ndarray, prompts: PromptSet, out: Path) -> dict:
+    """Fréchet distance in attribute-feature space between the generated images and the prompts' own (held-out,
+    never trained on) dataset images, with a bootstrap CI; both feature sets are saved for paired comparisons."""
+    from engine.data.synthetic import SyntheticShapes
+    from engine.eval.attribute_net import frechet_of_features
+
+    n = len(features)
+    ds = SyntheticShapes(n, extractor.net.image_size, prompts.data_seed)
+    ref = np.concatenate([extractor(ds.images(range(i, min(n, i + 256)))).numpy() for i in range(0, n, 256)])
+    np.save(out / "features_attr.npy", features.astype(np.float32))
+    np.save(out / "reference_attr.npy", ref.astype(np.float32))
+    ci = statistic_ci(lambda idx: frechet_of_features(features[idx], ref[idx]), n)
+    return {**ci, "extractor": extractor.name, "reference": f"SyntheticShapes(seed={prompts.data_seed}), paired"}
+
+
+# ---------------------------------------------------------------- main
 
 
 def evaluate_run(args) -> dict:
     """Generate, score and write eval.json for the run and settings in `args` (engine/evaluate.py's options)."""
     t_start = time.perf_counter()
-    from engine.data.train_data import load_text_encoder
     from engine.diffusion.edm import EDM
+    from engine.eval.reference import build_extractors, check_reference
     from engine.outputs.images import save_grid_with_captions, to_uint8
-    from engine.training.run_folder import load_run_model
+    from engine.training.run_folder import embed_captions, load_run_model
 
     run = Path(args.run)
-    cfg, model, ckpt = load_run_model(run, args.checkpoint, use_ema=not args.raw_weights,
-                                      text_encoder=args.text_encoder)
+    ckpt = resolve_checkpoint(run, args.checkpoint, args.step)
+    cfg, model, ckpt = load_run_model(run, str(ckpt), use_ema=not args.raw_weights, text_encoder=args.text_encoder)
     device = next(model.parameters()).device
     synthetic = cfg.data.source == "synthetic"
     n, steps = args.num_images, args.steps or cfg.sample.steps
     scale = cfg.sample.cfg_scale if args.cfg is None else args.cfg
-    data_seed = cfg.run.seed + 1_000_000 if args.data_seed is None else args.data_seed
-    source, prompts, specs = prepare_prompts(args, cfg, data_seed)
+    prompts = prompt_set(args, cfg)
 
     decoder = None
     if cfg.data.channels != 3:  # latent run: decode to pixels
-        vae = args.vae or getattr(cfg.data, "vae", "")
+        vae = args.vae or cfg.data.vae
         if not vae:
-            raise SystemExit("latent run: give --vae <AutoencoderKL id or path> (or set data.vae) to decode images")
+            raise ConfigError("latent run: give --vae <AutoencoderKL id or path> (or set data.vae) to decode images")
         from engine.encoders.vae import LatentDecoder
         decoder = LatentDecoder(vae, device)
 
-    # everything that can fail is loaded and checked before the (long) generation
+    # everything that can fail is loaded and checked before the (long) generation and before anything is written
     extractors = build_extractors(args, device)
     reference = args.reference or ("synthetic" if synthetic and extractors else None)
-    ref_ds = check_reference(reference, extractors, synthetic, cfg, max(n, args.num_reference or 0), data_seed)
+    ref_ds = check_reference(reference, extractors, synthetic, cfg, max(n, args.num_reference or 0),
+                             prompts.data_seed if prompts.data_seed is not None else HELD_OUT_SEED)
     clip = None
     if args.clip:
         from engine.eval.clip_score import CLIPScorer
         clip = CLIPScorer(args.clip, device=device)
-    geneval = None
+    geneval = attributes = None
     if synthetic and not args.no_geneval:
+        from engine.eval.attribute_net import cached_attribute_net
         from engine.eval.geneval import GenEvalScorer
         geneval = GenEvalScorer()
+        attributes = cached_attribute_net(cfg.data.image_size, Path(cfg.run.out_dir) / ".cache")
+    embed = lambda captions: embed_captions(cfg, captions, device)  # noqa: E731
+    embed(prompts.prompts[:1])  # loads the text encoder now: a missing one fails before anything is written
     out = Path(args.out) if args.out else run / "eval" / Path(ckpt).name
     out.mkdir(parents=True, exist_ok=True)
-    scores = Scores(args, extractors, clip, geneval, out)
+    scores = Scores(args, extractors, clip, geneval, attributes, out)
 
-    edm, encoder = EDM.from_config(cfg.diffusion), load_text_encoder(cfg)
+    edm = EDM.from_config(cfg.diffusion)
     t_gen = time.perf_counter()
-    for i, x in generate(model, edm, encoder, prompts, steps, scale, args.seed, args.batch_size, decoder):
-        scores.update(i, to_uint8(x), prompts[i:i + len(x)], specs[i:i + len(x)] if specs else None)
+    for i, x in generate(model, edm, embed, prompts.prompts, steps, scale, args.seed, args.batch_size, decoder):
+        specs = prompts.specs[i:i + len(x)] if prompts.specs else None
+        scores.update(i, to_uint8(x), prompts.prompts[i:i + len(x)], specs)
     gen_s = time.perf_counter() - t_gen
-    metrics = scores.metrics(reference, ref_ds)
+    metrics = scores.metrics(reference, ref_ds, prompts)
 
     if scores.grid:
         grid = np.concatenate(scores.grid)
-        save_grid_with_captions(out / "grid.png", grid, prompts[:len(grid)], nrow=8)
+        save_grid_with_captions(out / "grid.png", grid, prompts.prompts[:len(grid)], nrow=8)
     result = {
         "run": str(run), "checkpoint": str(ckpt), "step": _step_of(Path(ckpt)),
-        "weights": "raw" if args.raw_weights else "ema", "model": cfg.model.name,
+        "weights": "raw" if args.raw_weights else "ema", "model": cfg.model.name, "text_encoder": cfg.data.text_encoder,
         "num_images": n, "image_size": list(scores.image_hw), "steps": steps, "cfg_scale": scale,
         "seed": args.seed, "batch_size": args.batch_size,
-        "prompts": {"source": source, **({"data_seed": data_seed} if source == "synthetic" else {}),
-                    "unique": len(set(prompts))},
+        "sampler": sampler_record(steps, scale, edm),
+        "noise": {"seed": args.seed, "rule": "image i starts from paired_noise(seed, i) (engine/eval/protocol.py)"},
+        "prompts": prompts.record(),
         "metrics": metrics,
         "timing": {"generate_s": round(gen_s, 3), "images_per_sec": round(n / max(gen_s, 1e-9), 3),
                    "total_s": round(time.perf_counter() - t_start, 3)},
         "device": str(device), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
         "files": {**({"grid": "grid.png"} if scores.grid else {}),
-                  **({"geneval": "geneval.jsonl"} if geneval is not None else {})},
+                  **({"geneval": "geneval.jsonl", "features": "features_attr.npy", "reference_features":
+                      "reference_attr.npy"} if geneval is not None else {})},
     }
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(summary_line(result, out))
-    return result
-
-
-def check_reference(reference: str | None, extractors: dict, synthetic: bool, cfg, num: int, data_seed: int):
-    """Fail before generating anything when the FID reference cannot work; the SyntheticShapes set of a
-    'synthetic' reference (its first --num-images samples are the prompts' own images when prompts are synthetic)."""
-    if not extractors:
-        return None
-    if reference is None:
-        raise SystemExit("FID needs --reference <folder of images | stats.npz> for runs not trained on synthetic data")
-    if reference == "synthetic":
-        if not synthetic:
-            raise SystemExit(f"--reference synthetic: the run trained on data.source={cfg.data.source}")
-        from engine.data.synthetic import SyntheticShapes
-        return SyntheticShapes(num, cfg.data.image_size, data_seed)
-    if reference.endswith(".npz"):
-        if not Path(reference).is_file():
-            raise SystemExit(f"--reference {reference}: no such file")
-        if len(extractors) != 1:
-            raise SystemExit("--reference <stats.npz> holds one extractor's statistics: give exactly one extractor")
-    elif not Path(reference).is_dir():
-        raise SystemExit(f"--reference {reference}: not 'synthetic', a folder of images or an .npz file")
-    return None
-
-
-def reference_stats(reference: str, extractors: dict, ds, args, image_hw, skipped: list) -> dict:
-    """FeatureStats of the reference for every extractor, in one pass over its images."""
-    from engine.eval.fid import FeatureStats
-
-    if reference.endswith(".npz"):
-        (key, e), = extractors.items()
-        ref = FeatureStats.load(reference)
-        if ref.extractor and ref.extractor != e.name:
-            raise SystemExit(f"--reference {reference} was computed with {ref.extractor!r}, not {e.name!r}")
-        ref.extractor = ref.extractor or e.name  # pytorch-fid files carry no name: the user vouches for it
-        return {key: ref}
-    if reference == "synthetic":
-        if image_hw != (ds.image_size, ds.image_size):
-            raise SystemExit(f"generated images are {image_hw}, the synthetic reference {ds.image_size}px")
-        batches = synthetic_batches(ds, args.num_reference or args.num_images, args.batch_size)
-    else:
-        batches = folder_images(Path(reference), image_hw, args.num_reference, args.batch_size, skipped)
-    stats = {k: FeatureStats(e.name) for k, e in extractors.items()}
-    for images in batches:
-        for k, e in extractors.items():
-            stats[k].update(e(images))
-    return stats
-
-
-def fid_metrics(extractors: dict, gen: dict, reference: str, ds, args, image_hw, out: Path) -> dict:
-    """{extractor key: FID entry with everything that makes it comparable}; reference stats saved as .npz."""
-    from engine.eval.fid import fid_from_stats, warn_if_few
-
-    skipped: list[str] = []
-    refs = reference_stats(reference, extractors, ds, args, image_hw, skipped)
-    if skipped:
-        (out / "reference_skipped.txt").write_text("\n".join(skipped) + "\n")
-    entries = {}
-    for k, e in extractors.items():
-        ref, g = refs[k], gen[k]
-        if ref.n is not None and ref.n < 2:
-            raise SystemExit(f"--reference {reference}: {ref.n} usable images; FID needs at least 2")
-        if not reference.endswith(".npz"):
-            ref.save(out / f"reference_{k}.npz")
-        dim = int(g.mean.shape[0])
-        entry = {"value": fid_from_stats(g, ref), "extractor": e.name, "num_generated": g.n,
-                 "num_reference": ref.n, "reference": reference, "feature_dim": dim}
-        if skipped:
-            entry["reference_skipped"] = len(skipped)
-        note = warn_if_few(min(g.n, ref.n or g.n), dim)
-        if note:
-            entry["note"] = note
-        entries[k] = entry
-    return entries
+    return {**result, "folder": str(out)}
 
 
 def summary_line(result: dict, out: Path) -> str:
     m, parts = result["metrics"], []
+
+    def with_ci(value, ci) -> str:
+        return f"{value:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
     if "geneval" in m:
         g = m["geneval"]
-        pos = "n/a" if g["position"] is None else f"{g['position']:.3f}"
-        parts.append(f"GenEval all {g['all']:.3f} (colour {g['colour']:.3f}, shape {g['shape']:.3f}, "
-                     f"count {g['count']:.3f}, position {pos})")
+        pos = "n/a" if g["position"] is None else with_ci(g["position"], g["ci"]["position"])
+        parts.append(f"GenEval all {with_ci(g['all'], g['ci']['all'])} (colour {with_ci(g['colour'], g['ci']['colour'])}"
+                     f", shape {with_ci(g['shape'], g['ci']['shape'])}, count {with_ci(g['count'], g['ci']['count'])}"
+                     f", position {pos})")
+    if "fd_attr" in m:
+        parts.append(f"attribute FD {with_ci(m['fd_attr']['value'], m['fd_attr']['ci'])}")
     for k, f in m.get("fid", {}).items():
         parts.append(f"FID[{k}] {f['value']:.3f}")
     if "clip_score" in m:
         parts.append(f"CLIP score {m['clip_score']['value']:.2f}")
-    return (f"{result['num_images']} images, {result['steps']} steps, cfg {result['cfg_scale']}: "
+    return (f"{result['num_images']} images, {result['sampler']['nfe']} NFE, cfg {result['cfg_scale']}: "
             + "; ".join(parts or ["no metrics"]) + f" -> {out / 'eval.json'}")
-

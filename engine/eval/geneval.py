@@ -287,6 +287,7 @@ class GenEvalScorer:
         self.margin = margin
         self.records: list[dict] = []
         self.unparsed = 0
+        self.fed = 0  # images seen so far: a record's "index" is its position in the whole stream
 
     def update(self, images, prompts: list[str], specs: list[PromptSpec | None] | None = None) -> list[dict]:
         arr = _as_uint8_hwc(images)
@@ -298,10 +299,11 @@ class GenEvalScorer:
         dets = self.detector.detect(arr[keep]) if keep else []
         new = []
         for i, d in zip(keep, dets):
-            rec = {"prompt": prompts[i], **score_image(specs[i], d, arr.shape[1:3], self.margin),
+            rec = {"index": self.fed + i, "prompt": prompts[i], **score_image(specs[i], d, arr.shape[1:3], self.margin),
                    "detected": [f"{x.colour} {x.shape}" for x in d]}
             new.append(rec)
         self.records += new
+        self.fed += len(arr)
         return new
 
     def result(self) -> GenEvalResult:

@@ -18,13 +18,15 @@ def karras_sigmas(edm: EDM, steps: int, device=None) -> torch.Tensor:
 @torch.no_grad()
 def sample(
     model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | None, steps: int = 30, cfg_scale: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Images (B, C, H, W) for caption embeddings y (B, L, D) with mask (B, L). The unconditional branch uses the
-    null caption the model was trained with (all-zero embedding, every position valid)."""
+    null caption the model was trained with (all-zero embedding, every position valid). `noise` (B, C, H, W) unit
+    Gaussian: the initial noise, given (paired evaluations) or else drawn from `generator`."""
     cfg = model.cfg
     B = y.shape[0]
-    x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator, device=y.device)
+    x = noise.to(y.device) if noise is not None else \
+        torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator, device=y.device)
     guided = cfg_scale != 1.0
     if guided:
         y = torch.cat([y, torch.zeros_like(y)])
