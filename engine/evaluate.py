@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine.eval.evaluation import evaluate_run
+from engine.sampling.settings import add_sampler_args, exit_on_bad_settings
 
 
 def parse_args(argv=None):
@@ -48,13 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--clip", help="transformers CLIP model (hub id or path) for the CLIP score")
     p.add_argument("--no-geneval", action="store_true", help="skip the GenEval-style score of synthetic runs")
     p.add_argument("--vae", help="latent runs: diffusers AutoencoderKL to decode with (default: the run's data.vae)")
-    p.add_argument("--steps", type=int, help="Heun steps (default: the run's sample.steps)")
+    p.add_argument("--steps", type=int, help="solver steps without --nfe (default: the run's sample.steps)")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch")
     p.add_argument("--grid", type=int, default=64, help="images in grid.png")
     p.add_argument("--save-images", action="store_true", help="also write every image to <out>/images/")
     p.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint name>)")
+    add_sampler_args(p)
     args = p.parse_args(argv)
     for name in ("num_images", "batch_size"):
         if getattr(args, name) < 1:
@@ -63,7 +65,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    return evaluate_run(parse_args(argv))
+    args = parse_args(argv)
+    with exit_on_bad_settings("evaluate.py"):
+        return evaluate_run(args)
 
 
 if __name__ == "__main__":

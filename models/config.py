@@ -59,6 +59,9 @@ class ModelConfig:
     """Width of the sinusoidal timestep features."""
     depth_init: bool = True
     """Scale each backbone block's output-projection init by its depth."""
+    time_free: bool = False
+    """No timestep embedding: the adaLN condition is the pooled caption alone. SingDiffusion's initial-step model
+    (a network that predicts x0 from pure noise and the caption) is such a model."""
 
     def __post_init__(self) -> None:
         self.qkv_ratio = tuple(float(r) for r in self.qkv_ratio)

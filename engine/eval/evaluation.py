@@ -61,8 +61,9 @@ def synthetic_batches(ds, n: int, batch: int):
 
 
 def generate(model, edm, encoder, prompts: list[str], steps: int, cfg_scale: float, seed: int, batch_size: int,
-             decoder=None):
-    """Yields (start index, images float (b, 3, H, W) in [-1, 1] on the CPU) batch by batch."""
+             decoder=None, sampler=None):
+    """Yields (start index, images float (b, 3, H, W) in [-1, 1] on the CPU) batch by batch. `sampler`
+    (engine/sampling/sampler.py build_sampler) replaces Heun with `steps` and `cfg_scale` by its settings."""
     from engine.sampling.sampler import sample
     from engine.training.seeding import derive_seed
 
@@ -70,7 +71,8 @@ def generate(model, edm, encoder, prompts: list[str], steps: int, cfg_scale: flo
     for i in range(0, len(prompts), batch_size):
         y, y_mask = encoder.encode(prompts[i:i + batch_size])
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "evaluate", i))
-        x = sample(model, edm, y.to(device), y_mask.to(device), steps=steps, cfg_scale=cfg_scale, generator=gen)
+        x = sample(model, edm, y.to(device), y_mask.to(device), steps=steps, cfg_scale=cfg_scale, generator=gen,
+                   sampler=sampler)
         if decoder is not None:
             x = decoder(x)
         yield i, x.float().clamp(-1, 1).cpu()
@@ -108,7 +110,7 @@ def prepare_prompts(args, cfg, data_seed: int) -> tuple[str, list[str], list | N
     from engine.data.synthetic import SyntheticShapes
     from engine.eval.geneval import spec_from_describe
 
-    ds = SyntheticShapes(args.num_images, cfg.data.image_size, data_seed)
+    ds = SyntheticShapes(args.num_images, cfg.data.image_size, data_seed, cfg.data.backgrounds)
     idx = range(args.num_images)
     return source, ds.captions(idx), [spec_from_describe(ds.describe(i)) for i in idx]
 
@@ -162,14 +164,18 @@ def evaluate_run(args) -> dict:
     from engine.data.train_data import load_text_encoder
     from engine.diffusion.edm import EDM
     from engine.outputs.images import save_grid_with_captions, to_uint8
+    from engine.config import load_config
+    from engine.sampling.sampler import build_sampler
+    from engine.sampling.settings import SamplerSettings
     from engine.training.run_folder import load_run_model
 
     run = Path(args.run)
+    settings = SamplerSettings.from_args(args, load_config(run / "config.yaml"), str(run.parent / ".cache"))
     cfg, model, ckpt = load_run_model(run, args.checkpoint, use_ema=not args.raw_weights)
     device = next(model.parameters()).device
     synthetic = cfg.data.source == "synthetic"
-    n, steps = args.num_images, args.steps or cfg.sample.steps
-    scale = cfg.sample.cfg_scale if args.cfg is None else args.cfg
+    sampler = build_sampler(settings, cfg, device)
+    n, steps, scale = args.num_images, sampler.settings.sample.steps, sampler.settings.cfg_scale
     data_seed = cfg.run.seed + 1_000_000 if args.data_seed is None else args.data_seed
     source, prompts, specs = prepare_prompts(args, cfg, data_seed)
 
@@ -191,15 +197,15 @@ def evaluate_run(args) -> dict:
         clip = CLIPScorer(args.clip, device=device)
     geneval = None
     if synthetic and not args.no_geneval:
-        from engine.eval.geneval import GenEvalScorer
-        geneval = GenEvalScorer()
+        from engine.eval.geneval import GenEvalScorer, ShapeDetector
+        geneval = GenEvalScorer(ShapeDetector(background="fixed" if cfg.data.backgrounds == "fixed" else "estimate"))
     out = Path(args.out) if args.out else run / "eval" / Path(ckpt).name
     out.mkdir(parents=True, exist_ok=True)
     scores = Scores(args, extractors, clip, geneval, out)
 
     edm, encoder = EDM.from_config(cfg.diffusion), load_text_encoder(cfg)
     t_gen = time.perf_counter()
-    for i, x in generate(model, edm, encoder, prompts, steps, scale, args.seed, args.batch_size, decoder):
+    for i, x in generate(model, edm, encoder, prompts, steps, scale, args.seed, args.batch_size, decoder, sampler):
         scores.update(i, to_uint8(x), prompts[i:i + len(x)], specs[i:i + len(x)] if specs else None)
     gen_s = time.perf_counter() - t_gen
     metrics = scores.metrics(reference, ref_ds)
@@ -211,6 +217,7 @@ def evaluate_run(args) -> dict:
         "run": str(run), "checkpoint": str(ckpt), "step": _step_of(Path(ckpt)),
         "weights": "raw" if args.raw_weights else "ema", "model": cfg.model.name,
         "num_images": n, "image_size": list(scores.image_hw), "steps": steps, "cfg_scale": scale,
+        "sampler": sampler.record(),
         "seed": args.seed, "batch_size": args.batch_size,
         "prompts": {"source": source, **({"data_seed": data_seed} if source == "synthetic" else {}),
                     "unique": len(set(prompts))},
@@ -237,7 +244,7 @@ def check_reference(reference: str | None, extractors: dict, synthetic: bool, cf
         if not synthetic:
             raise SystemExit(f"--reference synthetic: the run trained on data.source={cfg.data.source}")
         from engine.data.synthetic import SyntheticShapes
-        return SyntheticShapes(num, cfg.data.image_size, data_seed)
+        return SyntheticShapes(num, cfg.data.image_size, data_seed, cfg.data.backgrounds)
     if reference.endswith(".npz"):
         if not Path(reference).is_file():
             raise SystemExit(f"--reference {reference}: no such file")
