@@ -62,6 +62,8 @@ class SamplerSettings:
     @classmethod
     def from_config(cls, cfg: Config, cache_dir: str | None = None) -> "SamplerSettings":
         s = cfg.sample
+        if s.init == "sing":
+            check_sing_run(s.sing_run)
         return cls(s, cfg.diffusion.sigma_min, cfg.diffusion.sigma_max, s.cfg_scale, cache_dir)
 
     @classmethod
@@ -98,3 +100,20 @@ class SamplerSettings:
         if s.init == "sing":
             rec |= {"sing_run": s.sing_run, "sing_guidance": s.sing_guidance}
         return rec
+
+
+def check_sing_run(folder: str) -> None:
+    """sample.sing_run must be a run trained with diffusion.objective=init_step (its config says so; the weights and
+    their fit to the sampled run are checked when they load, engine/sampling/start.py)."""
+    from pathlib import Path
+
+    from engine.config import load_config
+
+    where = f"sample.sing_run / --sing-run {folder}"
+    if not (Path(folder) / "config.yaml").is_file():
+        raise SamplerSettingsError(f"{where}: not a run folder (no config.yaml); train an initial-step model with "
+                                   "diffusion.objective=init_step")
+    objective = load_config(Path(folder) / "config.yaml").diffusion.objective
+    if objective != "init_step":
+        raise SamplerSettingsError(f"{where}: trained with diffusion.objective={objective!r}, not an initial-step "
+                                   "model (init_step)")

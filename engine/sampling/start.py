@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from engine.sampling.settings import SamplerSettings, SamplerSettingsError
+from engine.sampling.settings import SamplerSettings, SamplerSettingsError, check_sing_run
 
 
 class MeanImageStart:
@@ -61,16 +61,11 @@ def load_init_step(settings: SamplerSettings, cfg, device) -> InitStepStart:
 
     run = Path(settings.sample.sing_run)
     where = f"sample.sing_run / --sing-run {run}"
-    if not (run / "config.yaml").is_file():
-        raise SamplerSettingsError(f"{where}: not a run folder (no config.yaml); train one with "
-                                   "diffusion.objective=init_step")
+    check_sing_run(str(run))
     try:
         scfg, model, _ = load_run_model(run, None, use_ema=True)
     except (FileNotFoundError, ValueError) as e:
         raise SamplerSettingsError(f"{where}: {e}") from None
-    if scfg.diffusion.objective != "init_step":
-        raise SamplerSettingsError(f"{where}: trained with diffusion.objective={scfg.diffusion.objective!r}, "
-                                   "not an initial-step model (init_step)")
     for key in ("text_encoder", "caption_len", "caption_channels", "image_size", "channels", "attend_to_padding"):
         if getattr(scfg.data, key) != getattr(cfg.data, key):
             raise SamplerSettingsError(f"{where}: data.{key}={getattr(scfg.data, key)!r} differs from this run's "
