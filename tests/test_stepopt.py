@@ -21,6 +21,7 @@ def test_base_schedules_run_from_sigma_max_to_sigma_min_and_decrease(name):
         assert s.dtype == torch.float64 and s.shape == (points,)
         assert s[0].item() == pytest.approx(SMAX, rel=1e-12) and s[-1].item() == pytest.approx(SMIN, rel=1e-12)
         assert torch.all(s[1:] < s[:-1])
+    assert base_schedule(name, 5, SMIN, 20.0)[0].item() == 20.0  # the start state is sigma_max · n, exactly
     with pytest.raises(ValueError, match="schedule must be one of"):
         base_schedule("cosine", 5, SMIN, SMAX)
 

@@ -33,11 +33,14 @@ def uniform(points: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -
 
 
 def base_schedule(name: str, points: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """One of BASE_SCHEDULES. End points are the formulas' (within an ulp of sigma_max and sigma_min): Karras is left
-    exactly as the engine has always computed it, so default samples do not move."""
+    """One of BASE_SCHEDULES. The first point is sigma_max exactly (the start state is sigma_max · n); the last is the
+    formula's, within an ulp of sigma_min, so Karras stays as the engine has always computed it and default samples do
+    not move (at sigma_max = 80 the formula's first point is exactly 80 too)."""
     fns = {"karras": karras, "logsnr": logsnr, "uniform": uniform}
     if name not in fns:
         raise ValueError(f"schedule must be one of {', '.join(BASE_SCHEDULES)}, got {name!r}")
     if points < 1 or not 0 < sigma_min < sigma_max:
         raise ValueError(f"need points >= 1 and 0 < sigma_min < sigma_max, got {points}, {sigma_min}, {sigma_max}")
-    return fns[name](points, sigma_min, sigma_max, rho)
+    s = fns[name](points, sigma_min, sigma_max, rho)
+    s[0] = sigma_max
+    return s
