@@ -1,7 +1,8 @@
 """Evaluate a trained run: `python engine/evaluate.py --run runs/tiny [--inception inception-2015-12-05.pt]
 [--features facebook/dinov2-small] [--clip openai/clip-vit-base-patch32]`.
 
-Generates --num-images images with the run's EMA weights (EDM Heun + CFG, batched) and computes:
+Generates --num-images images with the run's EMA weights and sampler settings (default EDM Heun + CFG; the sampler
+flags --solver, --schedule, --nfe, --init, ... override them; eval.json records them), batched, and computes:
   * GenEval-style accuracy (colour, shape, count, position, all) for runs trained on the built-in synthetic
     dataset: always (engine/eval/geneval.py);
   * FID against --reference with each feature extractor given (--inception TorchScript file and/or --features
