@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -11,6 +12,11 @@ from pathlib import Path
 import yaml
 
 import kernels
+
+
+class ConfigError(ValueError):
+    """A value, key or file the user gave is wrong. The message names it and what is allowed; entry points print it
+    as one line and exit with status 2 (engine/training/errors.py)."""
 
 
 @dataclass
@@ -29,6 +35,10 @@ class ModelSection:
     """Size from models/sizes.py (MicroDiT_XL_2, MicroDiT_Tiny_2, MicroDiT_Nano_4, DiT_XL_2)."""
     pos_interp_scale: float = 1.0
     """Position-embedding interpolation: 1.0 at 256 px, 2.0 at 512 px."""
+    init: str = "identity"
+    """Weight init: 'identity' (cross-attention output and patch-embedding bias start at zero, so a fresh block is the
+    identity) or 'official' (as SonyResearch/micro_diffusion: the cross-attention output drawn like the other output
+    projections, PyTorch's default patch-embedding bias). The README lists every difference from the official code."""
 
 
 @dataclass
@@ -101,10 +111,19 @@ class TrainConfig:
     """'auto' (bf16 on GPUs that support it, else fp32), 'bf16' or 'fp32'."""
     compile: bool = False
     """torch.compile each block."""
+    reshard_after_forward: bool = True
+    """FSDP2: free each block's gathered weights after its forward and gather them again in backward (least memory).
+    False keeps them until backward, as the official runs' SHARD_GRAD_OP: one all-gather less per block and step, for
+    the memory of one unsharded copy of the bf16 weights (2.3 GB for MicroDiT_XL_2)."""
+    reduce_dtype: str = "fp32"
+    """Dtype of the gradient reduce-scatter: 'fp32' (exact sums) or 'bf16' (half the bytes on the wire)."""
     activation_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
     ema_decay: float = 0.999
-    """EMA of the weights, used for sampling."""
+    """EMA of the weights, used for sampling: ema = decay · ema + (1 - decay) · weights each step (0 = a copy)."""
+    ema_start: int = 0
+    """Step from which the EMA averages; before it the EMA is a copy of the weights (the official 512-px masked phase
+    starts its EMA at step 25K)."""
     init_from: str = ""
     """Checkpoint folder of an earlier phase to initialise the weights from (position embeddings are rebuilt)."""
     max_nonfinite_steps: int = 20
@@ -132,13 +151,16 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     warmup_steps: int = 20
-    """Linear warmup from 0 to lr."""
+    """Linear warmup from 0 at step 0 to lr at step warmup_steps (as the official trainer's schedulers)."""
     schedule: str = "cosine"
     """'cosine' (to min_lr_ratio · lr at the last step) or 'constant'."""
     min_lr_ratio: float = 0.0
     """Final lr / peak lr for the cosine schedule."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
+    decay_norms_and_biases: bool = False
+    """Weight decay on every parameter, norms and biases included (the official code does); False decays only
+    tensors with 2+ dimensions."""
 
 
 @dataclass
@@ -165,6 +187,7 @@ class SampleConfig:
     steps: int = 30
     """Solver steps when sample.nfe is null: Heun takes this many points plus a last Euler step into 0 (2·steps − 1
     model evaluations), the other solvers this many evaluations."""
+
     cfg_scale: float = 4.0
     """Classifier-free guidance scale (1 = off)."""
     prompts: list[str] = field(default_factory=lambda: [
@@ -230,82 +253,112 @@ class Config:
     cost: CostConfig = field(default_factory=CostConfig)
 
     def validate(self, world_size: int | None = None) -> "Config":
-        """Raise ValueError naming the key of the first impossible value; world_size checks batch divisibility."""
-        from models.sizes import sizes
+        """Raise ConfigError naming the key of the first impossible value; world_size checks batch divisibility."""
+        from models.sizes import model_config, sizes
 
-        d, t, o = self.diffusion, self.train, self.optim
+        r, m, dt, d, t, o, s = self.run, self.model, self.data, self.diffusion, self.train, self.optim, self.sample
+        # (key, test, what is allowed); tests are lambdas so that one runs only after the keys it divides by passed.
         checks = [
-            ("model.name", self.model.name in sizes(), f"is not a model size; choices: {', '.join(sizes())}"),
-            ("data.source", self.data.source in ("synthetic", "precomputed", "random"),
+            ("run.name", lambda: r.name not in ("", ".", "..") and not set(r.name) & set("/\\"),
+             "must be a folder name (not empty, no '/' or '\\')"),
+            ("run.out_dir", lambda: bool(r.out_dir), "must not be empty"),
+            ("run.seed", lambda: r.seed >= 0, "must be >= 0"),
+            ("model.name", lambda: m.name in sizes(), f"is not a model size; choices: {', '.join(sizes())}"),
+            ("model.pos_interp_scale", lambda: m.pos_interp_scale > 0, "must be > 0"),
+            ("model.init", lambda: m.init in ("identity", "official"), "must be 'identity' or 'official'"),
+            ("data.source", lambda: dt.source in ("synthetic", "precomputed", "random"),
              "must be 'synthetic', 'precomputed' or 'random'"),
-            ("data.path", self.data.source != "precomputed" or bool(self.data.path),
+            ("data.path", lambda: dt.source != "precomputed" or bool(dt.path),
              "must name the precomputed folder when data.source=precomputed"),
-            ("data.num_workers", self.data.num_workers >= 0, "must be >= 0"),
-            ("data.num_samples", self.data.num_samples >= 1, "must be >= 1"),
-            ("data.backgrounds", self.data.backgrounds in ("fixed", "prompted"), "must be 'fixed' or 'prompted'"),
-            ("data.caption_len", self.data.caption_len >= 1, "must be >= 1"),
-            ("data.caption_dropout", 0 <= self.data.caption_dropout < 1, "must be in [0, 1)"),
-            ("diffusion.mask_ratio", 0 <= d.mask_ratio < 1, "must be in [0, 1): at least one token must be kept"),
-            ("diffusion.p_std", d.p_std > 0, "must be > 0"),
-            ("diffusion.sigma_data", d.sigma_data > 0, "must be > 0"),
-            ("train.steps", t.steps >= 1, "must be >= 1"),
-            ("train.micro_batch", t.micro_batch >= 1, "must be >= 1"),
-            ("train.global_batch", t.global_batch % t.micro_batch == 0, f"must be a multiple of train.micro_batch={t.micro_batch}"),
-            ("train.precision", t.precision in ("auto", "bf16", "fp32"), "must be 'auto', 'bf16' or 'fp32'"),
-            ("train.ema_decay", 0 <= t.ema_decay < 1, "must be in [0, 1)"),
-            ("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, "must be >= 1"),
-            ("train.log_every", t.log_every >= 1, "must be >= 1"),
-            ("train.ckpt_every", t.ckpt_every >= 1, "must be >= 1"),
-            ("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be >= 1"),
-            ("optim.lr", o.lr > 0, "must be > 0"),
-            ("optim.schedule", o.schedule in ("cosine", "constant"), "must be 'cosine' or 'constant'"),
-            ("optim.warmup_steps", o.warmup_steps >= 0, "must be >= 0"),
-            ("optim.grad_clip", o.grad_clip >= 0, "must be >= 0"),
-            ("sample.steps", self.sample.steps >= 1, "must be >= 1"),
-            ("sample.per_prompt", self.sample.per_prompt >= 1, "must be >= 1"),
-            *sampling_checks(self.sample, d),
-            ("cost.usd_per_gpu_hour", self.cost.usd_per_gpu_hour >= 0, "must be >= 0"),
+            ("data.resolution", lambda: dt.resolution >= 1, "must be >= 1"),
+            ("data.num_workers", lambda: dt.num_workers >= 0, "must be >= 0"),
+            ("data.num_samples", lambda: dt.num_samples >= 1, "must be >= 1"),
+            ("data.backgrounds", lambda: dt.backgrounds in ("fixed", "prompted"), "must be 'fixed' or 'prompted'"),
+            ("data.image_size", lambda: dt.image_size >= 1, "must be >= 1"),
+            ("data.image_size", lambda: dt.image_size % model_config(m.name).patch_size == 0,
+             f"must be a multiple of {m.name}'s patch size"),
+            ("data.image_size", lambda: dt.source != "synthetic" or dt.image_size >= 16,
+             "must be >= 16 for data.source=synthetic (smaller shapes are unreadable)"),
+            ("data.channels", lambda: dt.channels >= 1, "must be >= 1"),
+            ("data.channels", lambda: dt.source != "synthetic" or dt.channels == 3,
+             "must be 3 for data.source=synthetic (it renders RGB pixels)"),
+            ("data.text_encoder", lambda: bool(dt.text_encoder), "must name a text encoder (hub id or folder)"),
+            ("data.caption_len", lambda: dt.caption_len >= 1, "must be >= 1"),
+            ("data.caption_channels", lambda: dt.caption_channels >= 1, "must be >= 1"),
+            ("data.caption_dropout", lambda: 0 <= dt.caption_dropout < 1, "must be in [0, 1)"),
+            ("diffusion.mask_ratio", lambda: 0 <= d.mask_ratio < 1, "must be in [0, 1): at least one token must be kept"),
+            ("diffusion.p_std", lambda: d.p_std > 0, "must be > 0"),
+            ("diffusion.sigma_data", lambda: d.sigma_data > 0, "must be > 0"),
+            ("train.steps", lambda: t.steps >= 1, "must be >= 1"),
+            ("train.micro_batch", lambda: t.micro_batch >= 1, "must be >= 1"),
+            ("train.global_batch", lambda: t.global_batch >= 1, "must be >= 1"),
+            ("train.global_batch", lambda: t.global_batch % t.micro_batch == 0,
+             f"must be a multiple of train.micro_batch={t.micro_batch}"),
+            ("train.precision", lambda: t.precision in ("auto", "bf16", "fp32"), "must be 'auto', 'bf16' or 'fp32'"),
+            ("train.reduce_dtype", lambda: t.reduce_dtype in ("fp32", "bf16"), "must be 'fp32' or 'bf16'"),
+            ("train.ema_decay", lambda: 0 <= t.ema_decay < 1, "must be in [0, 1)"),
+            ("train.ema_start", lambda: t.ema_start >= 0, "must be >= 0"),
+            ("train.max_nonfinite_steps", lambda: t.max_nonfinite_steps >= 1, "must be >= 1"),
+            ("train.log_every", lambda: t.log_every >= 1, "must be >= 1"),
+            ("train.ckpt_every", lambda: t.ckpt_every >= 1, "must be >= 1"),
+            ("train.keep_checkpoints", lambda: t.keep_checkpoints >= 1, "must be >= 1"),
+            ("train.sample_every", lambda: t.sample_every >= 0, "must be >= 0"),
+            ("optim.lr", lambda: o.lr > 0, "must be > 0"),
+            ("optim.betas", lambda: all(0 <= b < 1 for b in o.betas), "must be two numbers in [0, 1)"),
+            ("optim.weight_decay", lambda: o.weight_decay >= 0, "must be >= 0"),
+            ("optim.eps", lambda: o.eps > 0, "must be > 0"),
+            ("optim.schedule", lambda: o.schedule in ("cosine", "constant"), "must be 'cosine' or 'constant'"),
+            ("optim.warmup_steps", lambda: o.warmup_steps >= 0, "must be >= 0"),
+            ("optim.min_lr_ratio", lambda: 0 <= o.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("optim.grad_clip", lambda: o.grad_clip >= 0, "must be >= 0"),
+            ("sample.steps", lambda: s.steps >= 1, "must be >= 1"),
+            ("sample.prompts", lambda: len(s.prompts) >= 1, "must hold at least one prompt"),
+            ("sample.per_prompt", lambda: s.per_prompt >= 1, "must be >= 1"),
+            ("sample.seed", lambda: s.seed >= 0, "must be >= 0"),
+            *sampling_checks(s, d),
+            ("cost.usd_per_gpu_hour", lambda: self.cost.usd_per_gpu_hour >= 0, "must be >= 0"),
         ]
         if world_size is not None:
             per_step = t.micro_batch * world_size
-            checks.append(("train.global_batch", t.global_batch % per_step == 0,
+            checks.append(("train.global_batch", lambda: t.global_batch % per_step == 0,
                            f"must be divisible by train.micro_batch × world size = {t.micro_batch} × {world_size}"))
         for key, ok, why in checks:
-            if not ok:
-                raise ValueError(f"config: {key}={get_key(self, key)!r} {why}")
+            if not ok():
+                raise ConfigError(f"config: {key}={get_key(self, key)!r} {why}")
         for op in kernels.ops():
             try:
                 kernels.resolve_name(op, getattr(self.kernels, op))
             except ValueError as e:
-                raise ValueError(f"config: {e}") from None
+                raise ConfigError(f"config: {e}") from None
         return self
 
 
-def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, bool, str]]:
+def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, typing.Callable[[], bool], str]]:
     """(key, ok, why) of the sampler's settings; shared by config files and the sampling flags."""
     from_ = lambda choices: f"must be one of: {', '.join(choices)}"
     rule = s.lower_order_final
     return [
-        ("diffusion.objective", d.objective in ("edm", "init_step"), from_(("edm", "init_step"))),
-        ("diffusion.sigma_min", d.sigma_min > 0, "must be > 0"),
-        ("diffusion.sigma_min", d.sigma_min < d.sigma_max, f"must be < diffusion.sigma_max={d.sigma_max}"),
-        ("sample.solver", s.solver in SOLVERS, from_(SOLVERS)),
-        ("sample.order", 1 <= s.order <= 3, "must be 1, 2 or 3"),
-        ("sample.dpmpp_variant", s.dpmpp_variant in DPMPP_VARIANTS, from_(DPMPP_VARIANTS)),
-        ("sample.unipc_variant", s.unipc_variant in ("bh1", "bh2"), from_(("bh1", "bh2"))),
-        ("sample.lower_order_final", rule in ("always", "never") or (rule.startswith("below:") and rule[6:].isdigit()),
+        ("diffusion.objective", lambda: d.objective in ("edm", "init_step"), from_(("edm", "init_step"))),
+        ("diffusion.sigma_min", lambda: d.sigma_min > 0, "must be > 0"),
+        ("diffusion.sigma_min", lambda: d.sigma_min < d.sigma_max, f"must be < diffusion.sigma_max={d.sigma_max}"),
+        ("sample.solver", lambda: s.solver in SOLVERS, from_(SOLVERS)),
+        ("sample.order", lambda: 1 <= s.order <= 3, "must be 1, 2 or 3"),
+        ("sample.dpmpp_variant", lambda: s.dpmpp_variant in DPMPP_VARIANTS, from_(DPMPP_VARIANTS)),
+        ("sample.unipc_variant", lambda: s.unipc_variant in ("bh1", "bh2"), from_(("bh1", "bh2"))),
+        ("sample.lower_order_final",
+         lambda: rule in ("always", "never") or (rule.startswith("below:") and rule[6:].isdigit()),
          "must be 'always', 'never' or 'below:N' (N a whole number)"),
-        ("sample.nfe", s.nfe is None or s.nfe >= 1, "must be >= 1 (or null: use sample.steps)"),
-        ("sample.schedule", s.schedule in SCHEDULES, from_(SCHEDULES)),
-        ("sample.schedule", s.schedule != "optimized" or s.solver != "heun",
+        ("sample.nfe", lambda: s.nfe is None or s.nfe >= 1, "must be >= 1 (or null: use sample.steps)"),
+        ("sample.schedule", lambda: s.schedule in SCHEDULES, from_(SCHEDULES)),
+        ("sample.schedule", lambda: s.schedule != "optimized" or s.solver != "heun",
          "is made for a multistep solver's order pattern (euler, dpmpp, unipc), not sample.solver=heun"),
-        ("sample.rho", s.rho > 0, "must be > 0"),
-        ("sample.stepopt_power", s.stepopt_power in (1, 2), "must be 1 or 2"),
-        ("sample.stepopt_init", s.stepopt_init in SCHEDULES[:3], from_(SCHEDULES[:3])),
-        ("sample.init", s.init in INITS, from_(INITS)),
-        ("sample.sing_run", s.init != "sing" or bool(s.sing_run),
+        ("sample.rho", lambda: s.rho > 0, "must be > 0"),
+        ("sample.stepopt_power", lambda: s.stepopt_power in (1, 2), "must be 1 or 2"),
+        ("sample.stepopt_init", lambda: s.stepopt_init in SCHEDULES[:3], from_(SCHEDULES[:3])),
+        ("sample.init", lambda: s.init in INITS, from_(INITS)),
+        ("sample.sing_run", lambda: s.init != "sing" or bool(s.sing_run),
          "must name a trained initial-step run (diffusion.objective=init_step) when sample.init=sing"),
-        ("sample.sing_guidance", s.sing_guidance in SING_GUIDANCE, from_(SING_GUIDANCE)),
+        ("sample.sing_guidance", lambda: s.sing_guidance in SING_GUIDANCE, from_(SING_GUIDANCE)),
     ]
 
 
@@ -315,18 +368,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Defaults, then the YAML file, then `key=value` overrides; types are checked and values validated."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(Path(path)) or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"config file {path}: top level must be a mapping")
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"config override '{item}' must look like key=value (e.g. optim.lr=1e-4)")
-        set_nested(raw, key.strip(), yaml.safe_load(value))
+            raise ConfigError(f"config override '{item}' must look like key=value (e.g. optim.lr=1e-4)")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config override '{item}': the value is not valid YAML ({_yaml_problem(e)})") from None
+        set_nested(raw, key.strip(), parsed)
     return build(Config, raw, "").validate()
+
+
+def read_yaml(path: Path):
+    """The parsed YAML file; a missing file, bytes that are not UTF-8 or invalid YAML are a ConfigError naming it."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+                          ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: invalid YAML ({_yaml_problem(e)})") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """yaml's reason and 1-based line:column, in one line."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
 
 
 def set_nested(tree: dict, dotted: str, value) -> None:
@@ -334,19 +410,19 @@ def set_nested(tree: dict, dotted: str, value) -> None:
     for p in parents:
         tree = tree.setdefault(p, {})
         if not isinstance(tree, dict):
-            raise ValueError(f"config override '{dotted}': '{p}' is not a section")
+            raise ConfigError(f"config override '{dotted}': '{p}' is not a section")
     tree[leaf] = value
 
 
 def build(cls, raw: dict, prefix: str):
     """Build dataclass `cls` from a nested dict, naming the key of any unknown field or wrong type."""
     if not isinstance(raw, dict):
-        raise ValueError(f"config: {prefix.rstrip('.') or 'top level'} must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"config: {prefix.rstrip('.') or 'top level'} must be a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ValueError(f"config: unknown key '{prefix}{unknown[0]}'; valid keys here: {', '.join(fields)}")
+        raise ConfigError(f"config: unknown key '{prefix}{unknown[0]}'; valid keys here: {', '.join(fields)}")
     kwargs = {}
     for name, value in raw.items():
         kind = hints[name]
@@ -356,17 +432,19 @@ def build(cls, raw: dict, prefix: str):
 
 
 def coerce(kind, value, key: str):
-    """Check `value` against the annotated type; ints are accepted where floats are expected."""
+    """Check `value` against the annotated type; ints are accepted where floats are expected, NaN and ±inf nowhere."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
-    bad = ValueError(f"config: {key} expects {_type_name(kind)}, got {type(value).__name__} {value!r}")
+    bad = ConfigError(f"config: {key} expects {_type_name(kind)}, got {type(value).__name__} {value!r}")
     if kind is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(float(value) if abs(value) < 1e308 else math.inf):  # inf would run and write NaN
+            raise ConfigError(f"config: {key}={value!r} must be a finite number")
         return float(value)
     if kind in (int, bool, str):
         if type(value) is not kind:
@@ -377,13 +455,13 @@ def coerce(kind, value, key: str):
             raise bad
         items = [coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
         if origin is tuple and Ellipsis not in args and len(items) != len(args):
-            raise ValueError(f"config: {key} expects {len(args)} values, got {len(items)}")
+            raise ConfigError(f"config: {key} expects {len(args)} values, got {len(items)}")
         return tuple(items) if origin is tuple else items
     if origin in (typing.Union, types.UnionType):
         for option in args:
             try:
                 return None if option is type(None) and value is None else coerce(option, value, key)
-            except ValueError:
+            except ConfigError:
                 continue
         raise bad
     raise TypeError(f"config: unsupported annotation {kind} for {key}")

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> Path:
     cfg, out = model.cfg, Path(args.out)
     print(f"converted {args.src} -> {ckpt}\n  size {name}, {model.num_params() / 1e6:.1f}M parameters, "
           f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, captions {cfg.caption_channels} wide, "
-          f"pos_interp_scale {cfg.pos_interp_scale:g}\n  sample: python engine/sample.py --run {out}\n"
+          f"pos_interp_scale {cfg.pos_interp_scale:g}\n  sample: python engine/sample.py --run {out} "
+          "[--text-encoder <folder or id of the same width, if the run's is not at hand>]\n"
           # A new run name: this folder's checkpoint has no optimizer state to resume from.
           f"  fine-tune: python engine/train.py --config {out / 'config.yaml'} run.name={out.name}_finetune "
           f"train.init_from={ckpt}")

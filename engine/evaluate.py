@@ -27,7 +27,8 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine.eval.evaluation import evaluate_run
-from engine.sampling.settings import add_sampler_args, exit_on_bad_settings
+from engine.sampling.settings import add_sampler_args
+from engine.training.errors import run_cli
 
 
 def parse_args(argv=None):
@@ -50,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--clip", help="transformers CLIP model (hub id or path) for the CLIP score")
     p.add_argument("--no-geneval", action="store_true", help="skip the GenEval-style score of synthetic runs")
     p.add_argument("--vae", help="latent runs: diffusers AutoencoderKL to decode with (default: the run's data.vae)")
+    p.add_argument("--text-encoder", help="text encoder (hub id or folder) instead of the run's data.text_encoder")
     p.add_argument("--steps", type=int, help="solver steps without --nfe (default: the run's sample.steps)")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -66,10 +68,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    with exit_on_bad_settings("evaluate.py"):
-        return evaluate_run(args)
+    return evaluate_run(parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -15,11 +15,11 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
 import torch
 
 from engine.config import load_config
-from engine.data.train_data import load_text_encoder
 from engine.diffusion.edm import EDM
 from engine.sampling.sampler import build_sampler, sample
-from engine.sampling.settings import SamplerSettings, add_sampler_args, exit_on_bad_settings
-from engine.training.run_folder import load_run_model
+from engine.sampling.settings import SamplerSettings, add_sampler_args
+from engine.training.errors import run_cli
+from engine.training.run_folder import embed_captions, load_run_model
 
 
 def parse_args(argv=None):
@@ -34,25 +34,24 @@ def parse_args(argv=None):
     p.add_argument("--out", help="PNG path (default: <run>/samples/sample_<seed>.png)")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
     p.add_argument("--vae", help="diffusers AutoencoderKL to decode latents (default: the run's data.vae)")
+    p.add_argument("--text-encoder", help="text encoder (hub id or folder) instead of the run's data.text_encoder")
     add_sampler_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    run = Path(args.run)
-    with exit_on_bad_settings("sample.py"):  # bad flags fail before anything is loaded
-        settings = SamplerSettings.from_args(args, load_config(run / "config.yaml"), str(run.parent / ".cache"))
-    cfg, model, ckpt = load_run_model(run, args.checkpoint, use_ema=not args.raw_weights)
+    run = Path(args.run)  # bad sampler flags fail before anything is loaded
+    settings = SamplerSettings.from_args(args, load_config(run / "config.yaml"), str(run.parent / ".cache"))
+    cfg, model, ckpt = load_run_model(run, args.checkpoint, not args.raw_weights, text_encoder=args.text_encoder)
     device = next(model.parameters()).device
-    with exit_on_bad_settings("sample.py"):
-        sampler = build_sampler(settings, cfg, device)
+    sampler = build_sampler(settings, cfg, device)
     captions = [p for p in args.prompt for _ in range(args.num)]
-    y, y_mask = load_text_encoder(cfg).encode(captions)
+    y, y_mask = embed_captions(cfg, captions, device)
     edm = EDM.from_config(cfg.diffusion)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     scale = sampler.settings.cfg_scale
-    images = sample(model, edm, y.to(device), y_mask.to(device), generator=gen, sampler=sampler).cpu()
+    images = sample(model, edm, y, y_mask, generator=gen, sampler=sampler).cpu()
     if not torch.isfinite(images).all():  # a PNG would clamp NaN to black and hide it
         raise FloatingPointError(f"sampling from {ckpt} gave non-finite values (the weights or --cfg {scale} diverge)")
     out = Path(args.out) if args.out else run / "samples" / f"sample_{args.seed}.png"
@@ -73,4 +72,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
 import torch.distributed as dist
 
 from engine.config import describe, load_config
+from engine.training.errors import run_cli
 from engine.training.loop import train
 from engine.training.parallel import init_distributed
 
@@ -32,9 +34,9 @@ def main(argv=None) -> None:
         print(describe())
         return
     cfg = load_config(args.config, args.overrides)
+    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", 1)))  # before the process group: torchrun's or ours
     d = init_distributed()
     try:
-        cfg.validate(world_size=d.world_size)
         run_dir = train(cfg, d)
         dist.barrier()  # leave together: tearing gloo down while another rank still talks can abort it
         if d.is_main:
@@ -44,4 +46,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -59,6 +59,10 @@ class ModelConfig:
     """Width of the sinusoidal timestep features."""
     depth_init: bool = True
     """Scale each backbone block's output-projection init by its depth."""
+    init: str = "identity"
+    """'identity': the cross-attention output and the patch-embedding bias start at zero, so with the zero gates a
+    fresh block is the identity. 'official': as the official code, which draws the cross-attention output like the
+    other output projections and keeps PyTorch's default (uniform) patch-embedding bias."""
     time_free: bool = False
     """No timestep embedding: the adaLN condition is the pooled caption alone. SingDiffusion's initial-step model
     (a network that predicts x0 from pure noise and the caption) is such a model."""
@@ -74,6 +78,7 @@ class ModelConfig:
             ("dim", self.dim % self.head_dim == 0, "must be a multiple of head_dim"),
             ("mixer_dim", self.mixer_depth == 0 or self.mixer_dim % self.head_dim == 0, "must be a multiple of head_dim"),
             ("mlp", self.mlp in ("swiglu", "gelu"), "must be 'swiglu' or 'gelu'"),
+            ("init", self.init in ("identity", "official"), "must be 'identity' or 'official'"),
             ("depth", self.depth >= 1, "must be >= 1"),
             ("num_experts", self.num_experts >= 1, "must be >= 1"),
             ("expert_capacity", self.expert_capacity > 0, "must be > 0"),

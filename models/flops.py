@@ -29,5 +29,6 @@ def train_flops_per_image(cfg: ModelConfig, caption_len: int, mask_ratio: float 
 
 
 def kept_tokens(num_tokens: int, mask_ratio: float) -> int:
-    """Tokens kept after deferred masking: round((1 - r) · N), at least one."""
-    return max(1, round((1.0 - mask_ratio) * num_tokens))
+    """Tokens kept after deferred masking: int(N · (1 - r)) as the official code counts them (it truncates: r = 0.7,
+    N = 256 keeps 76, not 77), but at least one, where the official code would keep none and fail."""
+    return max(1, int(num_tokens * (1.0 - mask_ratio)))

@@ -114,8 +114,11 @@ class MicroDiT(nn.Module):
     # ---- init ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """The official scheme (xavier everywhere, small normals on embedders, depth-scaled output projections), plus
-        adaLN-Zero: modulation gates, the cross-attention output and the final layer start at zero."""
+        """The official scheme (xavier everywhere, small normals on embedders, depth-scaled output projections, zero
+        modulation gates and final layer). cfg.init='identity' also zeroes the cross-attention output and the
+        patch-embedding bias (adaLN-Zero in full: a fresh block is the identity); 'official' draws them as the
+        official code does (depth-scaled normal; PyTorch's default conv bias, left as constructed)."""
+        identity = self.cfg.init == "identity"
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -123,16 +126,17 @@ class MicroDiT(nn.Module):
                     nn.init.zeros_(m.bias)
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        if identity:
+            nn.init.zeros_(self.x_embedder.proj.bias)
         t_mlp = [] if self.cfg.time_free else [self.t_embedder.mlp[0], self.t_embedder.mlp[2]]
         for lin in (*t_mlp, self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2,
                     self.pooled_y_emb_process.fc1, self.pooled_y_emb_process.fc2):
             nn.init.normal_(lin.weight, std=0.02)
         depth = self.cfg.depth
         for i, block in enumerate(self.blocks):
-            init_block(block, 0.02 / (2 * (i + 1 if self.cfg.depth_init else depth)) ** 0.5)
+            init_block(block, 0.02 / (2 * (i + 1 if self.cfg.depth_init else depth)) ** 0.5, identity)
         for block in self.patch_mixer if self.cfg.mixer_depth > 0 else []:
-            init_block(block, 0.02 / (2 * depth) ** 0.5)
+            init_block(block, 0.02 / (2 * depth) ** 0.5, identity)
         if self.cfg.caption_refiner:
             blk = self.y_emb_preprocess
             trunc(blk.attn.qkv.weight, 0.02)
@@ -164,8 +168,9 @@ def trunc(w: torch.Tensor, std: float) -> None:
     nn.init.trunc_normal_(w, mean=0.0, std=std)
 
 
-def init_block(block: DiTBlock, out_std: float) -> None:
-    """Input projections ~ N(0, 0.02); output projections depth-scaled; gates and cross-attention output zero."""
+def init_block(block: DiTBlock, out_std: float, identity: bool) -> None:
+    """Input projections ~ N(0, 0.02); output projections depth-scaled; gates zero, and with `identity` the
+    cross-attention output too."""
     for norm in (block.norm1, block.norm3, *([block.norm2] if block.cross_attention else [])):
         nn.init.ones_(norm.weight)
     trunc(block.attn.qkv.weight, 0.02)
@@ -173,7 +178,10 @@ def init_block(block: DiTBlock, out_std: float) -> None:
     if block.cross_attention:
         trunc(block.cross_attn.q_linear.weight, 0.02)
         trunc(block.cross_attn.kv_linear.weight, 0.02)
-        nn.init.zeros_(block.cross_attn.proj.weight)  # zero so the fresh block is the identity (adaLN-Zero spirit)
+        if identity:  # zero so the fresh block is the identity (adaLN-Zero spirit)
+            nn.init.zeros_(block.cross_attn.proj.weight)
+        else:  # the official code: like the other output projections
+            trunc(block.cross_attn.proj.weight, out_std)
     mlp = block.mlp
     if isinstance(mlp, ExpertChoiceMoE):
         trunc(mlp.gate.weight, 0.02)

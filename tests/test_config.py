@@ -1,18 +1,40 @@
 """Config tree: YAML + dotted overrides, every error names its key, the resolved tree round-trips."""
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from engine.config import Config, config_diff, field_docs, load_config, save_config, to_dict
+from engine.config import ConfigError, KernelsConfig, config_diff, field_docs, load_config, save_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_loads_and_validates(path):
-    cfg = load_config(path)
-    assert isinstance(cfg, Config)
+def test_every_shipped_config_loads_with_each_value_as_written(path):
+    """Every key of the file reaches the config with its value (a key the loader dropped, renamed or coerced to
+    something else would fail here), and the result validates."""
+    written = flatten(yaml.safe_load(path.read_text()))
+    loaded = flatten(to_dict(load_config(path)))
+    assert written.keys() <= loaded.keys()
+    for key, value in written.items():
+        assert loaded[key] == (float(value) if isinstance(loaded[key], float) else value), key
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_shows_its_kernel_flags(path):
+    """Each file names all four backend flags, so a user sees where kernels are swapped."""
+    raw = yaml.safe_load(path.read_text())
+    assert sorted(raw.get("kernels") or {}) == sorted(f.name for f in dataclasses.fields(KernelsConfig))
 
 
 def test_paper_phases_match_the_design_table():
@@ -49,6 +71,50 @@ def test_bad_values_name_the_key(override, message):
         load_config(ROOT / "configs/tiny.yaml", [override])
 
 
+@pytest.mark.parametrize("override,message", [
+    ("train.micro_batch=0", "train.micro_batch=0 must be >= 1"),  # was a ZeroDivisionError
+    ("train.global_batch=-32", "train.global_batch=-32 must be >= 1"),  # was a negative tensor dimension
+    ("train.global_batch=0", "train.global_batch=0 must be >= 1"),  # ran with loss 0
+    ("optim.lr=inf", "optim.lr=inf must be a finite number"),  # ran and wrote NaN into metrics.jsonl
+    ("optim.lr=.nan", "optim.lr=nan must be a finite number"),
+    ("optim.lr=1e400", "optim.lr=inf must be a finite number"),  # YAML 1.1 reads it as a string; float() overflows
+    ("cost.usd_per_gpu_hour=-.inf", "cost.usd_per_gpu_hour=-inf must be a finite number"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas=(0.9, 1.5) must be two numbers in [0, 1)"),
+    ("optim.eps=0", "optim.eps=0.0 must be > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio=2.0 must be in [0, 1]"),
+    ("data.image_size=30", "data.image_size=30 must be a multiple of MicroDiT_Nano_4's patch size"),
+    ("data.image_size=8", "data.image_size=8 must be >= 16 for data.source=synthetic"),
+    ("data.channels=4", "data.channels=4 must be 3 for data.source=synthetic"),
+    ("data.caption_channels=0", "data.caption_channels=0 must be >= 1"),
+    ("data.text_encoder=''", "data.text_encoder='' must name a text encoder"),
+    ("data.resolution=0", "data.resolution=0 must be >= 1"),
+    ("model.pos_interp_scale=0", "model.pos_interp_scale=0.0 must be > 0"),
+    ("run.name=''", "run.name='' must be a folder name"),
+    ("run.name=a/b", "run.name='a/b' must be a folder name"),
+    ("run.seed=-1", "run.seed=-1 must be >= 0"),
+    ("train.sample_every=-1", "train.sample_every=-1 must be >= 0"),
+    ("sample.prompts=[]", "sample.prompts=[] must hold at least one prompt"),
+    ("sample.seed=-3", "sample.seed=-3 must be >= 0"),
+    ("optim.lr=[1", "config override 'optim.lr=[1': the value is not valid YAML"),
+    ("train=5", "config: train must be a mapping, got int"),
+])
+def test_bad_values_that_used_to_crash_or_run_are_named(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(ROOT / "configs/tiny.yaml", [override])
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"train:\n  steps: [1\n", r"bad.yaml: invalid YAML \(.* at line 3, column 1\)"),
+    (b"run:\n  name: caf\xe9\n", r"bad.yaml: not UTF-8 text \(byte 0xe9 at offset 16\)"),
+    (b"- a\n- b\n", r"bad.yaml: top level must be a mapping of sections, got list"),
+])
+def test_unreadable_config_files_are_named(tmp_path, content, message):
+    (tmp_path / "bad.yaml").write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "bad.yaml")
+
+
 def test_world_size_must_divide_the_global_batch():
     cfg = load_config(ROOT / "configs/tiny.yaml", ["train.global_batch=32", "train.micro_batch=16"])
     cfg.validate(world_size=2)
@@ -57,7 +123,7 @@ def test_world_size_must_divide_the_global_batch():
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
 
 

@@ -191,6 +191,47 @@ def test_size_inference_reads_channels():  # e.g. the released 16-channel-latent
     assert name == "MicroDiT_XL_2"
 
 
+# ---- a converted official run samples end to end ----------------------------------------------------------------
+
+def tiny_1024_wide_encoder(folder: Path) -> Path:
+    """A random CLIP text tower of the official encoder's width (1024), one layer, with a small word-level
+    tokenizer: built offline, it stands in for apple/DFN5B-CLIP-ViT-H-14-378."""
+    import transformers as tf
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "red", "circle", "two", "blue", "squares"]
+    tok = tf.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    torch.manual_seed(0)
+    model = tf.CLIPTextModel(tf.CLIPTextConfig(vocab_size=len(words), hidden_size=1024, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77))
+    folder.mkdir()
+    tok.save_pretrained(folder)
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+def test_converted_official_checkpoint_samples_with_a_1024_wide_encoder(tmp_path):
+    from engine.config import ConfigError
+    from engine.sample import main as sample_main
+
+    torch.manual_seed(0)
+    official = MicroDiT(model_config("MicroDiT_Nano_4", in_channels=4, caption_channels=1024)).eval()
+    with torch.no_grad():
+        for p in official.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    torch.save({"state": {"model": official_checkpoint(official, "dit.")}}, tmp_path / "official.pt")
+    main([str(tmp_path / "official.pt"), str(tmp_path / "run")])
+    cfg = load_config(tmp_path / "run" / "config.yaml")
+    assert (cfg.data.text_encoder, cfg.data.caption_channels) == ("apple/DFN5B-CLIP-ViT-H-14-378", 1024)
+
+    args = ["--run", str(tmp_path / "run"), "--prompt", "a red circle", "--num", "2", "--steps", "2",
+            "--out", str(tmp_path / "grid.png")]
+    with pytest.raises(ConfigError, match="data.text_encoder='apple/DFN5B-CLIP-ViT-H-14-378' cannot be loaded"):
+        sample_main(args)  # offline: the official encoder is not here, and the error says so
+    out = sample_main([*args, "--text-encoder", str(tiny_1024_wide_encoder(tmp_path / "enc"))])
+    latents = torch.load(out.with_suffix(".latents.pt"))
+    assert out.is_file() and latents.shape == (2, 4, 32, 32) and torch.isfinite(latents).all()
+
+
 # ---- errors -----------------------------------------------------------------------------------------------------
 
 def test_missing_key_is_named(nano):

@@ -122,11 +122,11 @@ def test_nothing_points_outside_the_repository():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     if not tracked:
         pytest.skip("not a git checkout")
-    bad = []
+    bad, shared = [], "shared"  # the needles are built here, so this file does not match itself
     for f in tracked:
         if f.endswith((".py", ".md", ".yaml", ".sh", ".toml", ".ini")) and (ROOT / f).is_file():
             text = (ROOT / f).read_text(errors="replace")
-            if "../shared" in text or "shared/DESIGN" in text:
+            if f"../{shared}" in text or f"{shared}/DESIGN" in text:
                 bad.append(f)
     assert not bad, bad
 

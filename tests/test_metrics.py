@@ -142,6 +142,16 @@ def test_jsonl_lines_parse(tmp_path):
     log.close()
 
 
+def test_jsonl_stays_strict_json_with_non_finite_values(tmp_path):
+    log = JsonlLogger(tmp_path / "m.jsonl")
+    log.log(1, {"loss": float("nan"), "grad_norm": torch.tensor(float("inf")), "lr": -float("inf"), "mfu": 0.5})
+    log.close()
+    text = (tmp_path / "m.jsonl").read_text()
+    strict = json.loads(text, parse_constant=lambda token: pytest.fail(f"non-JSON token {token}"))
+    assert (strict["loss"], strict["grad_norm"], strict["lr"], strict["mfu"]) == (None, None, None, 0.5)
+    assert strict["nonfinite_keys"] == ["loss", "grad_norm", "lr"]
+
+
 def test_tensorboard_writes_events(tmp_path):
     pytest.importorskip("tensorboard")
     tb = TensorBoardLogger(tmp_path / "tb")

@@ -42,9 +42,9 @@ def test_moe_placement_every_second_block_not_last():
 
 
 @pytest.mark.parametrize("N,r,K", [(64, 0.5, 32), (256, 0.75, 64), (1024, 0.75, 256), (7, 0.9, 1), (1, 0.5, 1),
-                                   (10, 0.75, 2), (256, 0.0, 256)])
-def test_kept_tokens_is_round_of_one_minus_r_times_n(N, r, K):
-    assert kept_tokens(N, r) == K  # round((1 - r)·N), at least one token
+                                   (10, 0.75, 2), (256, 0.0, 256), (256, 0.7, 76), (10, 0.85, 1)])
+def test_kept_tokens_truncates_as_the_official_code(N, r, K):
+    assert kept_tokens(N, r) == K  # int(N·(1 - r)) as micro_diffusion's get_mask; at least one token
 
 
 def small_model(**kw):
@@ -70,6 +70,24 @@ def test_blocks_are_identity_at_init():
         y_in = torch.randn(2, 5, width)
         assert torch.equal(block(h, y_in, mask, c), h)
     assert torch.equal(model(x, t, y, mask), torch.zeros(2, model.cfg.num_patches, model.cfg.patch_channels))
+
+
+def test_official_init_draws_what_identity_zeroes():
+    """model.init=official: each cross-attention output ~ trunc N(0, the block's output std) as in the official
+    code, the patch-embedding bias PyTorch's conv default U(±1/sqrt(fan_in)); identity keeps both at zero."""
+    official, identity = small_model(init="official"), small_model(init="identity")
+    depth, p, c = official.cfg.depth, official.cfg.patch_size, official.cfg.in_channels
+    stds = [0.02 / (2 * (i + 1)) ** 0.5 for i in range(depth)] + [0.02 / (2 * depth) ** 0.5] * official.cfg.mixer_depth
+    for std, block in zip(stds, list(official.blocks) + list(official.patch_mixer)):
+        w = block.cross_attn.proj.weight
+        assert abs(w.std().item() / std - 1) < 0.05 and abs(w.mean().item()) < 0.1 * std
+    bound = 1 / (c * p * p) ** 0.5
+    bias = official.x_embedder.proj.bias
+    assert bias.abs().max() <= bound and bias.abs().mean() > bound / 4  # U(-b, b) has mean |x| = b / 2
+    assert all(not b.cross_attn.proj.weight.any() for b in list(identity.blocks) + list(identity.patch_mixer))
+    assert not identity.x_embedder.proj.bias.any()
+    with pytest.raises(ValueError, match="model.init='zeros' must be"):
+        small_model(init="zeros")
 
 
 def test_kept_token_path_equals_reference_gather():

@@ -61,10 +61,21 @@ def test_nonfinite_step_is_skipped_and_counted_then_training_goes_on(parts):
         torch.testing.assert_close(e1, e0 + 0.1 * (m1 - e0))
 
 
+def test_weight_decay_groups():
+    """Default: decay only tensors with 2+ dimensions; decay_norms_and_biases: every parameter, as the official code."""
+    model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8))
+    n_all, n_1d = len(list(model.parameters())), sum(p.dim() < 2 for p in model.parameters())
+    assert n_1d > 0
+    for flag, decayed in ((False, n_all - n_1d), (True, n_all)):
+        groups = build_optimizer(model, OptimConfig(weight_decay=0.1, decay_norms_and_biases=flag)).param_groups
+        assert sum(len(g["params"]) for g in groups if g["weight_decay"] == 0.1) == decayed
+        assert sum(len(g["params"]) for g in groups) == n_all
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
-    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
-    assert lr_factor(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(0, 100, cfg) == 0.0  # the official trainer's warmup starts at 0
+    assert lr_factor(9, 100, cfg) == pytest.approx(0.9)
     assert lr_factor(10, 100, cfg) == pytest.approx(1.0)
     assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
     assert lr_factor(55, 100, cfg) == pytest.approx(0.55)
@@ -104,3 +115,40 @@ def test_bf16_step_runs_and_keeps_the_noise_level_in_fp32(dist_env):
     assert counters.finite_steps.item() == 1 and torch.isfinite(counters.loss_sum)
     assert seen["c_noise"].dtype == torch.float32
     torch.testing.assert_close(seen["c_noise"], noise.sigma.log() / 4)
+
+
+def forward_backward(model, backward: bool = True):
+    torch.manual_seed(2)
+    out = model(torch.randn(2, 3, 32, 32), torch.randn(2), torch.randn(2, 4, 8), None)
+    if backward:
+        out.square().mean().backward()
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_reshard_after_forward_reaches_every_block(dist_env, reshard):
+    """train.reshard_after_forward=false (SHARD_GRAD_OP): after forward each block still holds its gathered weights
+    (plain tensors) for backward; true frees them (sharded DTensors again), so backward gathers them once more."""
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8))
+    model = parallelize(model, dist_env.device, torch.float32, reshard_after_forward=reshard)
+    forward_backward(model, backward=False)
+    blocks = list(model.patch_mixer) + list(model.blocks)
+    assert all(isinstance(p, DTensor) == reshard for b in blocks for p in b.parameters())
+
+
+def test_reduce_dtype_bf16_reduces_gradients_in_bf16(dist_env):
+    """train.reduce_dtype: fp32 sums keep fp32 gradients; bf16 rounds every gradient to a bf16 value."""
+    def grads(reduce_dtype):
+        torch.manual_seed(0)
+        model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8))
+        for p in model.parameters():
+            p.data.normal_(0, 0.05)
+        model = parallelize(model, dist_env.device, torch.float32, reduce_dtype=reduce_dtype)
+        forward_backward(model)
+        return [p.grad.to_local() for p in model.parameters() if p.grad is not None]
+
+    is_bf16 = lambda g: torch.equal(g, g.bfloat16().float())
+    assert all(map(is_bf16, grads(torch.bfloat16)))
+    assert not all(map(is_bf16, grads(torch.float32)))

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import torch
 
-from engine.config import Config
+from engine.config import Config, ConfigError
 from engine.data.batch import Batch
 from engine.data.sampler import global_batch_indices
 from engine.training.seeding import derive_seed
 
 
 class InMemoryData:
-    """Inputs and caption embeddings held on the device; a batch is an index_select."""
+    """Inputs and caption embeddings held on the device; a batch is an index_select. mask None: no token is padding."""
 
-    def __init__(self, x: torch.Tensor, caption_ids: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor, seed: int):
+    def __init__(self, x: torch.Tensor, caption_ids: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor | None,
+                 seed: int):
         self.x, self.caption_ids, self.emb, self.mask, self.seed = x, caption_ids, emb, mask, seed
 
     def start(self, step: int) -> None:
@@ -36,7 +37,7 @@ class InMemoryData:
         if self.x.device.type == "cuda":  # pinned + non_blocking: a pageable copy would wait for the GPU
             idx = idx.pin_memory().to(self.x.device, non_blocking=True)
         cap = self.caption_ids[idx]
-        return Batch(self.x[idx], self.emb[cap], self.mask[cap])
+        return Batch(self.x[idx], self.emb[cap], None if self.mask is None else self.mask[cap])
 
 
 class RandomData:
@@ -66,21 +67,27 @@ def build_train_data(cfg: Config, device: torch.device, cache_dir: Path, rank: i
     if d.source == "precomputed":
         try:
             encoder = load_text_encoder(cfg)  # only for the sample grids' prompts
-        except OSError as e:  # e.g. a hub encoder on an offline machine: train anyway, without sample grids
-            print(f"warning: text encoder {d.text_encoder!r} could not be loaded ({e}); no sample grids", flush=True)
+        except ConfigError as e:  # e.g. a hub encoder on an offline machine: train anyway, without sample grids
+            print(f"warning: {e}; no sample grids", flush=True)
             encoder = None
         return build_precomputed(cfg, device, rank, world_size), encoder
     from engine.data.caption_cache import embed_unique
     from engine.data.synthetic import SyntheticShapes
 
-    if d.channels != 3:
-        raise ValueError(f"config: data.channels={d.channels} but data.source=synthetic renders RGB pixels (3)")
     encoder = load_text_encoder(cfg)
     ds = SyntheticShapes(d.num_samples, d.image_size, cfg.run.seed, d.backgrounds)
     everything = range(d.num_samples)
     ids, emb, mask = embed_unique(ds.captions(everything), encoder, cache_path=cache_dir / "synthetic_captions.safetensors")
     x = ds.images(everything)
-    return InMemoryData(x.to(device), ids.to(device), emb.to(device), mask.to(device), cfg.run.seed), encoder
+    mask = key_padding_mask(cfg, mask)
+    return InMemoryData(x.to(device), ids.to(device), emb.to(device), mask if mask is None else mask.to(device),
+                        cfg.run.seed), encoder
+
+
+def key_padding_mask(cfg: Config, mask: torch.Tensor) -> torch.Tensor | None:
+    """The caption mask attention gets: None when data.attend_to_padding says every position is real. Decided from
+    the config, never by looking at the mask: checking it for padding would be a host sync in every step."""
+    return None if cfg.data.attend_to_padding else mask
 
 
 class PaddingVisible:
@@ -100,12 +107,15 @@ class PaddingVisible:
 
 
 def load_text_encoder(cfg: Config):
-    """The configured text encoder, checked against data.caption_channels."""
+    """The configured text encoder, checked against data.caption_channels; ConfigError when it cannot be loaded."""
     from engine.encoders.text_encoder import TextEncoder
 
-    encoder = TextEncoder(cfg.data.text_encoder, max_length=cfg.data.caption_len)
+    try:
+        encoder = TextEncoder(cfg.data.text_encoder, max_length=cfg.data.caption_len)
+    except (OSError, ImportError, ValueError) as e:  # no such folder or id, its package missing, too short a model
+        raise ConfigError(f"config: data.text_encoder={cfg.data.text_encoder!r} cannot be loaded: {e}") from None
     if encoder.dim != cfg.data.caption_channels:
-        raise ValueError(
+        raise ConfigError(
             f"config: data.caption_channels={cfg.data.caption_channels} but text encoder "
             f"'{cfg.data.text_encoder}' produces {encoder.dim}-wide embeddings"
         )
@@ -119,17 +129,20 @@ def build_precomputed(cfg: Config, device: torch.device, rank: int, world_size: 
 
     d, t = cfg.data, cfg.train
     if d.attend_to_padding:  # precompute stores real tokens only: there are no padding embeddings to attend to
-        raise ValueError("config: data.attend_to_padding=true cannot be honoured with data.source=precomputed "
+        raise ConfigError("config: data.attend_to_padding=true cannot be honoured with data.source=precomputed "
                          "(padding embeddings are not stored); set it to false to fine-tune on a precomputed set")
     if "://" in d.path:
-        raise ValueError(f"config: data.path={d.path!r}: training reads a local (or mounted) folder; copy the set "
+        raise ConfigError(f"config: data.path={d.path!r}: training reads a local (or mounted) folder; copy the set "
                          "there first (precompute sources may be remote, its output and the training set may not)")
-    ds = PrecomputedSet(d.path, d.resolution, d.caption_len)
-    check_matches_config(ds, d.channels, d.image_size, d.caption_channels)
-    if ds.manifest["text_encoder"]["name"] != d.text_encoder:
-        raise ValueError(f"{ds.root / 'manifest.json'}: text_encoder.name={ds.manifest['text_encoder']['name']!r} "
-                         f"but data.text_encoder={d.text_encoder!r}: sample prompts would be embedded differently")
-    if d.verify_checksums:
-        verify_checksums(ds.root, ds.manifest)
+    try:  # every failure here is the set at data.path: missing, unfinished, built for another model, or modified
+        ds = PrecomputedSet(d.path, d.resolution, d.caption_len)
+        check_matches_config(ds, d.channels, d.image_size, d.caption_channels)
+        if ds.manifest["text_encoder"]["name"] != d.text_encoder:
+            raise ValueError(f"{ds.root / 'manifest.json'}: text_encoder.name={ds.manifest['text_encoder']['name']!r} "
+                             f"but data.text_encoder={d.text_encoder!r}: sample prompts would be embedded differently")
+        if d.verify_checksums:
+            verify_checksums(ds.root, ds.manifest)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config: data.path={d.path!r}: {e}") from None
     return PrecomputedData(ds, cfg.run.seed, t.global_batch, t.micro_batch, rank, world_size, t.steps, device,
                            d.num_workers)

@@ -59,7 +59,12 @@ class TextEncoder:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.name = name_or_path
         self.path = resolve_text_encoder_path(name_or_path)
-        self.config = AutoConfig.from_pretrained(self.path)
+        try:
+            self.config = AutoConfig.from_pretrained(self.path)
+        except (OSError, ValueError) as e:  # transformers' long messages differ by version: say what was looked for
+            raise FileNotFoundError(
+                f"text encoder {name_or_path!r}: neither a local folder with a transformers config.json nor a hub id "
+                f"in the local Hugging Face cache ({str(e).splitlines()[0][:200]})") from None
         text_cfg = self.config.get_text_config()
         self._dim = int(getattr(text_cfg, "hidden_size", None) or text_cfg.d_model)
         max_pos = getattr(text_cfg, "max_position_embeddings", None)

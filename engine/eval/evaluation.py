@@ -161,17 +161,18 @@ class Scores:
 def evaluate_run(args) -> dict:
     """Generate, score and write eval.json for the run and settings in `args` (engine/evaluate.py's options)."""
     t_start = time.perf_counter()
+    from engine.config import load_config
     from engine.data.train_data import load_text_encoder
     from engine.diffusion.edm import EDM
     from engine.outputs.images import save_grid_with_captions, to_uint8
-    from engine.config import load_config
     from engine.sampling.sampler import build_sampler
     from engine.sampling.settings import SamplerSettings
     from engine.training.run_folder import load_run_model
 
     run = Path(args.run)
     settings = SamplerSettings.from_args(args, load_config(run / "config.yaml"), str(run.parent / ".cache"))
-    cfg, model, ckpt = load_run_model(run, args.checkpoint, use_ema=not args.raw_weights)
+    cfg, model, ckpt = load_run_model(run, args.checkpoint, use_ema=not args.raw_weights,
+                                      text_encoder=args.text_encoder)
     device = next(model.parameters()).device
     synthetic = cfg.data.source == "synthetic"
     sampler = build_sampler(settings, cfg, device)

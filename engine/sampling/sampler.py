@@ -42,13 +42,13 @@ def build_sampler(settings: SamplerSettings, cfg=None, device=None) -> Sampler:
     return Sampler(settings, make_plan(settings), start)
 
 
-def guided_denoiser(model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor, cfg_scale: float):
+def guided_denoiser(model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | None, cfg_scale: float):
     """denoise(x, sigma) -> D (float64) with classifier-free guidance; the unconditional branch uses the null caption
     the model was trained with (all-zero embedding, every position valid)."""
     guided = cfg_scale != 1.0
     if guided:
         y = torch.cat([y, torch.zeros_like(y)])
-        y_mask = torch.cat([y_mask, torch.ones_like(y_mask)])
+        y_mask = None if y_mask is None else torch.cat([y_mask, torch.ones_like(y_mask)])  # None: nothing padded
 
     def denoise(x_cur: torch.Tensor, sigma: float) -> torch.Tensor:
         xin = torch.cat([x_cur, x_cur]) if guided else x_cur
@@ -64,7 +64,7 @@ def guided_denoiser(model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor, cfg_
 
 @torch.no_grad()
 def sample(
-    model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor, steps: int = 30, cfg_scale: float = 1.0,
+    model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | None, steps: int = 30, cfg_scale: float = 1.0,
     generator: torch.Generator | None = None, sampler: Sampler | None = None,
 ) -> torch.Tensor:
     """Images (B, C, H, W) for caption embeddings y (B, L, D) with mask (B, L). Without `sampler`: EDM Heun on `steps`

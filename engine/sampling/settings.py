@@ -4,11 +4,10 @@ config's own checks (engine/config.py `sampling_checks`) validate flags and conf
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
 from dataclasses import dataclass
 
-from engine.config import DPMPP_VARIANTS, INITS, SCHEDULES, SING_GUIDANCE, SOLVERS, Config, SampleConfig, build, set_nested, to_dict
+from engine.config import (DPMPP_VARIANTS, INITS, SCHEDULES, SING_GUIDANCE, SOLVERS, Config, ConfigError, SampleConfig,
+                           build, set_nested, to_dict)
 
 # flag, config key, type, choices (None: any value the config accepts), help
 FLAGS = [
@@ -37,18 +36,9 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, type=kind, choices=choices, default=None, help=f"{help} ({key})")
 
 
-class SamplerSettingsError(ValueError):
-    """Sampler settings that cannot work; entry points report it and exit with code 2."""
-
-
-@contextlib.contextmanager
-def exit_on_bad_settings(prog: str):
-    """Turn SamplerSettingsError into one line on stderr and exit code 2 (argparse's convention), no traceback."""
-    try:
-        yield
-    except SamplerSettingsError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+class SamplerSettingsError(ConfigError):
+    """Sampler settings that cannot work; entry points (engine/training/errors.py run_cli) print the message as one
+    line and exit with status 2."""
 
 
 @dataclass(frozen=True)

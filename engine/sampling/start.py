@@ -34,9 +34,9 @@ class InitStepStart:
 
         if self.guidance == "none" or cfg_scale == 1.0:
             return predict(self.edm, self.model, n.float(), y, y_mask)
-        null_y, null_mask = torch.zeros_like(y), torch.ones_like(y_mask)  # the null caption training dropped to
-        both = predict(self.edm, self.model, torch.cat([n, n]).float(), torch.cat([y, null_y]),
-                       torch.cat([y_mask, null_mask]))
+        mask = None if y_mask is None else torch.cat([y_mask, torch.ones_like(y_mask)])  # None: nothing padded
+        # the unconditional half gets the null caption training dropped to (all-zero, every position valid)
+        both = predict(self.edm, self.model, torch.cat([n, n]).float(), torch.cat([y, torch.zeros_like(y)]), mask)
         cond, uncond = both.chunk(2)
         guided = uncond + cfg_scale * (cond - uncond)
         return guided / cfg_scale if self.guidance == "normalized" else guided

@@ -27,3 +27,9 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, apply: torch.Tens
     delta = torch._foreach_sub(model_p, ema_p)
     torch._foreach_mul_(delta, weight)
     torch._foreach_add_(ema_p, delta)
+
+
+def ema_decay_at(step: int, decay: float, start: int) -> float:
+    """The EMA decay of 0-based step `step`: 0 before `start` (the EMA copies the weights, so it begins at the
+    weights of step start - 1, as the official trainer's EMA does when it starts), `decay` from then on."""
+    return decay if step >= start else 0.0

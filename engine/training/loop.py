@@ -8,15 +8,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.config import Config, config_diff, load_config, save_config
-from engine.data.train_data import build_train_data
+from engine.config import Config, ConfigError, config_diff, load_config, save_config
+from engine.data.train_data import build_train_data, key_padding_mask
 from engine.diffusion.edm import EDM
 from engine.diffusion.noise import draw_step_noise
 from engine.outputs.reporting import embed_prompts, truncate_jsonl, write_loss_curve, write_sample_grid
 from engine.sampling.sampler import build_sampler
 from engine.sampling.settings import SamplerSettings
 from engine.training.checkpoint import Checkpointer, load_model_weights
-from engine.training.ema import make_ema
+from engine.training.ema import ema_decay_at, make_ema
 from engine.training.metrics import MetricsLogger, ThroughputMeter
 from engine.training.optim import build_optimizer, lr_factor, set_lr
 from engine.training.parallel import Dist, parallelize, param_dtype
@@ -56,13 +56,15 @@ def build(cfg: Config, d: Dist) -> Run:
 
     mcfg = model_config(cfg.model.name, input_size=cfg.data.image_size, in_channels=cfg.data.channels,
                         caption_channels=cfg.data.caption_channels, pos_interp_scale=cfg.model.pos_interp_scale,
-                        time_free=cfg.diffusion.objective == "init_step")
+                        init=cfg.model.init, time_free=cfg.diffusion.objective == "init_step")
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
     model = build_model(mcfg, asdict(cfg.kernels))
     ema = make_ema(model)
     dtype = param_dtype(cfg.train.precision, d.device)
     t = cfg.train
-    model = parallelize(model.to(d.device), d.device, dtype, t.activation_checkpointing, t.compile)
+    reduce = torch.bfloat16 if t.reduce_dtype == "bf16" else torch.float32
+    model = parallelize(model.to(d.device), d.device, dtype, t.activation_checkpointing, t.compile,
+                        t.reshard_after_forward, reduce)
     ema = parallelize(ema.to(d.device), d.device, dtype)
     edm = EDM.from_config(cfg.diffusion)
     ckpt = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_checkpoints)
@@ -83,7 +85,7 @@ def check_resumable(run_dir: Path, cfg: Config, is_main: bool) -> None:
     if changed and is_main:
         print(f"warning: resuming {run_dir} with a changed config: {'; '.join(changed)}", flush=True)
     if old.train.global_batch != cfg.train.global_batch and Checkpointer(run_dir / "checkpoints").checkpoints():
-        raise ValueError(
+        raise ConfigError(
             f"config: train.global_batch={cfg.train.global_batch} but {run_dir} was trained at "
             f"{old.train.global_batch}: resuming would move the data position. Keep the global batch, or start a new "
             "phase from its checkpoint with train.init_from and another run.name")
@@ -105,7 +107,10 @@ def resume_or_init(run: Run, meter: ThroughputMeter) -> tuple[int, StepCounters]
             print(f"resuming {run.dir} from {latest.name} (step {step})", flush=True)
         return step, counters
     if run.cfg.train.init_from:
-        load_model_weights(run.cfg.train.init_from, run.model, run.ema)
+        try:
+            load_model_weights(run.cfg.train.init_from, run.model, run.ema)
+        except (OSError, ValueError) as e:  # no such folder, an unfinished save, or weights of another model
+            raise ConfigError(f"config: train.init_from={run.cfg.train.init_from!r}: {e}") from None
     return 0, counters
 
 
@@ -180,7 +185,8 @@ def train(cfg: Config, d: Dist) -> Path:
     logger = MetricsLogger(run.dir, purge_step=start or None)
     prompts = None
     if run.encoder is not None:
-        prompts = embed_prompts(run.encoder, cfg.sample.prompts, cfg.sample.per_prompt, d.device)
+        captions, y, y_mask = embed_prompts(run.encoder, cfg.sample.prompts, cfg.sample.per_prompt, d.device)
+        prompts = captions, y, key_padding_mask(cfg, y_mask)
     bar = None
     if d.is_main and t.progress_bar:
         from tqdm import tqdm
@@ -195,7 +201,8 @@ def train(cfg: Config, d: Dist) -> Path:
                                 cfg.diffusion.mask_ratio, cfg.data.caption_dropout, d.device)
         batches = micro_batches(run, step)
         meter.data_ready()
-        train_step(run.model, run.ema, run.optimizer, run.edm, noise, batches, cfg.optim.grad_clip, t.ema_decay, counters)
+        ema_decay = ema_decay_at(step, t.ema_decay, t.ema_start)
+        train_step(run.model, run.ema, run.optimizer, run.edm, noise, batches, cfg.optim.grad_clip, ema_decay, counters)
         meter.step_end()
         done = step + 1
         if bar is not None:

@@ -8,6 +8,7 @@ synchronised the device, so that wall time covers the GPU work. The dict it retu
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -219,8 +220,22 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _finite_or_none(record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The record with NaN/±inf numbers replaced by None (JSON has no token for them), and the keys replaced."""
+    out, bad = {}, []
+    for key, value in record.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()  # NOTE: host sync
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+            bad.append(key)
+        out[key] = value
+    return out, bad
+
+
 class JsonlLogger:
-    """Appends ``{"step": ..., "time": ..., **metrics}`` as one JSON line per call, flushed."""
+    """Appends ``{"step": ..., "time": ..., **metrics}`` as one JSON line per call, flushed. The file stays strict
+    JSON: a non-finite value is written as null and its key listed under ``nonfinite_keys`` of that line."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -228,8 +243,10 @@ class JsonlLogger:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, "time": time.time(), **metrics}
-        self._file.write(json.dumps(record, default=_plain) + "\n")
+        record, bad = _finite_or_none({"step": step, "time": time.time(), **metrics})
+        if bad:
+            record["nonfinite_keys"] = bad
+        self._file.write(json.dumps(record, default=_plain, allow_nan=False) + "\n")
         self._file.flush()  # a killed run keeps every line written so far
 
     def close(self) -> None:

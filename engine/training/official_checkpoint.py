@@ -25,6 +25,8 @@ WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_
 CONTAINER_KEYS = ("state", "model", "state_dict", "module")  # searched first: Composer's {"state": {"model": ...}}
 BASE_INPUT_SIZE = 32  # latent side at 256 px: the resolution position embeddings are interpolated from
 REFERENCE_KERNELS = {"gather": "torch", "moe": "torch", "norm": "torch", "attention": "torch"}  # never run here
+OFFICIAL_TEXT_ENCODER = "apple/DFN5B-CLIP-ViT-H-14-378"  # what every released model was trained on (1024 wide)
+OFFICIAL_CAPTION_CHANNELS = 1024
 
 
 # ---- state dict -> (state dict, config, size) -------------------------------------------------------------------
@@ -154,6 +156,8 @@ def run_config(out: Path, name: str, cfg: ModelConfig) -> Config:
     c.model.name, c.model.pos_interp_scale = name, cfg.pos_interp_scale
     c.data.source, c.data.image_size, c.data.channels = "random", cfg.input_size, cfg.in_channels
     c.data.caption_channels = cfg.caption_channels
+    if cfg.caption_channels == OFFICIAL_CAPTION_CHANNELS:  # other widths name no encoder: --text-encoder picks one
+        c.data.text_encoder = OFFICIAL_TEXT_ENCODER
     c.data.caption_len = 77  # the official text encoder's (DFN5B-CLIP) token count
     c.data.attend_to_padding = True  # the official model attends to the encoder's padding tokens
     c.diffusion.sigma_data = 0.9  # the official EDM setting for SDXL-VAE latents

@@ -10,18 +10,22 @@ from engine.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """Weight decay on matrices only (not on norms, biases or 1-D parameters). Fused AdamW also lets a non-finite
-    step be skipped on the device (optimizer.found_inf) without a host sync."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+    """Weight decay on matrices only (not on norms, biases or 1-D parameters), or on every parameter with
+    cfg.decay_norms_and_biases (the official code). Fused AdamW also lets a non-finite step be skipped on the device
+    (optimizer.found_inf) without a host sync."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decayed = lambda p: cfg.decay_norms_and_biases or p.dim() >= 2
+    groups = [{"params": [p for p in trained if decayed(p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trained if not decayed(p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine or constant."""
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup from 0 at step 0 to 1 at step
+    warmup_steps, then cosine (to min_lr_ratio at step total_steps) or constant. These are the official trainer's
+    schedules (Composer's CosineAnnealingWithWarmup and ConstantWithWarmup, evaluated at the batch count)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        return step / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
     span = max(total_steps - cfg.warmup_steps, 1)

@@ -64,16 +64,18 @@ def blocks_of(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
 
 def parallelize(
     model: nn.Module, device: torch.device, dtype: torch.dtype, activation_checkpointing: bool = False,
-    compile: bool = False,
+    compile: bool = False, reshard_after_forward: bool = True, reduce_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """FSDP2 `fully_shard` per block and at the root, bf16 params with fp32 gradient reduction when dtype is bf16."""
+    """FSDP2 `fully_shard` per block and at the root: parameters in `dtype` inside forward/backward, gradients reduced
+    in `reduce_dtype`. reshard_after_forward=False keeps each block's gathered weights from its forward to its
+    backward (FSDP1's SHARD_GRAD_OP), saving the all-gather that backward would repeat."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # The root returns the final linear's output, a view; nothing modifies it in place, so FSDP's warning is moot.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
     for container, i in blocks_of(model):
         block = container[i]
         if activation_checkpointing:
@@ -81,11 +83,11 @@ def parallelize(
             block = checkpoint_wrapper(block)
         if compile:
             block.compile()
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         container[i] = block
     # The root keeps its inputs as given: c_noise = log(sigma)/4 rounded to bf16 would merge nearby noise levels
     # (steps of 1.6-3% in sigma); the model casts x and y to the compute dtype itself.
-    root_mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    root_mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     fully_shard(model, mesh=mesh, mp_policy=root_mp)
     return model
 

@@ -6,21 +6,34 @@ from pathlib import Path
 
 import torch
 
-from engine.config import load_config
+from engine.config import Config, load_config
 from engine.training.checkpoint import Checkpointer, load_model_weights
 from models.sizes import build_model, model_config
 
 
-def load_run_model(run: Path, checkpoint: str | None, use_ema: bool = True):
-    """(config, model in eval mode on the best device, checkpoint folder) from a run folder."""
+def load_run_model(run: Path, checkpoint: str | None, use_ema: bool = True, text_encoder: str | None = None):
+    """(config, model in eval mode on the best device, checkpoint folder) from a run folder. `text_encoder` (the
+    tools' --text-encoder) replaces the run's data.text_encoder, e.g. a local copy of a hub encoder or a stand-in of
+    the same width; the width is checked when it is loaded."""
     cfg = load_config(run / "config.yaml")
+    if text_encoder:
+        cfg.data.text_encoder = text_encoder
     ckpt = Path(checkpoint) if checkpoint else Checkpointer(run / "checkpoints").latest()
     if ckpt is None:
         raise FileNotFoundError(f"no complete checkpoint in {run / 'checkpoints'}")
     mcfg = model_config(cfg.model.name, input_size=cfg.data.image_size, in_channels=cfg.data.channels,
                         caption_channels=cfg.data.caption_channels, pos_interp_scale=cfg.model.pos_interp_scale,
-                        time_free=cfg.diffusion.objective == "init_step")
+                        init=cfg.model.init, time_free=cfg.diffusion.objective == "init_step")
     model = build_model(mcfg, {"attention": "auto", "gather": "auto", "moe": "auto", "norm": "auto"})
     load_model_weights(ckpt, model, from_ema=use_ema)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return cfg, model.to(device).eval(), ckpt
+
+
+def embed_captions(cfg: Config, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Captions through the run's text encoder: embeddings (B, L, D) and the key mask attention gets, on `device`."""
+    from engine.data.train_data import key_padding_mask, load_text_encoder
+
+    y, y_mask = load_text_encoder(cfg).encode(captions)
+    y_mask = key_padding_mask(cfg, y_mask)
+    return y.to(device), None if y_mask is None else y_mask.to(device)

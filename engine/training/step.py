@@ -60,7 +60,7 @@ def train_step(
         n = noise.slice(lo, hi)
         drop = n.drop_caption  # (b,) the null caption: all-zero embedding, every position valid
         y = torch.where(drop[:, None, None], torch.zeros_like(batch.y), batch.y)
-        y_mask = batch.y_mask | drop[:, None]
+        y_mask = None if batch.y_mask is None else batch.y_mask | drop[:, None]  # None: nothing padded, no mask
         model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once, after the last micro-batch
         loss = edm.loss(model, batch.x, y, y_mask, n) / accum
         loss.backward()
