@@ -43,6 +43,22 @@ def sigmas_for(n: int) -> list[float]:
     return base_schedule("karras", n + 1, 0.002, 80.0).tolist()
 
 
+def our_trajectory(solver, n: int, order: int, rule: str, variant: str) -> list[torch.Tensor]:
+    """The states our solver evaluates the model at, then its result."""
+    states = []
+    states.append(solver(recording(denoiser, states), start(), sigmas_for(n), step_orders(order, n, rule), variant))
+    return states
+
+
+def on_our_sigmas(sched, n: int, timesteps=None):
+    """The scheduler set up for n steps on our noise levels (float64); `timesteps` default: its c_noise values."""
+    sched.set_timesteps(n)
+    sched.sigmas = torch.tensor(sigmas_for(n), dtype=torch.float64)
+    sched.timesteps = sched.precondition_noise(sched.sigmas[:-1]) if timesteps is None else timesteps
+    sched.set_begin_index(0)
+    return sched
+
+
 def start() -> torch.Tensor:
     return torch.randn(4, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 80.0
 
@@ -59,19 +75,10 @@ def assert_same(ours: list, theirs: list):
 def test_dpmpp_matches_diffusers_edm_dpmsolver(order, variant, lower_order_final, n):
     from diffusers import EDMDPMSolverMultistepScheduler
 
-    sigmas = sigmas_for(n)
-    ours = []
-    x = dpmpp(recording(denoiser, ours), start(), sigmas, step_orders(order, n, "below:15" if lower_order_final else
-                                                                       "never"), variant)
-    ours.append(x)
-
-    sched = EDMDPMSolverMultistepScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=SIGMA_DATA, solver_order=order,
-                                           solver_type=variant, lower_order_final=lower_order_final,
-                                           final_sigmas_type="sigma_min", prediction_type="epsilon")
-    sched.set_timesteps(n)
-    sched.sigmas = torch.tensor(sigmas, dtype=torch.float64)
-    sched.timesteps = sched.precondition_noise(sched.sigmas[:-1])
-    sched.set_begin_index(0)
+    ours = our_trajectory(dpmpp, n, order, "below:15" if lower_order_final else "never", variant)
+    sched = on_our_sigmas(EDMDPMSolverMultistepScheduler(
+        sigma_min=0.002, sigma_max=80.0, sigma_data=SIGMA_DATA, solver_order=order, solver_type=variant,
+        lower_order_final=lower_order_final, final_sigmas_type="sigma_min", prediction_type="epsilon"), n)
     theirs, x = [], start()
     for i in range(n):
         s = sched.sigmas[i]
@@ -91,19 +98,12 @@ def test_dpmpp_matches_diffusers_edm_dpmsolver(order, variant, lower_order_final
 def test_unipc_matches_diffusers_unipc(order, variant, lower_order_final, n):
     from diffusers import UniPCMultistepScheduler
 
-    sigmas = sigmas_for(n)
-    ours = []
-    x = unipc(recording(denoiser, ours), start(), sigmas, step_orders(order, n, "always" if lower_order_final else
-                                                                       "never"), variant)
-    ours.append(x)
-
+    ours = our_trajectory(unipc, n, order, "always" if lower_order_final else "never", variant)
     sched = UniPCMultistepScheduler(solver_order=order, solver_type=variant, prediction_type="sample",
                                     predict_x0=True, lower_order_final=lower_order_final,
                                     final_sigmas_type="sigma_min")
-    sched.set_timesteps(n)
-    sched.sigmas = torch.tensor(sigmas, dtype=torch.float64)
-    sched.timesteps = torch.arange(n, 0, -1)  # only counted and stored: the sigmas carry the schedule
-    sched.set_begin_index(0)
+    sched = on_our_sigmas(sched, n, torch.arange(n, 0, -1))  # timesteps are only counted: the sigmas carry it
+    sigmas = sigmas_for(n)
     vp = lambda s: (1 + s**2) ** -0.5  # x_vp = x_ve · vp(sigma)
     theirs, x = [], start()  # variance-exploding state
     for i in range(n):
