@@ -111,7 +111,8 @@ class Study:
         from engine.sampling.settings import SamplerSettings
 
         cfg = copy.deepcopy(self.cfg)
-        for k, v in {**sample_keys, "cfg_scale": self.cfg_scale, "lower_order_final": self.args.lower_order_final}.items():
+        fixed = {"cfg_scale": self.cfg_scale, "lower_order_final": self.args.lower_order_final}
+        for k, v in {**sample_keys, **fixed}.items():
             setattr(cfg.sample, k, v)
         if sigma_max is not None:
             cfg.diffusion.sigma_max = sigma_max
@@ -228,7 +229,8 @@ def init_part(study: Study, args) -> dict:
     removed = []
     for c in cells:
         if c["init"] != "noise":
-            base = next(b for b in cells if b["init"] == "noise" and (b["sigma_max"], b["nfe"]) == (c["sigma_max"], c["nfe"]))
+            same = lambda b: b["init"] == "noise" and (b["sigma_max"], b["nfe"]) == (c["sigma_max"], c["nfe"])
+            base = next(b for b in cells if same(b))
             removed.append({"init": c["init"], "sigma_max": c["sigma_max"], "nfe": c["nfe"],
                             "bias_removed": 1 - c["abs_group_bias"] / max(base["abs_group_bias"], 1e-12)})
     return {"cells": cells, "bias_removed_vs_noise": removed, "solver": args.init_solver}
@@ -265,7 +267,8 @@ def plot_init(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(nfes), figsize=(4 * len(nfes), 3.2), sharey=True, squeeze=False)
     for ax, nfe in zip(axes[0], nfes):
         for init in INIT_SETS:
-            pts = sorted((c["sigma_max"], c["abs_group_bias"]) for c in res["cells"] if c["init"] == init and c["nfe"] == nfe)
+            pts = sorted((c["sigma_max"], c["abs_group_bias"]) for c in res["cells"]
+                         if c["init"] == init and c["nfe"] == nfe)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=init)
         ax.set_xscale("log")

@@ -93,10 +93,10 @@ class DiffusionConfig:
     sigma_min: float = 0.002
     """Smallest noise level of sampling: where solvers stop (Heun then takes a last Euler step into 0)."""
     sigma_max: float = 80.0
-    """Noise level sampling starts from (x = sigma_max · noise, or the initial-step model's x0 + sigma_max · noise)."""
+    """Noise level sampling starts from: x = sigma_max · noise (or the initial-step model's x0 + sigma_max · noise)."""
     objective: str = "edm"
     """'edm' (the denoiser D(x; sigma)) or 'init_step' (SingDiffusion's initial-step model: a time-free network that
-    predicts x0 from pure noise and the caption, trained with the same engine; sampling uses it via sample.init=sing)."""
+    predicts x0 from pure noise and the caption, trained by the same engine; sampling uses it via sample.init=sing)."""
 
 
 @dataclass

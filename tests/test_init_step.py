@@ -118,7 +118,8 @@ def test_train_an_initial_step_model_and_sample_from_it(runs, tmp_path):
 
     out = sample_main(["--run", str(data), "--prompt", "a red circle on a white background", "--num", "2",
                        "--solver", "unipc", "--order", "3", "--nfe", "5", "--schedule", "optimized",
-                       "--init", "sing", "--sing-run", str(init), "--sigma-max", "20", "--out", str(tmp_path / "g.png")])
+                       "--init", "sing", "--sing-run", str(init), "--sigma-max", "20",
+                       "--out", str(tmp_path / "g.png")])
     assert out.is_file() and list((data.parent / ".cache" / "stepopt").glob("*.json"))
 
     from engine.evaluate import main as evaluate_main

@@ -57,7 +57,8 @@ def test_flags_override_the_run_config():
     assert (s.sample.solver, s.sample.order, s.sample.nfe, s.sigma_max, s.cfg_scale) == ("dpmpp", 3, 6, 40.0, 2.0)
     assert s.sample.init == "data_mean" and s.cache_dir == "/tmp/c" and cfg.sample.solver == "heun"  # cfg untouched
     rec = s.record()
-    assert (rec["solver"], rec["order"], rec["nfe"], rec["init"], rec["sigma_max"]) == ("dpmpp", 3, 6, "data_mean", 40.0)
+    got = (rec["solver"], rec["order"], rec["nfe"], rec["init"], rec["sigma_max"])
+    assert got == ("dpmpp", 3, 6, "data_mean", 40.0)
     unchanged = SamplerSettings.from_args(parse(), cfg)
     assert unchanged == SamplerSettings.from_config(cfg)
 

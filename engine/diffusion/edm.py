@@ -19,7 +19,7 @@ class EDM:
     p_std: float = DiffusionConfig.p_std
     sigma_min: float = DiffusionConfig.sigma_min
     sigma_max: float = DiffusionConfig.sigma_max
-    objective: str = DiffusionConfig.objective  # 'init_step': the model is SingDiffusion's (engine/diffusion/init_step.py)
+    objective: str = DiffusionConfig.objective  # 'init_step': SingDiffusion's model (engine/diffusion/init_step.py)
 
     @classmethod
     def from_config(cls, d: DiffusionConfig) -> "EDM":

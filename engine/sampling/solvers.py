@@ -132,8 +132,9 @@ class UniPCCoefficients:
 
 def unipc_coefficients(rks: list[float], h: float, order: int, variant: str) -> UniPCCoefficients:
     """Zhao et al. 2023, Alg. 2 (UniPC-p with B(h)). rks: (lambda_{i-k} - lambda_i) / h of the k = 1..order-1
-    earlier outputs. The weights solve R rho = b with R[a][k] = r_k^a (r = 1 for the new output) and b_a = a! g_a / B(h),
-    where hh = -h (data prediction), g_1 = (e^hh - 1) / hh - 1 and g_{a+1} = g_a / hh - 1 / (a + 1)!."""
+    earlier outputs. The weights solve R rho = b with R[a][k] = r_k^a (r = 1 for the new output) and
+    b_a = a! g_a / B(h), where hh = -h (data prediction), g_1 = (e^hh - 1) / hh - 1 and
+    g_{a+1} = g_a / hh - 1 / (a + 1)!."""
     hh = -h
     h_phi_1 = math.expm1(hh)
     b_h = hh if variant == "bh1" else h_phi_1

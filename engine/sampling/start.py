@@ -45,8 +45,8 @@ class InitStepStart:
 def data_mean_image(cfg, num: int = 4096) -> torch.Tensor:
     """(C, H, W) mean of the run's training images (synthetic runs: the first `num` samples of its set)."""
     if cfg.data.source != "synthetic":
-        raise SamplerSettingsError(f"sample.init=data_mean (--init data_mean) needs a synthetic run; this one trained on "
-                                   f"data.source={cfg.data.source}")
+        raise SamplerSettingsError(f"sample.init=data_mean (--init data_mean) needs a synthetic run; this one trained "
+                                   f"on data.source={cfg.data.source}")
     from engine.data.synthetic import SyntheticShapes
 
     d = cfg.data

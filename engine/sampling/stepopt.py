@@ -3,7 +3,7 @@ form: alpha = 1, lambda = -log sigma, so e^lambda = 1 / sigma.
 
 A k-th order multistep step lambda_s -> lambda_{s+1} integrates the Lagrange polynomial through the data predictions
 D at its k nodes lambda_s, lambda_{s-1}, ...:
-    x_{s+1} / sigma_{s+1} = x_s / sigma_s + sum_j J_{s,j} D_{s-j},   J_{s,j} = integral e^lambda l_{s,j}(lambda) dlambda,
+    x_{s+1} / sigma_{s+1} = x_s / sigma_s + sum_j J_{s,j} D_{s-j},  J_{s,j} = integral e^lambda l_{s,j}(lambda) dlambda,
 closed forms in the step h = lambda_{s+1} - lambda_s and the earlier gaps (`step_coefficients`). If D_n carries an
 error e_n, the final state moves by sigma_N sum_n C_n e_n; with |e_n| modelled as w(sigma_n) the objective bounds it as
 the paper's code does: a first-order step adds |J w| on its own, the first `trunc` steps add the 2-norm of their
@@ -62,8 +62,9 @@ def step_coefficients(lams: torch.Tensor, s: int, order: int) -> torch.Tensor:
 
 
 def error_weight(sigma: torch.Tensor, p: int) -> torch.Tensor:
-    """Modelled |D - x0| at sigma: the official sigma_vp^p / alpha_vp written in EDM sigma, sigma^p (1 + sigma^2)^((1-p)/2)
-    (sigma for p = 1, the code's pixel-space advice; sigma^2 / sqrt(1 + sigma^2) for p = 2, its default)."""
+    """Modelled |D - x0| at sigma: the official sigma_vp^p / alpha_vp written in EDM sigma,
+    sigma^p (1 + sigma^2)^((1-p)/2): sigma for p = 1 (the code's pixel-space advice), sigma^2 / sqrt(1 + sigma^2) for
+    p = 2 (its default)."""
     return sigma**p * (1 + sigma**2) ** ((1 - p) / 2)
 
 
