@@ -261,8 +261,12 @@ def plot_steps(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     solvers = sorted({c["solver"] for c in res["cells"]}, key=list(SOLVER_SETS).index)
-    fig, axes = plt.subplots(1, len(solvers), figsize=(3.2 * len(solvers), 3.2), sharey=True, squeeze=False)
-    for ax, name in zip(axes[0], solvers):
+    cols = min(4, len(solvers))
+    rows = -(-len(solvers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(solvers):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, solvers):
         for sched in SCHEDULE_SETS:
             pts = sorted((c["nfe"], c["rmse"]["mean"]) for c in res["cells"]
                          if c["solver"] == name and c["schedule"] == sched and c["nfe"] <= 12)
@@ -271,8 +275,10 @@ def plot_steps(res: dict, path: Path) -> None:
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("NFE")
         ax.set_yscale("log")
-    axes[0][0].set_ylabel("RMSE vs 999-NFE Heun")
-    axes[0][-1].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("RMSE vs 999-NFE Heun")
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda hl: len(hl[0]))
+    fig.legend(handles, labels, loc="lower right", fontsize=8)  # the panel with every schedule's lines
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -291,9 +297,12 @@ def plot_init(res: dict, path: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=init)
         ax.set_xscale("log")
+        ticks = sorted({c["sigma_max"] for c in res["cells"]})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_title(f"{res['solver']}, NFE {nfe}", fontsize=9)
         ax.set_xlabel("sigma_max")
-    axes[0][0].set_ylabel("|brightness bias| (mean over backgrounds)")
+    axes[0][0].set_ylabel("|bias| per background, mean")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
