@@ -5,6 +5,8 @@
 #   bash bench/gpu_session.sh kernels            bench/test_kernels.py (gather, norm, residual_norm, MoE) at XL shapes
 #   bash bench/gpu_session.sh attention          tests/test_attention.py on CUDA, then bench/test_attention.py
 #   bash bench/gpu_session.sh train              XL 256-px masked step at the largest micro-batch + a 30-step XL run
+#   bash bench/gpu_session.sh settings           XL step as configured vs compile off / reshard after forward on /
+#                                                padded captions with a key mask (one setting turned back per row)
 #   bash bench/gpu_session.sh kernels attention  several steps in one call
 #
 # Every benchmark step writes pytest-benchmark JSON and a bench/summarize.py result file (device, versions, commit,
@@ -41,6 +43,12 @@ step_check() {
 }
 
 step_kernels() { bench kernels bench/test_kernels.py; }
+step_settings() {
+  # compile, reshard_after_forward and the caption key mask: each row turns one configured setting back (GPU speed of
+  # the three throughput settings of the phase configs); the compiled rows compile first, outside the timing.
+  $PY setup.py build_ext --inplace >/dev/null 2>&1
+  bench settings bench/test_train_step.py -k settings
+}
 step_attention() {
   # Attention tests on CUDA first (each new shape autotunes the Triton kernels: compiles dominate), then the bench.
   timeout 360 $PY -m pytest tests/test_attention.py -q -p no:cacheprovider -rs >"$OUT/attention_tests.log" 2>&1
@@ -50,22 +58,24 @@ step_attention() {
 
 step_train() {
   $PY setup.py build_ext --inplace >/dev/null 2>&1
-  bench train_step bench/test_train_step.py
-  # A short real run: phase-1 shapes on random latents and captions, one GPU, 30 steps at micro-batch 128.
+  bench train_step bench/test_train_step.py -k "not settings"
+  # A short real run: phase-1 shapes on random latents and captions, one GPU, 30 steps at micro-batch 128. Eager:
+  # compiling every block would take much of this call; the settings step measures what compile gains.
   $PY -m torch.distributed.run --standalone --nproc_per_node=1 engine/train.py \
     --config configs/microdit_xl_256_masked.yaml \
     run.out_dir=/tmp/tessera_runs run.name=xl_smoke train.steps=30 train.global_batch=128 train.micro_batch=128 \
     train.log_every=10 train.ckpt_every=1000 train.progress_bar=false data.source=random data.vae='""' \
+    train.compile=false \
     >"$OUT/train.log" 2>&1
   echo "train run: exit $?"; tail -4 "$OUT/train.log"
   cp /tmp/tessera_runs/xl_smoke/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null || true
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(check kernels attention train)
+[ ${#steps[@]} -eq 0 ] && steps=(check kernels attention train settings)
 for s in "${steps[@]}"; do
   case $s in
-    check|kernels|attention|train) echo "== $s"; "step_$s" ;;
-    *) echo "unknown step '$s' (check | kernels | attention | train)"; exit 2 ;;
+    check|kernels|attention|train|settings) echo "== $s"; "step_$s" ;;
+    *) echo "unknown step '$s' (check | kernels | attention | train | settings)"; exit 2 ;;
   esac
 done

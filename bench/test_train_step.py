@@ -1,8 +1,10 @@
 """One optimizer step of a whole model: images/sec, TFLOP/s and MFU in the benchmark's extra_info.
 
 CPU: the tiny config. GPU: MicroDiT_XL_2 at 256 px, 75% masked (paper phase 1), at the largest micro-batch that
-fits one device (tried from the official 256 down), with its peak memory. Random latents and caption embeddings of
-the configured shapes stand in for data: the step's cost does not depend on their values."""
+fits one device (tried from the official 256 down), with its peak memory; and the same step with one throughput
+setting of the config turned back (torch.compile off, weights resharded after forward, padded captions with a key
+mask), each at one fixed micro-batch, so each setting's gain is one row against the configured step. Random latents
+and caption embeddings of the configured shapes stand in for data: the step's cost does not depend on their values."""
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,33 @@ def test_microdit_xl_256_masked_step(benchmark, dist_env, tmp_path):
     record(benchmark, images, flops, dist_env.device, {
         "config": "microdit_xl_256_masked", "micro_batch": micro, "precision": cfg.train.precision,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
+
+
+# The phase config as shipped, then each throughput setting turned back alone (bench/gpu_session.sh settings).
+SETTINGS = {
+    "configured": [],  # train.compile=true, train.reshard_after_forward=false, no caption key mask (below)
+    "eager": ["train.compile=false"],
+    "reshard_after_forward": ["train.reshard_after_forward=true"],
+    "padded_captions": ["data.attend_to_padding=false"],  # random caption lengths and a boolean key mask
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_microdit_xl_256_masked_settings(benchmark, dist_env, tmp_path, setting):
+    micro = 64  # fits every variant on an 80 GB device; the same for all rows, so they compare
+    cfg = load_config(ROOT / "configs" / "microdit_xl_256_masked.yaml", [
+        f"run.out_dir={tmp_path}", f"run.name=xl_{setting}", f"train.global_batch={micro}",
+        f"train.micro_batch={micro}",
+        "train.progress_bar=false", "data.source=random", "data.vae=\"\"", "data.attend_to_padding=true",
+        *SETTINGS[setting]])
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step, images, flops = step_harness(cfg, dist_env)
+    step()  # compiles, when compiling: outside the timed rounds
+    benchmark.pedantic(step, rounds=5, warmup_rounds=2, iterations=1)
+    record(benchmark, images, flops, dist_env.device, {
+        "config": "microdit_xl_256_masked", "setting": setting, "micro_batch": micro, "compile": cfg.train.compile,
+        "reshard_after_forward": cfg.train.reshard_after_forward, "caption_key_mask": not cfg.data.attend_to_padding,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
+

@@ -286,7 +286,8 @@ class Config:
             ("data.caption_len", lambda: dt.caption_len >= 1, "must be >= 1"),
             ("data.caption_channels", lambda: dt.caption_channels >= 1, "must be >= 1"),
             ("data.caption_dropout", lambda: 0 <= dt.caption_dropout < 1, "must be in [0, 1)"),
-            ("diffusion.mask_ratio", lambda: 0 <= d.mask_ratio < 1, "must be in [0, 1): at least one token must be kept"),
+            ("diffusion.mask_ratio", lambda: 0 <= d.mask_ratio < 1,
+             "must be in [0, 1): at least one token must be kept"),
             ("diffusion.p_std", lambda: d.p_std > 0, "must be > 0"),
             ("diffusion.sigma_data", lambda: d.sigma_data > 0, "must be > 0"),
             ("train.steps", lambda: t.steps >= 1, "must be >= 1"),
@@ -390,8 +391,8 @@ def read_yaml(path: Path):
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
-                          ) from None
+        where = f"byte {e.object[e.start]:#04x} at offset {e.start}"
+        raise ConfigError(f"config file {path}: not UTF-8 text ({where})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
     p.add_argument("--max-caption-len", type=int, default=77, help="tokens per caption before truncation")
     p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    p.add_argument("--min-side", type=int, default=0,
+                   help="skip (and report) images whose short side is under this many pixels (default 0: keep all; "
+                        "tiny and extreme images are stored and noted in report.jsonl)")
     p.add_argument("--decoder", choices=("pil", "dali"), default="pil")
     p.add_argument("--image-column", default=None, help="parquet image column (default: image, jpg, png, ...)")
     p.add_argument("--caption-column", default=None, help="parquet caption column (default: caption, text, ...)")
@@ -48,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("batch_size", "max_caption_len", "shard_size", "num_workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.min_side < 0:
+        p.error(f"--min-side must be >= 0, got {args.min_side}")
     if any(r < 1 for r in args.resolutions) or len(set(args.resolutions)) != len(args.resolutions):
         p.error(f"--resolutions must be distinct positive integers, got {args.resolutions}")
     args.resolutions = sorted(args.resolutions)

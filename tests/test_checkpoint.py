@@ -134,6 +134,26 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         assert torch.equal(v, expected[k]), k
 
 
+def test_every_file_is_fsynced_before_the_rename_that_publishes_it(tmp_path, monkeypatch):
+    """A power loss after the rename must not leave a 'complete' checkpoint with files still in the page cache:
+    each file of the folder (shards, .metadata, rng_rank*.pt) and the folder's entries are fsynced before it."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    model, ema, opt = _setup(0)
+    final = Checkpointer(tmp_path).save(4, model=model, ema=ema, optimizer=opt, extra={"step": 4})
+    tmp = str(final) + ".tmp"
+    publish = events.index(("replace", tmp, str(final)))
+    synced = {path for kind, path, *_ in events[:publish] if kind == "fsync"}
+    files = sorted(p.name for p in final.iterdir())
+    assert "rng_rank0.pt" in files and ".metadata" in files
+    unsynced = [f for f in files if f"{tmp}/{f}" not in synced and not (f == ".metadata" and f"{tmp}/.metadata.tmp"
+                                                                        in synced)]  # DCP syncs it, then renames
+    assert not unsynced and tmp in synced, (unsynced, synced)
+
+
 def test_rng_streams_continue_identically(tmp_path):
     model, _, _ = _setup(0)
     ckpt = Checkpointer(tmp_path)

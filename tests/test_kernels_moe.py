@@ -63,9 +63,10 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda *a: expert_choice_triton(*a, 3), args, fast_mode=True)
 
 
+@pytest.mark.gpu  # the interpreter runs programs one by one: on CPU this could not fail
 def test_combine_is_deterministic_bit_for_bit():
     """No atomics: two runs give identical outputs and gradients. Only a GPU can break this (its programs run
-    concurrently; the interpreter runs them one by one): bench/gpu_session.sh runs this file on CUDA."""
+    concurrently), so it runs only there: bench/gpu_session.sh's check step."""
     args = make_args(3, 64, 40, 24, 8)
     g = torch.randn(3, 64, 40, device=DEV)
     (o1, g1), (o2, g2) = run(expert_choice_triton, args, 16, g), run(expert_choice_triton, args, 16, g)

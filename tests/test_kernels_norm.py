@@ -74,9 +74,10 @@ def test_opcheck_custom_ops():
                           (torch.randn_like(x), x.detach(), w.detach(), scale.detach(), 1e-6))
 
 
+@pytest.mark.gpu  # the interpreter runs programs one by one: on CPU this could not fail
 def test_deterministic_backward():
-    """Fixed-order partial sums, no atomics. Only a GPU can break this (concurrent programs; the interpreter runs them
-    one by one): bench/gpu_session.sh runs this file on CUDA."""
+    """Fixed-order partial sums, no atomics. Only a GPU can break this (concurrent programs),
+    so it runs only there: bench/gpu_session.sh's check step."""
     args = make_inputs(3, 50, 45, torch.float32, True)
     g = torch.randn(3, 50, 45, device=DEV)
     (o1, g1), (o2, g2) = run(layernorm_modulate_triton, args, g), run(layernorm_modulate_triton, args, g)

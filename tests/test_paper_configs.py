@@ -75,6 +75,7 @@ def test_every_other_setting_matches_the_official_phase(name):
     assert d.sigma_data == COMMON["sigma_data"]
     assert (t.global_batch, t.micro_batch) == (COMMON["global_batch"], phase["micro_batch"])
     assert not t.reshard_after_forward and t.reduce_dtype == "fp32"  # FSDP SHARD_GRAD_OP, fp32 gradient sums
+    assert t.compile  # misc.compile: true in every official phase
     assert (data.image_size, cfg.model.pos_interp_scale) == (phase["input_size"], phase["pos_interp_scale"])
     assert (data.caption_dropout, data.text_encoder) == (COMMON["caption_dropout"], COMMON["text_encoder"])
     assert (data.caption_len, data.caption_channels) == (COMMON["caption_len"], COMMON["caption_channels"])

@@ -244,6 +244,39 @@ def test_killed_midway_then_rerun_finishes_without_duplicates_or_gaps(tiny_vae, 
     assert again["resolutions"] == m["resolutions"] and written == [4]
 
 
+def test_tiny_extreme_and_mis_encoded_samples_are_stored_with_notes_or_skipped_by_min_side(tiny_vae, tmp_path):
+    """A 1x1 image, a 3x2000 one and a caption that is not UTF-8 were stored without a word. They are stored and
+    noted in report.jsonl ("stored": true), and still are after a rerun (the notes live in the shard markers);
+    --min-side skips the small ones and reports them as bad."""
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, size in [("dot", (1, 1)), ("sliver", (3, 2000)), ("fine", (48, 40)), ("mojibake", (48, 40))]:
+        Image.new("RGB", size, (200, 30, 30)).save(src / f"{name}.png")
+        (src / f"{name}.txt").write_bytes(b"a red thing" if name != "mojibake" else b"a r\xe9d thing")
+    expected = {
+        "src/dot.png": ["upscaled: short side 1 px, 64.0x to 64 px"],
+        "src/sliver.png": ["upscaled: short side 3 px, 21.3x to 64 px",
+                           "extreme aspect ratio 3x2000: the center crop keeps 0.1% of it"],
+        "src/mojibake.png": ["caption is not valid UTF-8 (byte 0xe9 at offset 3): stored with U+FFFD"]}
+
+    def report(out):
+        lines = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+        return {(r["key"], r["stored"]): sorted(x["reason"] for x in lines if (x["key"], x["stored"]) ==
+                                                (r["key"], r["stored"])) for r in lines}
+
+    for _ in range(2):  # the second run finds everything committed and rebuilds the report from the markers
+        m = run([src], tmp_path / "out", tiny_vae)
+        assert (m["resolutions"]["64"]["count"], m["bad_inputs"], m["notes"]) == (4, 0, 4)
+        assert report(tmp_path / "out") == {(k, True): sorted(v) for k, v in expected.items()}
+    m = run([src], tmp_path / "min_side", tiny_vae, "--min-side", "4")
+    assert (m["resolutions"]["64"]["count"], m["bad_inputs"], m["notes"]) == (2, 2, 1)
+    got = report(tmp_path / "min_side")
+    assert got[("src/dot.png", False)] == ["image 1x1: short side under --min-side 4"]
+    assert got[("src/sliver.png", False)] == ["image 3x2000: short side under --min-side 4"]
+
+
 def test_other_settings_on_an_existing_folder_are_refused(full_run, tiny_vae):
     with pytest.raises(ValueError, match="other settings.*latent_shapes"):
         precompute.main(["--source", full_run["sources"][0], "--out", str(full_run["out"]), "--vae", str(tiny_vae),

@@ -181,6 +181,42 @@ def test_unreadable_and_truncated_tars_are_reported_not_raised(tmp_path):
     assert {k for k in good if k.startswith("shards/d_fine/")} == {"shards/d_fine/000000010", "shards/d_fine/000000011"}
 
 
+@pytest.mark.parametrize("damaged", [0, 5, 23])  # the first member (an image), a middle image, the last (a caption)
+def test_a_damaged_member_header_loses_only_its_member_and_is_reported(tmp_path, damaged):
+    """tarfile stops silently at an invalid header, which lost every later sample unreported. Now the damaged range
+    is reported by shard key and offset, and every sample is stored or reported: stored + reported == samples."""
+    samples = tar_samples(0, 12)  # 24 members: even samples jpg+txt+json, odd png+json
+    write_tar(tmp_path / "s.tar", samples)
+    data = bytearray((tmp_path / "s.tar").read_bytes())
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        header = tar.getmembers()[damaged].offset
+    data[header + 148:header + 156] = b"garbage!"  # the header's checksum field: tarfile finds an invalid header
+    (tmp_path / "s.tar").write_bytes(bytes(data))
+    good, bad = collect([str(tmp_path / "s.tar")])
+    label = source_labels([str(tmp_path / "s.tar")])[0]
+    keys = {f"{label}/s/{base}" for base, _ in samples}
+    damage = [k for k in bad if "@" in k]
+    assert damage == [f"{label}/s@{header}"] and "damaged tar member header" in bad[damage[0]].error
+    reported = set(bad) - set(damage)
+    assert set(good) | reported == keys and not set(good) & reported  # stored + reported == samples, once each
+    assert len(reported) == 1  # only the sample whose member was lost is incomplete
+
+
+def test_invalid_utf8_captions_are_kept_with_a_note(tmp_path):
+    """A caption with bytes that are not UTF-8 was silently altered; it is still stored (with U+FFFD) but noted."""
+    bad_text = b"a red \xff circle"
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(image_bytes(0))
+    (tmp_path / "imgs" / "a.txt").write_bytes(bad_text)
+    write_tar(tmp_path / "s.tar", [("k", {".jpg": image_bytes(1, "jpg"), ".txt": bad_text})])
+    write_parquet(tmp_path / "p.parquet", [(image_bytes(2), bad_text)])
+    good, bad = collect([str(tmp_path / "imgs"), str(tmp_path / "s.tar"), str(tmp_path / "p.parquet")])
+    assert not bad and len(good) == 3
+    for rec in good.values():
+        assert rec.caption == "a red \ufffd circle", rec
+        assert rec.notes == ["caption is not valid UTF-8 (byte 0xff at offset 6): stored with U+FFFD"], rec
+
+
 def test_parquet_bytes_structs_and_custom_columns(tmp_path):
     rows = [(image_bytes(i, "jpg"), caption(i)) for i in range(7)] + [(None, "no image"), (image_bytes(8), None)]
     write_parquet(tmp_path / "plain.parquet", rows, image_col="jpg", caption_col="text")

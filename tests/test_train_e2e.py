@@ -115,6 +115,11 @@ def test_killed_run_resumes_on_the_same_trajectory(out_dir, baseline):
     assert max(losses(run)) == killed_at, "the killed run went on writing"
     torchrun(out_dir, "killed")
     assert losses(run) == losses(baseline)  # bit-identical on CPU
+    # Both process starts are billed, the killed one's work after its last checkpoint included.
+    first, second = json.loads((run / "billing.json").read_text())["processes"]
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert first["setup_s"] > 0 and second["setup_s"] > 0
+    assert last["gpu_hours"] * 3600 > first["gpu_s"] + second["setup_s"]
 
 
 def test_sample_cli_writes_finite_images(baseline, tmp_path):

@@ -3,7 +3,7 @@
 Layout of a precomputed set (format "tessera-precomputed/1"):
 
     <root>/manifest.json                        written last, atomically: the set is complete when it exists
-    <root>/report.jsonl                         one line per bad input: {"key", "source", "reason"}
+    <root>/report.jsonl                         one line per bad input or note: {"key", "source", "reason", "stored"}
     <root>/<res>/shard_r{rank:03d}_{index:05d}/ an HF `datasets` Dataset (save_to_disk, Arrow)
 
 Every shard has the columns key (string), caption (string), latent (float16 (C, res/f, res/f), already times the

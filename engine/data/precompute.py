@@ -5,8 +5,10 @@ Per record: decode (PIL, or DALI), RGB, short side resized and center-cropped to
 float16; the caption through TextEncoder, stored float16 without padding (the loader restores it from caption_len).
 Output layout and manifest: engine/data/manifest.py.
 
-Bad input (undecodable/truncated/zero-byte images, missing captions, unreadable shards, non-finite latents) is
-written to report.jsonl with its key and counted in the manifest; it never stops the run.
+Bad input (undecodable/truncated/zero-byte images, missing captions, unreadable or damaged shards, non-finite latents,
+images under --min-side) is written to report.jsonl with its key ("stored": false) and counted in the manifest; it
+never stops the run. Usable but doubtful samples are stored and noted there too ("stored": true): a caption that was
+not valid UTF-8 (kept with U+FFFD), an image upscaled more than 2x or of extreme aspect ratio.
 
 Kill-safe: a shard is written under a temporary name for every resolution, renamed, then committed by a marker
 file (<out>/.work/shards/<name>.json, holding its keys and checksums). On restart, uncommitted shard folders are
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from engine.data.manifest import FORMAT, MANIFEST, REPORT, combine_checksums, file_checksums, write_json_atomic
-from engine.data.preprocess import make_decoder
+from engine.data.preprocess import make_decoder, size_notes
 from engine.data.sources import iter_records, owned_by, source_files, source_root
 from engine.encoders.text_encoder import TextEncoder
 from engine.encoders.vae import encode_latents, load_vae, vae_info
@@ -107,8 +109,9 @@ def shard_features(latent_shape: tuple[int, int, int], dim: int):
 def write_shard_set(out: Path, name: str, rows: list[dict], features: dict) -> dict:
     """Write one shard per resolution, rename them into place, then commit with a marker; returns the marker.
 
-    rows: {key, caption, latent: {res: float16 (C, h, w)}, caption_emb: float16 (n, D), caption_len}.
-    The marker is written last: a shard folder without one is an interrupted write and is deleted on restart.
+    rows: {key, caption, latent: {res: float16 (C, h, w)}, caption_emb: float16 (n, D), caption_len, notes}.
+    The marker is written last: a shard folder without one is an interrupted write and is deleted on restart. It
+    keeps the rows' notes, so the report lists them on every later run too (committed rows are not read again).
     """
     import datasets
 
@@ -128,7 +131,7 @@ def write_shard_set(out: Path, name: str, rows: list[dict], features: dict) -> d
         os.rename(tmp, out / str(res) / name)
     rank, index = (int(x) for x in name[len("shard_r"):].split("_"))
     marker = {"name": name, "rank": rank, "index": index, "count": len(rows), "keys": [r["key"] for r in rows],
-              "resolutions": entries}
+              "resolutions": entries, "notes": [n for r in rows for n in r.get("notes", [])]}
     write_json_atomic(out / WORK / "shards" / f"{name}.json", marker)
     return marker
 
@@ -261,12 +264,16 @@ def _todo(records, done: set[str], report: Reporter, counts: dict):
             yield rec
 
 
-def encode_batch(batch, decoded, vae, vinfo: dict, text: TextEncoder, writer: ShardWriter, report: Reporter) -> int:
-    """Encode the decodable images of one batch and hand them to the writer; returns how many were stored."""
+def encode_batch(batch, decoded, vae, vinfo: dict, text: TextEncoder, writer: ShardWriter, report: Reporter,
+                 min_side: int = 0) -> int:
+    """Encode the decodable images of one batch and hand them to the writer; returns how many were stored. Images
+    whose short side is under `min_side` are reported and skipped; odd ones are stored with notes."""
     good = []
     for rec, item in zip(batch, decoded):
         if isinstance(item, str):
             report(rec.key, rec.source, item)
+        elif min(item.size) < min_side:
+            report(rec.key, rec.source, f"image {item.size[0]}x{item.size[1]}: short side under --min-side {min_side}")
         else:
             good.append((rec, item))
     if not good:
@@ -280,8 +287,10 @@ def encode_batch(batch, decoded, vae, vinfo: dict, text: TextEncoder, writer: Sh
         if not finite[i]:  # fp16 overflow or a broken VAE: a NaN here would poison every step that samples it
             report(rec.key, rec.source, "non-finite latent")
             continue
+        notes = rec.notes + size_notes(good[i][1].size, max(writer.features))
         writer.add({"key": rec.key, "caption": rec.caption, "latent": {r: z[i].numpy() for r, z in latents.items()},
-                    "caption_emb": embs[i], "caption_len": lens[i]})
+                    "caption_emb": embs[i], "caption_len": lens[i],
+                    "notes": [{"key": rec.key, "source": rec.source, "reason": n} for n in notes]})
         stored += 1
     return stored
 
@@ -301,7 +310,7 @@ def process(args, ctx: Ctx, vae, vinfo: dict, text: TextEncoder, features: dict,
                unit="img", disable=ctx.rank != 0, mininterval=1.0, dynamic_ncols=True)
     try:
         for batch, decoded in _decoded(_batched(_todo(records, done, report, counts), args.batch_size), decoder):
-            counts["stored"] += encode_batch(batch, decoded, vae, vinfo, text, writer, report)
+            counts["stored"] += encode_batch(batch, decoded, vae, vinfo, text, writer, report, args.min_side)
             bar.update(len(batch))
             bar.set_postfix(bad=report.count, skipped=counts["skipped"], refresh=False)
         writer.flush()
@@ -323,14 +332,15 @@ def finalize(out: Path, settings: dict, sources: list[str]) -> dict:
         raise RuntimeError(f"{out}: duplicate keys across shards; delete {out / WORK} and the shards to start over")
     bad = []
     for path in sorted((out / WORK).glob("report_r*.jsonl")):
-        bad += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    bad.sort(key=lambda b: (b["key"], b["reason"]))
+        bad += [{**json.loads(line), "stored": False} for line in path.read_text(encoding="utf-8").splitlines() if line]
+    notes = [{**n, "stored": True} for m in markers for n in m.get("notes", [])]
+    lines = sorted(bad + notes, key=lambda b: (b["key"], b["reason"]))
     tmp = out / f".{REPORT}.tmp"
-    tmp.write_text("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in lines), encoding="utf-8")
     os.replace(tmp, out / REPORT)
     manifest = {"format": FORMAT, "vae": settings["vae"], "text_encoder": settings["text_encoder"],
                 "resolutions": {}, "caption_emb_dtype": "float16", "latent_sampling": settings["latent_sampling"],
-                "sources": list(sources), "bad_inputs": len(bad),
+                "sources": list(sources), "bad_inputs": len(bad), "notes": len(notes),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for res, shape in settings["latent_shapes"].items():
         shards = sorted((m["resolutions"][res] for m in markers), key=lambda s: s["path"])

@@ -1,6 +1,7 @@
 """Encoded image → RGB → short side resized to each resolution → center crop → float (3, res, res) in [-1, 1].
 
-Two decoders share one batch interface, `decoder(items) -> list[dict[res, Tensor (3, res, res)] | str]`, where a
+Two decoders share one batch interface, `decoder(items) -> list[Decoded | str]`: a Decoded is a dict
+{res: Tensor (3, res, res)} that also knows the image's size (for the report's notes on tiny or extreme images); a
 str is the reason an item could not be used (undecodable, truncated, zero bytes, ...): bad images are reported by
 the caller, never raised.
   * PILDecoder (default): Pillow in a thread pool (Pillow releases the GIL while decoding and resizing).
@@ -19,12 +20,49 @@ import torch
 RESAMPLE = "BICUBIC"  # Pillow's bicubic resize antialiases when shrinking (its support scales with the factor)
 
 
+# Notes on usable but doubtful images (report.jsonl; stored anyway unless --min-side says otherwise).
+UPSCALE_NOTE = 2.0  # the short side is upscaled more than this to the largest resolution
+ASPECT_NOTE = 4.0  # long side / short side at least this: the center crop keeps a quarter of the image or less
+
+
 class BadImage(ValueError):
     """An item that cannot become a training image; the message is the reason written to the report."""
 
 
+class Decoded(dict):
+    """{res: float32 (3, res, res) in [-1, 1]} of one image, with `size` = (W, H) of the image as stored (EXIF
+    orientation applied, before any reduced decoding or resizing)."""
+
+    def __init__(self, images: dict, size: tuple[int, int]):
+        super().__init__(images)
+        self.size = size
+
+
+def size_notes(size: tuple[int, int], resolution: int) -> list[str]:
+    """Why an image of `size` (W, H) is a doubtful sample at `resolution`: far upscaled, extreme aspect ratio."""
+    (w, h), short = size, min(size)
+    notes = []
+    if short * UPSCALE_NOTE < resolution:
+        notes.append(f"upscaled: short side {short} px, {resolution / short:.1f}x to {resolution} px")
+    if max(size) >= ASPECT_NOTE * short:
+        notes.append(f"extreme aspect ratio {w}x{h}: the center crop keeps {100 * short / max(size):.1f}% of it")
+    return notes
+
+
+def oriented_size(img) -> tuple[int, int]:
+    """(W, H) of a PIL image as displayed: EXIF orientations 5-8 swap its stored sides."""
+    w, h = img.size
+    return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+
+
 def decode_image(data, min_size: int | None = None):
-    """Encoded bytes (or a PIL image) → fully loaded RGB PIL image; raises BadImage with the reason.
+    """decode_with_size without the size."""
+    return decode_with_size(data, min_size)[0]
+
+
+def decode_with_size(data, min_size: int | None = None):
+    """Encoded bytes (or a PIL image) → (fully loaded RGB PIL image, its (W, H) as stored, before any reduction);
+    raises BadImage with the reason.
 
     min_size: the largest resolution needed. JPEGs are then decoded at the smallest power-of-two reduction whose
     sides stay >= min_size (Pillow's `draft`, done in the DCT domain): several times faster on large photos, and
@@ -34,11 +72,13 @@ def decode_image(data, min_size: int | None = None):
 
     if isinstance(data, Image.Image):
         img = data
+        size = oriented_size(img)
     else:
         if data is None or len(data) == 0:
             raise BadImage("zero-byte image")
         try:
             img = Image.open(io.BytesIO(data))
+            size = oriented_size(img)  # before draft() decodes a reduced version
             if min_size and img.format == "JPEG":
                 img.draft("RGB", (min_size, min_size))
             img.load()  # decodes everything now: a truncated file fails here, not later in a worker
@@ -46,7 +86,7 @@ def decode_image(data, min_size: int | None = None):
             raise BadImage(f"undecodable image: {type(e).__name__}: {e}") from None
     try:
         img = ImageOps.exif_transpose(img)  # phone photos are stored sideways with an orientation tag
-        return _to_rgb(img)
+        return _to_rgb(img), size
     except Exception as e:
         raise BadImage(f"image conversion failed: {type(e).__name__}: {e}") from None
 
@@ -87,14 +127,15 @@ def to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W)
 
 
-def preprocess(data, resolutions: list[int]) -> dict[int, torch.Tensor]:
-    """One item → {res: float32 (3, res, res) in [-1, 1]}; decoded once for all resolutions. Raises BadImage."""
-    img = decode_image(data, min_size=max(resolutions))
-    return {r: to_tensor(resize_center_crop(img, r)) for r in resolutions}
+def preprocess(data, resolutions: list[int]) -> Decoded:
+    """One item → {res: float32 (3, res, res) in [-1, 1]} and its size; decoded once for all resolutions. Raises
+    BadImage."""
+    img, size = decode_with_size(data, min_size=max(resolutions))
+    return Decoded({r: to_tensor(resize_center_crop(img, r)) for r in resolutions}, size)
 
 
 class PILDecoder:
-    """Batch decode with Pillow in `num_threads` threads: items → [{res: (3, res, res)} or reason str]."""
+    """Batch decode with Pillow in `num_threads` threads: items → [Decoded {res: (3, res, res)} or reason str]."""
 
     def __init__(self, resolutions: list[int], num_threads: int = 4):
         self.resolutions = sorted(resolutions)
@@ -176,6 +217,8 @@ class DaliDecoder:
         return None
 
     def __call__(self, items: list) -> list:
+        from PIL import Image
+
         screened = [self._screen(d) for d in items]
         good = [i for i, s in enumerate(screened) if s is None]
         out = [None if s is None else s for s in screened]
@@ -188,7 +231,8 @@ class DaliDecoder:
                 tensors = self.pipe.run()
                 arrays = [t.as_cpu().as_array() if self.gpu else t.as_array() for t in tensors]  # (n, 3, r, r)
                 for k, i in enumerate(good):
-                    out[i] = {r: torch.from_numpy(a[k]) for r, a in zip(self.resolutions, arrays)}
+                    size = oriented_size(Image.open(io.BytesIO(items[i])))  # header only
+                    out[i] = Decoded({r: torch.from_numpy(a[k]) for r, a in zip(self.resolutions, arrays)}, size)
             except Exception:  # one bad image spoils the batch: let Pillow name it, and decode the rest
                 self.pipe = self._build(*self._args)  # a pipeline that raised is not trusted to run again
                 for i in good:

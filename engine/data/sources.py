@@ -23,9 +23,10 @@ transient read error on one rank cannot shift any other record to another rank (
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -43,6 +44,7 @@ class Record:
     image: Any = None  # encoded bytes, or a PIL image
     caption: str | None = None
     error: str | None = None
+    notes: list[str] = field(default_factory=list)  # usable, but altered or odd: reported, and stored anyway
 
     @property
     def ok(self) -> bool:
@@ -118,19 +120,29 @@ def _stem(path: str) -> str:
     return posixpath.splitext(path)[0]
 
 
-def _caption_from(data: bytes, ext: str) -> tuple[str | None, str | None]:
-    """(caption, error) from a .txt or .json payload."""
-    text = data.decode("utf-8", errors="replace")
+def _caption_from(data: bytes, ext: str) -> tuple[str | None, str | None, list[str]]:
+    """(caption, error, notes) from a .txt or .json payload."""
+    text, notes = decode_caption(data)
     if ext == ".json":
         try:
             value = json.loads(text).get("caption")
         except (ValueError, AttributeError) as e:
-            return None, f"caption json unreadable: {e}"
+            return None, f"caption json unreadable: {e}", notes
         if value is None:
-            return None, "missing caption (json has no 'caption' field)"
+            return None, "missing caption (json has no 'caption' field)", notes
         text = str(value)
     text = text.strip()
-    return (text, None) if text else (None, "empty caption")
+    return (text, None, notes) if text else (None, "empty caption", notes)
+
+
+def decode_caption(data: bytes) -> tuple[str, list[str]]:
+    """UTF-8 text and notes: invalid bytes are stored as U+FFFD (the rest of the caption is worth keeping) and the
+    record says so, with the offset of the first bad byte, so that it is reported rather than silently altered."""
+    try:
+        return data.decode("utf-8"), []
+    except UnicodeDecodeError as e:
+        return data.decode("utf-8", errors="replace"), [
+            f"caption is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}): stored with U+FFFD"]
 
 
 def iter_records(sources: list[str], image_column: str | None = None, caption_column: str | None = None,
@@ -181,12 +193,12 @@ def _iter_folder(fs, images, texts, key_of, owner) -> Iterator[Record]:
             yield Record(key_of(img), src, error="missing caption (no .txt next to the image)")
             continue
         try:
-            caption, err = _caption_from(fs.cat_file(txt), ".txt")
+            caption, err, notes = _caption_from(fs.cat_file(txt), ".txt")
             data = fs.cat_file(img)
         except Exception as e:
             yield Record(key_of(img), src, error=f"unreadable file: {type(e).__name__}: {e}")
             continue
-        yield Record(key_of(img), src, data, caption, err)
+        yield Record(key_of(img), src, data, caption, err, notes)
     for txt in sorted(texts - used):
         if owner.take(key_of(txt)):
             yield Record(key_of(txt), fs.unstrip_protocol(txt), error="caption without an image")
@@ -204,22 +216,30 @@ def _tar_group(key: str, src: str, members: dict[str, bytes], duplicate: bool) -
     image = members[img_exts[0]]
     for ext in (".txt", ".json"):
         if ext in members:
-            caption, err = _caption_from(members[ext], ext)
-            return Record(key, src, image, caption, err)
+            caption, err, notes = _caption_from(members[ext], ext)
+            return Record(key, src, image, caption, err, notes)
     return Record(key, src, image, error="missing caption (no .txt or .json member)")
 
 
 def _iter_tar(fs, path: str, prefix: str) -> Iterator[Record]:
-    """Stream a tar; consecutive members sharing a basename form one sample (the webdataset convention).
+    """Read a tar; consecutive members sharing a basename form one sample (the webdataset convention).
 
-    A shard that cannot be read, or is cut short, yields the samples completed before the damage and then one bad
-    record keyed by the shard; the sample in progress at the damage is not trusted and is covered by that record.
+    Python's tarfile stops silently at the first damaged member header and reports the rest of the shard as absent;
+    here it reads on (ignore_zeros: the damaged blocks are skipped up to the next valid header), and every skipped
+    byte range that is not zero padding becomes one bad record, keyed `<shard>@<offset>`, naming the sample before
+    it. The samples the damage touched come out incomplete (missing image or caption) and are reported as such;
+    those after it are read. A shard that cannot be read, or is cut short, yields the samples completed before the
+    damage and then one bad record keyed by the shard; the sample in progress at the damage is covered by it.
     """
     src = fs.unstrip_protocol(path)
     group, duplicate, members, seen = None, False, {}, set()
+    end = 0  # where the previous member's data ends: the next header is expected there
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*", ignore_zeros=True) as tar:
             for m in tar:
+                if m.offset > end and not _is_zero(tar.fileobj, end, m.offset):
+                    yield _damage(prefix, src, group, end, m.offset)
+                end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not m.isfile():
                     continue
                 base, ext = posixpath.splitext(m.name)
@@ -229,16 +249,41 @@ def _iter_tar(fs, path: str, prefix: str) -> Iterator[Record]:
                     group, duplicate, members = base, base in seen, {}
                     seen.add(base)
                 members[ext.lower()] = tar.extractfile(m).read()
-            # A tar cut exactly between members reads like a short, valid one: tarfile stops quietly at EOF. Only a
-            # whole one has the zero end-of-archive block, which tarfile reads (moving past `offset`) before stopping.
-            if tar.fileobj.tell() <= tar.offset:
+            size = tar.fileobj.seek(0, os.SEEK_END)
+            if not seen and end == 0 and not _is_zero(tar.fileobj, 0, size):  # no valid header in the whole file
+                raise tarfile.ReadError("not a tar archive (no valid member header)")
+            # A whole tar ends with zero blocks (the end-of-archive marker, then padding); a tar cut exactly between
+            # members has none, and bytes that are not zero after the last member are a damaged header or garbage.
+            if size - end < tarfile.BLOCKSIZE:
                 raise tarfile.ReadError("no end-of-archive marker (file cut short)")
+            if not _is_zero(tar.fileobj, end, size):
+                yield _damage(prefix, src, group, end, size)
     except Exception as e:
         done = max(len(seen) - 1, 0)
         yield Record(prefix, src, error=f"unreadable tar shard after {done} samples: {type(e).__name__}: {e}")
         return
     if group is not None:
         yield _tar_group(f"{prefix}/{group}", src, members, duplicate)
+
+
+def _damage(prefix: str, src: str, group: str | None, start: int, stop: int) -> Record:
+    """The bad record of a damaged byte range of a shard, keyed by the shard and the range's offset."""
+    after = f"after sample {prefix}/{group}" if group is not None else "at the start"
+    return Record(f"{prefix}@{start}", src, error=f"damaged tar member header(s): bytes {start}-{stop} skipped "
+                                                  f"({after}); every readable member after them was read")
+
+
+def _is_zero(f, start: int, stop: int, chunk: int = 1 << 20) -> bool:
+    """Are bytes [start, stop) of the seekable file f all zero (padding, not lost data)?"""
+    f.seek(start)
+    while start < stop:
+        data = f.read(min(chunk, stop - start))
+        if not data:
+            return True  # the file ends earlier: nothing more is lost here
+        if data.count(0) != len(data):
+            return False
+        start += len(data)
+    return True
 
 
 def _pick(names: list[str], wanted: str | None, defaults: tuple[str, ...], what: str) -> str:
@@ -286,5 +331,8 @@ def _parquet_record(key: str, src: str, image, caption) -> Record:
         return Record(key, src, error="missing image bytes")
     if caption is None:
         return Record(key, src, image, error="missing caption")
+    notes = []
+    if isinstance(caption, bytes):  # a binary caption column: decode it, as a .txt member, not as repr(b'...')
+        caption, notes = decode_caption(caption)
     caption = str(caption).strip()
-    return Record(key, src, image, caption or None, None if caption else "empty caption")
+    return Record(key, src, image, caption or None, None if caption else "empty caption", notes)

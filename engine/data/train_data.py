@@ -41,10 +41,13 @@ class InMemoryData:
 
 
 class RandomData:
-    """Gaussian inputs and caption embeddings of the configured shapes, with random caption lengths."""
+    """Gaussian inputs and caption embeddings of the configured shapes, with random caption lengths; or, with
+    `padded=False` (data.attend_to_padding), every caption full length and no key mask."""
 
-    def __init__(self, shape: tuple[int, int, int], caption_len: int, caption_channels: int, seed: int, device):
-        self.shape, self.caption_len, self.caption_channels, self.seed, self.device = shape, caption_len, caption_channels, seed, device
+    def __init__(self, shape: tuple[int, int, int], caption_len: int, caption_channels: int, seed: int, device,
+                 padded: bool = True):
+        self.shape, self.caption_len, self.caption_channels, self.seed = shape, caption_len, caption_channels, seed
+        self.device, self.padded = device, padded
 
     def start(self, step: int) -> None:
         """Nothing to prefetch: batches are drawn from the step."""
@@ -54,6 +57,8 @@ class RandomData:
         n, L = hi - lo, self.caption_len
         x = torch.randn(n, *self.shape, generator=g, device=self.device)
         y = torch.randn(n, L, self.caption_channels, generator=g, device=self.device)
+        if not self.padded:
+            return Batch(x, y, None)
         lengths = torch.randint(1, L + 1, (n, 1), generator=g, device=self.device)
         return Batch(x, y, torch.arange(L, device=self.device) < lengths)
 
@@ -63,7 +68,7 @@ def build_train_data(cfg: Config, device: torch.device, cache_dir: Path, rank: i
     d = cfg.data
     shape = (d.channels, d.image_size, d.image_size)
     if d.source == "random":
-        return RandomData(shape, d.caption_len, d.caption_channels, cfg.run.seed, device), None
+        return RandomData(shape, d.caption_len, d.caption_channels, cfg.run.seed, device, not d.attend_to_padding), None
     if d.source == "precomputed":
         try:
             encoder = load_text_encoder(cfg)  # only for the sample grids' prompts
@@ -130,10 +135,10 @@ def build_precomputed(cfg: Config, device: torch.device, rank: int, world_size: 
     d, t = cfg.data, cfg.train
     if d.attend_to_padding:  # precompute stores real tokens only: there are no padding embeddings to attend to
         raise ConfigError("config: data.attend_to_padding=true cannot be honoured with data.source=precomputed "
-                         "(padding embeddings are not stored); set it to false to fine-tune on a precomputed set")
+                          "(padding embeddings are not stored); set it to false to fine-tune on a precomputed set")
     if "://" in d.path:
         raise ConfigError(f"config: data.path={d.path!r}: training reads a local (or mounted) folder; copy the set "
-                         "there first (precompute sources may be remote, its output and the training set may not)")
+                          "there first (precompute sources may be remote, its output and the training set may not)")
     try:  # every failure here is the set at data.path: missing, unfinished, built for another model, or modified
         ds = PrecomputedSet(d.path, d.resolution, d.caption_len)
         check_matches_config(ds, d.channels, d.image_size, d.caption_channels)

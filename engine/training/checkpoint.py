@@ -10,7 +10,9 @@ plain modules work the same way.
 Atomicity: every rank writes into ``step_XXXXXXXX.tmp/``; after a barrier rank 0 renames it
 to ``step_XXXXXXXX/``. A folder with the final name is therefore complete, and
 ``latest()`` only ever returns such folders (with DCP's ``.metadata``). Leftover ``.tmp``
-folders from a crash are removed by the next save.
+folders from a crash are removed by the next save. Durability: every file is on disk before the
+rename that publishes it (DCP fsyncs its shards and metadata, we fsync the RNG files and the
+folder's entries), so a power loss cannot leave a published checkpoint with empty files.
 
 All public functions are collective when torch.distributed is initialised: call them on
 every rank. Without a process group they run as world size 1.
@@ -111,9 +113,10 @@ class Checkpointer:
         _barrier()
         with _quiet_single_process():
             dcp.save(_state(model, ema, optimizer, extra), checkpoint_id=str(tmp))
-        torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        _save_durably(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
         _barrier()
         if _rank() == 0:
+            _fsync_dir(tmp)  # the folder's entries (each file, DCP's renamed .metadata) before it is published
             if final.exists():  # the same step saved again: the new one wins
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -294,8 +297,16 @@ def _restore_rng(file: Path) -> None:
         np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
+def _save_durably(obj: Any, path: Path) -> None:
+    """torch.save, then fsync: the bytes are on disk, not in the page cache, when this returns."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
-    """Make the rename durable: a power loss must not undo it."""
+    """Make a folder's entries (renames, new files) durable: a power loss must not undo them."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -15,6 +15,7 @@ from engine.diffusion.noise import draw_step_noise
 from engine.outputs.reporting import embed_prompts, truncate_jsonl, write_loss_curve, write_sample_grid
 from engine.sampling.sampler import build_sampler
 from engine.sampling.settings import SamplerSettings
+from engine.training.billing import Ledger
 from engine.training.checkpoint import Checkpointer, load_model_weights
 from engine.training.ema import ema_decay_at, make_ema
 from engine.training.metrics import MetricsLogger, ThroughputMeter
@@ -181,6 +182,9 @@ def train(cfg: Config, d: Dist) -> Path:
     meter = ThroughputMeter(d.world_size, t.global_batch, kept_tokens(mcfg.num_patches, cfg.diffusion.mask_ratio), flops, t.steps,
                             cfg.cost.usd_per_gpu_hour, device=d.device)
     start, counters = resume_or_init(run, meter)
+    ledger = Ledger(run.dir / "billing.json", d.is_main)
+    if ledger.earlier:  # it bills a killed process's work after its last checkpoint too; the checkpoint cannot
+        meter.load_state_dict(ledger.prior())
     run.data.start(start)
     logger = MetricsLogger(run.dir, purge_step=start or None)
     prompts = None
@@ -194,6 +198,7 @@ def train(cfg: Config, d: Dist) -> Path:
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
 
     run.model.train()
+    ledger.record(d.world_size, meter.this_process())  # a run killed in its first window still bills its setup
     for step in range(start, t.steps):
         meter.step_start()
         set_lr(run.optimizer, cfg.optim.lr * lr_factor(step, t.steps, cfg.optim))
@@ -209,9 +214,11 @@ def train(cfg: Config, d: Dist) -> Path:
             bar.update(1)
         if done % t.log_every == 0 or done == t.steps:
             log_window(run, done, counters, meter, logger, bar)
+            ledger.record(d.world_size, meter.this_process())
         if done % t.ckpt_every == 0 or done == t.steps:
             checkpoint(run, done, counters, meter, prompts)
             meter.exclude_pause()
+            ledger.record(d.world_size, meter.this_process())
         elif t.sample_every and done % t.sample_every == 0:
             write_samples(run, done, prompts)
             meter.exclude_pause()

@@ -1,8 +1,9 @@
 """Throughput, MFU, memory and dollar-cost accounting per log window, and the run loggers.
 
 The trainer drives a ``ThroughputMeter`` with ``step_start() / data_ready() / step_end()``
-around every step and calls ``report(step)`` on log steps, after the loss ``.item()`` has
-synchronised the device, so that wall time covers the GPU work. The dict it returns goes to
+around every step and calls ``report(step)`` on log steps, after the log step's host sync: the
+window ends at that call, so its wall time covers the device work of its steps (``step_end``
+returns as soon as the host has queued a step, long before a GPU finishes it). The dict it returns goes to
 ``MetricsLogger.log(step, metrics)``, which writes JSONL and TensorBoard on rank 0.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -18,61 +20,104 @@ from typing import Any, Callable
 
 import torch
 
+from engine.training.billing import process_age_s
+
 __all__ = [
     "PEAK_BF16_TFLOPS", "peak_flops", "peak_flops_for_name", "peak_memory_gib",
     "ThroughputMeter", "JsonlLogger", "TensorBoardLogger", "MetricsLogger",
 ]
 
-# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, keyed by a substring of
-# torch.cuda.get_device_name(); the longest matching key wins ("L40S" before "L4").
+# Dense bf16 tensor-core peak in TFLOP/s (no 2:4 sparsity: datasheets print the sparse figure, marked *, which is
+# twice this), keyed by a name inside torch.cuda.get_device_name(). A key matches whole words only ("A10" is neither
+# "A10G" nor "A100", "H200" not "GH200"); the longest matching key wins ("H100 NVL" before "H100").
+# Sources, NVIDIA's product datasheets and architecture whitepapers (sparse figure / 2 where only that is printed):
+#   H100 SXM 1,979* / PCIe 1,513* / NVL 1,671* (H100 datasheet); H800 SXM and PCIe: the H100 SXM and PCIe figures;
+#   H200 SXM 1,979* / NVL 1,671* (H200 datasheet); GH200 1,979* (Grace Hopper datasheet); B200 (HGX) 4.5 PF* and
+#   GB200 5 PF* per GPU (HGX B200 / GB200 NVL72 specifications); A100 and A800 312 (A100 datasheet); A10 125 (A10
+#   datasheet); L40S 362.05, L40 181.05, L4 121 (their datasheets); RTX 6000 Ada 364.2 (Ada whitepaper, FP32
+#   accumulate); RTX 4090 165.2 (Ada whitepaper, FP32 accumulate); RTX 3090 71 (GA102 whitepaper, FP32 accumulate);
+#   MI300X 1,307.4 (AMD's datasheet). The AWS A10G has no NVIDIA datasheet: it is unknown here (no MFU), not guessed.
 PEAK_BF16_TFLOPS: dict[str, float] = {
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,  # SXM, reported as "NVIDIA H100 80GB HBM3"
-    "H800": 989.0,
-    "H200": 989.0,
-    "GH200": 989.0,
+    "H100": 989.4,  # SXM, reported as "NVIDIA H100 80GB HBM3"
+    "H100 PCIe": 756.5,
+    "H100 NVL": 835.5,
+    "H800": 989.4,
+    "H800 PCIe": 756.5,
+    "H200": 989.4,  # SXM, reported as "NVIDIA H200"
+    "H200 NVL": 835.5,
+    "GH200": 989.4,
     "B200": 2250.0,
     "GB200": 2500.0,
     "A100": 312.0,
     "A800": 312.0,
-    "L40S": 362.0,
-    "L40": 181.0,
-    "L4": 121.0,
-    "A10G": 70.0,  # approximate: AWS does not publish it
     "A10": 125.0,
-    "RTX 6000 Ada": 364.0,
-    "RTX 4090": 165.0,
+    "L40S": 362.05,
+    "L40": 181.05,
+    "L4": 121.0,
+    "RTX 6000 Ada": 364.2,
+    "RTX 4090": 165.2,
     "RTX 3090": 71.0,
-    "MI300X": 1307.0,
+    "MI300X": 1307.4,
 }
+_WARNED_DEVICES: set[str] = set()
 
 
 def peak_flops_for_name(name: str) -> float | None:
     """Peak dense bf16 FLOP/s for a device name, or None if the table does not know it."""
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if key.lower() in name.lower():
-            return PEAK_BF16_TFLOPS[key] * 1e12
-    return None
+    found = [k for k in PEAK_BF16_TFLOPS if re.search(rf"(?<![A-Za-z0-9]){re.escape(k)}(?![A-Za-z0-9])", name, re.I)]
+    return PEAK_BF16_TFLOPS[max(found, key=len)] * 1e12 if found else None
 
 
 def peak_flops(device: torch.device | str | None = None) -> float | None:
-    """Peak dense bf16 FLOP/s of ``device``; None on CPU or an unknown GPU (no MFU then)."""
+    """Peak dense bf16 FLOP/s of ``device``; None on CPU or an unknown GPU (no MFU then: one warning line per
+    device name, so a missing table entry is seen rather than a made-up MFU)."""
     device = _resolve(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return peak_flops_for_name(torch.cuda.get_device_name(device))
+    name = torch.cuda.get_device_name(device)
+    peak = peak_flops_for_name(name)
+    if peak is None and name not in _WARNED_DEVICES:
+        _WARNED_DEVICES.add(name)
+        print(f"warning: no dense bf16 peak known for device {name!r}: mfu is null (add it to PEAK_BF16_TFLOPS in "
+              "engine/training/metrics.py, from its datasheet)", file=sys.stderr, flush=True)
+    return peak
 
 
-def peak_memory_gib(device: torch.device | str | None = None) -> float:
-    """Peak allocated CUDA memory on ``device``, or the process's max RSS on CPU, in GiB."""
+def peak_memory_gib(device: torch.device | str | None = None, reset: bool = False) -> float:
+    """Peak allocated CUDA memory on ``device``, or the process's peak RSS on CPU, in GiB, since the last reset (or
+    the start). ``reset`` then starts a new peak, so each logging window reports its own. On CPU the peak is Linux's
+    VmHWM, which writing 5 to /proc/self/clear_refs resets; where that is unavailable it is the process's peak."""
     device = _resolve(device)
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    hwm = _proc_status_kib("VmHWM")
+    if hwm is None:
+        import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # bytes on macOS, KiB on Linux
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # bytes on macOS, KiB on Linux
+    if reset:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak resident set size to the current one
+        except OSError:
+            pass
+    return hwm / 2**20
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A `kB` field of /proc/self/status (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def _resolve(device: torch.device | str | None) -> torch.device:
@@ -94,10 +139,13 @@ class ThroughputMeter:
         device: device whose name picks the peak and whose memory is reported.
         peak_flops_per_device: overrides the table lookup (FLOP/s).
         time_fn: clock in seconds; injectable for tests.
+        process_start: when this process started, on ``time_fn``'s clock (default: from the OS).
 
     Rates cover the window since the previous ``report``; the first step of this process
     (compilation, allocator warm-up) is excluded from them but counted in GPU-hours.
-    GPU-hours start at the first ``step_start`` and carry across resumes via ``state_dict``.
+    GPU-hours and cost run from the start of this process: setup (imports, checksums, model
+    build, compilation) is billed, and reported on its own as setup_hours. Earlier starts of
+    the run are added with ``load_state_dict`` (from engine/training/billing.py's ledger).
     """
 
     def __init__(
@@ -111,6 +159,7 @@ class ThroughputMeter:
         device: torch.device | str | None = None,
         peak_flops_per_device: float | None = None,
         time_fn: Callable[[], float] = time.perf_counter,
+        process_start: float | None = None,
     ):
         self.world_size = world_size
         self.global_batch = global_batch
@@ -121,9 +170,9 @@ class ThroughputMeter:
         self.device = _resolve(device)
         self.peak = peak_flops_per_device if peak_flops_per_device is not None else peak_flops(self.device)
         self._time = time_fn
-        self._prior_wall_s = 0.0  # from runs before a resume
-        self._prior_gpu_s = 0.0
-        self._run_t0: float | None = None
+        self._prior = {"wall_s": 0.0, "gpu_s": 0.0, "setup_s": 0.0}  # earlier process starts of this run
+        self._run_t0 = time_fn() - process_age_s() if process_start is None else process_start
+        self._setup_s: float | None = None  # process start -> first step
         self._step_t0 = 0.0
         self._wait = 0.0
         self._last_end: float | None = None
@@ -134,8 +183,8 @@ class ThroughputMeter:
     def step_start(self) -> None:
         """Call before fetching the step's batch."""
         now = self._time()
-        if self._run_t0 is None:
-            self._run_t0 = now
+        if self._setup_s is None:
+            self._setup_s = now - self._run_t0
         self._step_t0 = now
         self._wait = 0.0
 
@@ -144,7 +193,9 @@ class ThroughputMeter:
         self._wait = self._time() - self._step_t0
 
     def step_end(self) -> None:
-        """Call after ``optimizer.step()``."""
+        """Call after ``optimizer.step()`` (host time: the device may still be working on the step)."""
+        if self._window_t0 is None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # NOTE: host sync (the first step only): rates start once it is done
         now = self._time()
         if self._window_t0 is None:  # warm-up step ends: rates start here
             self._window_t0 = now
@@ -160,17 +211,26 @@ class ThroughputMeter:
             self._window_t0 += self._time() - self._last_end
 
     def _run_s(self) -> float:
-        return 0.0 if self._last_end is None else self._last_end - self._run_t0
+        """This process's billed seconds: from its start to the end of the last report (or step)."""
+        return (self._time() if self._last_end is None else self._last_end) - self._run_t0
+
+    def this_process(self) -> dict[str, float]:
+        """This process's wall, GPU and setup seconds up to now (the ledger's entry for it)."""
+        wall = self._time() - self._run_t0
+        return {"wall_s": wall, "gpu_s": wall * self.world_size, "setup_s": self._setup_s or 0.0}
 
     def report(self, step: int) -> dict[str, float | None]:
-        """Metrics for the window since the last report; ``step`` = optimizer steps done so far."""
-        wall_s = self._prior_wall_s + self._run_s()
-        gpu_hours = (self._prior_gpu_s + self._run_s() * self.world_size) / 3600
+        """Metrics for the window since the last report; ``step`` = optimizer steps done so far. Call it after the
+        log step's host sync: the window (and the billed time) ends now, when the device has done its steps."""
+        self._last_end = self._time()
+        wall_s = self._prior["wall_s"] + self._run_s()
+        gpu_hours = (self._prior["gpu_s"] + self._run_s() * self.world_size) / 3600
         out: dict[str, float | None] = {
             "images_per_sec": None, "images_per_sec_per_device": None, "tokens_per_sec": None,
             "tflops_per_sec_per_device": None, "mfu": None, "data_wait_frac": None,
-            "peak_mem_gib": peak_memory_gib(self.device),
+            "peak_mem_gib": peak_memory_gib(self.device, reset=True),  # this window's peak
             "elapsed_hours": wall_s / 3600,
+            "setup_hours": (self._prior["setup_s"] + (self._setup_s or 0.0)) / 3600,  # in elapsed/GPU-hours too
             "gpu_hours": gpu_hours,
             "cost_usd": gpu_hours * self.usd_per_gpu_hour,
             "projected_total_hours": None, "projected_total_gpu_hours": None,
@@ -199,16 +259,13 @@ class ThroughputMeter:
         return out
 
     def state_dict(self) -> dict[str, float]:
-        """Accumulated wall and GPU seconds, to put in the checkpoint's extra dict."""
-        return {
-            "wall_s": self._prior_wall_s + self._run_s(),
-            "gpu_s": self._prior_gpu_s + self._run_s() * self.world_size,
-        }
+        """Wall, GPU and setup seconds of the whole run so far (earlier starts and this one)."""
+        mine = self.this_process()
+        return {k: self._prior[k] + mine[k] for k in self._prior}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        """Continue the accumulated totals of a resumed run (the world size may differ)."""
-        self._prior_wall_s = float(state["wall_s"]) - self._run_s()
-        self._prior_gpu_s = float(state["gpu_s"]) - self._run_s() * self.world_size
+        """The totals of the run's earlier process starts (each on its own world size); this process adds its own."""
+        self._prior = {k: float(state.get(k, 0.0)) for k in self._prior}
 
 
 def _plain(value: Any) -> Any:

@@ -65,10 +65,12 @@ def blocks_of(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
 def parallelize(
     model: nn.Module, device: torch.device, dtype: torch.dtype, activation_checkpointing: bool = False,
     compile: bool = False, reshard_after_forward: bool = True, reduce_dtype: torch.dtype = torch.float32,
+    compile_backend: str = "inductor",
 ) -> nn.Module:
     """FSDP2 `fully_shard` per block and at the root: parameters in `dtype` inside forward/backward, gradients reduced
     in `reduce_dtype`. reshard_after_forward=False keeps each block's gathered weights from its forward to its
-    backward (FSDP1's SHARD_GRAD_OP), saving the all-gather that backward would repeat."""
+    backward (FSDP1's SHARD_GRAD_OP), saving the all-gather that backward would repeat. compile: torch.compile each
+    block whole (fullgraph: a graph break is an error, not a silent slowdown) with `compile_backend`."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -82,7 +84,7 @@ def parallelize(
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
             block = checkpoint_wrapper(block)
         if compile:
-            block.compile()
+            block.compile(backend=compile_backend, fullgraph=True)
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         container[i] = block
     # The root keeps its inputs as given: c_noise = log(sigma)/4 rounded to bf16 would merge nearby noise levels
