@@ -187,7 +187,6 @@ class SampleConfig:
     steps: int = 30
     """Solver steps when sample.nfe is null: Heun takes this many points plus a last Euler step into 0 (2·steps − 1
     model evaluations), the other solvers this many evaluations."""
-
     cfg_scale: float = 4.0
     """Classifier-free guidance scale (1 = off)."""
     prompts: list[str] = field(default_factory=lambda: [
