@@ -59,6 +59,9 @@ class DataConfig:
     """Latent runs: diffusers AutoencoderKL (hub id or path) that decodes sample grids; empty = show raw latents."""
     num_samples: int = 4096
     """Dataset size (synthetic: any size, deterministic from run.seed)."""
+    backgrounds: str = "fixed"
+    """Synthetic: 'fixed' (the dark background) or 'prompted' (black, grey or white, named in the caption, "... on a
+    white background"): the brightness-dependent variant for the initial-step model (sample.init=sing)."""
     image_size: int = 32
     """Synthetic: image side in pixels. Random: latent side (32 at 256 px, 64 at 512 px)."""
     channels: int = 3
@@ -87,6 +90,13 @@ class DiffusionConfig:
     """Std of log sigma during training (MicroDiT: 1.2 at 256 px, 0.6 at 512 px)."""
     sigma_data: float = 0.5
     """Data standard deviation: 0.5 for pixels in [-1, 1] (the default data), 0.9 for SDXL latents (MicroDiT)."""
+    sigma_min: float = 0.002
+    """Smallest noise level of sampling: where solvers stop (Heun then takes a last Euler step into 0)."""
+    sigma_max: float = 80.0
+    """Noise level sampling starts from: x = sigma_max · noise (or the initial-step model's x0 + sigma_max · noise)."""
+    objective: str = "edm"
+    """'edm' (the denoiser D(x; sigma)) or 'init_step' (SingDiffusion's initial-step model: a time-free network that
+    predicts x0 from pure noise and the caption, trained by the same engine; sampling uses it via sample.init=sing)."""
 
 
 @dataclass
@@ -165,10 +175,18 @@ class KernelsConfig:
     """Attention backend."""
 
 
+SOLVERS = ("euler", "heun", "dpmpp", "unipc")
+SCHEDULES = ("karras", "logsnr", "uniform", "optimized")
+INITS = ("noise", "sing", "data_mean")
+SING_GUIDANCE = ("normalized", "plain", "none")
+DPMPP_VARIANTS = ("midpoint", "heun", "lagrange")
+
+
 @dataclass
 class SampleConfig:
     steps: int = 30
-    """EDM Heun steps."""
+    """Solver steps when sample.nfe is null: Heun takes this many points plus a last Euler step into 0 (2·steps − 1
+    model evaluations), the other solvers this many evaluations."""
     cfg_scale: float = 4.0
     """Classifier-free guidance scale (1 = off)."""
     prompts: list[str] = field(default_factory=lambda: [
@@ -179,6 +197,40 @@ class SampleConfig:
     """Images per prompt in a grid."""
     seed: int = 0
     """Noise seed of the sample grids."""
+    solver: str = "heun"
+    """ODE solver (engine/sampling/solvers.py): 'heun' (EDM's, 2nd order), 'euler', 'dpmpp' (DPM-Solver++ 1/2M/3M, by
+    sample.order) or 'unipc' (UniPC-1/2/3 with its corrector, by sample.order)."""
+    order: int = 2
+    """dpmpp and unipc: order 1-3 (unipc's corrector adds one)."""
+    dpmpp_variant: str = "midpoint"
+    """dpmpp: 'midpoint' or 'heun' (diffusers' 2M variants, both with the official 3M step, which converges at 2nd order
+    only) or 'lagrange' (every step integrates the interpolating polynomial exactly: 2M = heun, 3M of 3rd order)."""
+    unipc_variant: str = "bh2"
+    """unipc: B(h) = 'bh1' (h) or 'bh2' (e^h − 1)."""
+    lower_order_final: str = "always"
+    """Multistep solvers: lower the last steps' orders (last one first order) 'always', 'never' or 'below:N' (only
+    when there are fewer than N steps; DPM-Solver's code uses below:10, diffusers below:15)."""
+    nfe: int | None = None
+    """Model evaluations (with guidance, one evaluation = the conditional and unconditional batch); null = sample.steps.
+    Heun: odd n ends with the Euler step into 0, even n ends at sigma_min."""
+    schedule: str = "karras"
+    """Noise levels: 'karras' (rho), 'logsnr' (uniform in log sigma), 'uniform' (in sigma) or 'optimized' (Xue et al.
+    2024, made for the multistep solver's order pattern; cached)."""
+    rho: float = 7.0
+    """Karras schedule exponent."""
+    stepopt_power: int = 2
+    """Optimized schedule: the modelled data-prediction error at sigma is sigma^p (EDM units, the official sigma_vp^p /
+    alpha_vp); p = 1 or 2."""
+    stepopt_init: str = "logsnr"
+    """Optimized schedule: the schedule the optimizer starts from ('karras', 'logsnr' or 'uniform')."""
+    init: str = "noise"
+    """Initial state: 'noise' (sigma_max · n), 'sing' (the initial-step model's x0 + sigma_max · n, SingDiffusion) or
+    'data_mean' (the training data's mean image + sigma_max · n: no network, the baseline for 'sing')."""
+    sing_run: str = ""
+    """sample.init=sing: run folder of the trained initial-step model (diffusion.objective=init_step)."""
+    sing_guidance: str = "normalized"
+    """sample.init=sing with guidance: 'normalized' ((u + w (c − u)) / w, the paper's code), 'plain' (u + w (c − u))
+    or 'none' (conditional only)."""
 
 
 @dataclass
@@ -220,6 +272,7 @@ class Config:
             ("data.resolution", lambda: dt.resolution >= 1, "must be >= 1"),
             ("data.num_workers", lambda: dt.num_workers >= 0, "must be >= 0"),
             ("data.num_samples", lambda: dt.num_samples >= 1, "must be >= 1"),
+            ("data.backgrounds", lambda: dt.backgrounds in ("fixed", "prompted"), "must be 'fixed' or 'prompted'"),
             ("data.image_size", lambda: dt.image_size >= 1, "must be >= 1"),
             ("data.image_size", lambda: dt.image_size % model_config(m.name).patch_size == 0,
              f"must be a multiple of {m.name}'s patch size"),
@@ -262,6 +315,7 @@ class Config:
             ("sample.prompts", lambda: len(s.prompts) >= 1, "must hold at least one prompt"),
             ("sample.per_prompt", lambda: s.per_prompt >= 1, "must be >= 1"),
             ("sample.seed", lambda: s.seed >= 0, "must be >= 0"),
+            *sampling_checks(s, d),
             ("cost.usd_per_gpu_hour", lambda: self.cost.usd_per_gpu_hour >= 0, "must be >= 0"),
         ]
         if world_size is not None:
@@ -277,6 +331,35 @@ class Config:
             except ValueError as e:
                 raise ConfigError(f"config: {e}") from None
         return self
+
+
+def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, typing.Callable[[], bool], str]]:
+    """(key, ok, why) of the sampler's settings; shared by config files and the sampling flags."""
+    from_ = lambda choices: f"must be one of: {', '.join(choices)}"
+    rule = s.lower_order_final
+    return [
+        ("diffusion.objective", lambda: d.objective in ("edm", "init_step"), from_(("edm", "init_step"))),
+        ("diffusion.sigma_min", lambda: d.sigma_min > 0, "must be > 0"),
+        ("diffusion.sigma_min", lambda: d.sigma_min < d.sigma_max, f"must be < diffusion.sigma_max={d.sigma_max}"),
+        ("sample.solver", lambda: s.solver in SOLVERS, from_(SOLVERS)),
+        ("sample.order", lambda: 1 <= s.order <= 3, "must be 1, 2 or 3"),
+        ("sample.dpmpp_variant", lambda: s.dpmpp_variant in DPMPP_VARIANTS, from_(DPMPP_VARIANTS)),
+        ("sample.unipc_variant", lambda: s.unipc_variant in ("bh1", "bh2"), from_(("bh1", "bh2"))),
+        ("sample.lower_order_final",
+         lambda: rule in ("always", "never") or (rule.startswith("below:") and rule[6:].isdigit()),
+         "must be 'always', 'never' or 'below:N' (N a whole number)"),
+        ("sample.nfe", lambda: s.nfe is None or s.nfe >= 1, "must be >= 1 (or null: use sample.steps)"),
+        ("sample.schedule", lambda: s.schedule in SCHEDULES, from_(SCHEDULES)),
+        ("sample.schedule", lambda: s.schedule != "optimized" or s.solver != "heun",
+         "is made for a multistep solver's order pattern (euler, dpmpp, unipc), not sample.solver=heun"),
+        ("sample.rho", lambda: s.rho > 0, "must be > 0"),
+        ("sample.stepopt_power", lambda: s.stepopt_power in (1, 2), "must be 1 or 2"),
+        ("sample.stepopt_init", lambda: s.stepopt_init in SCHEDULES[:3], from_(SCHEDULES[:3])),
+        ("sample.init", lambda: s.init in INITS, from_(INITS)),
+        ("sample.sing_run", lambda: s.init != "sing" or bool(s.sing_run),
+         "must name a trained initial-step run (diffusion.objective=init_step) when sample.init=sing"),
+        ("sample.sing_guidance", lambda: s.sing_guidance in SING_GUIDANCE, from_(SING_GUIDANCE)),
+    ]
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------

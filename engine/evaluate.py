@@ -4,7 +4,8 @@
     python engine/evaluate.py --compare runs/a runs/b [--out DIR]            # two runs on identical inputs
     python engine/evaluate.py --compare runs/a/eval/x runs/a/eval/y ...      # evaluation folders (e.g. two samplers)
 
-Generates --num-images images with the run's EMA weights (EDM Heun + CFG, batched). Image i is made for prompt i of
+Generates --num-images images with the run's EMA weights and sampler settings (default EDM Heun + CFG; the sampler
+flags --solver, --schedule, --nfe, --init, ... override them; eval.json records them). Image i is made for prompt i of
 a fixed prompt set from the initial noise fixed by (--seed, i), whatever the batch size, so two runs or two sampler
 settings see identical inputs. Synthetic runs take the prompts from SyntheticShapes with a held-out seed
 (--data-seed, default 1000000 for every run, so runs of any seed see the same prompts; eval.json records how many
@@ -35,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine.eval.evaluation import evaluate_run
+from engine.sampling.settings import add_sampler_args
 from engine.training.errors import run_cli
 
 
@@ -65,7 +67,7 @@ def parse_args(argv=None):
                    help="skip the GenEval-style score and the attribute Fréchet distance of synthetic runs")
     p.add_argument("--vae", help="latent runs: diffusers AutoencoderKL to decode with (default: the run's data.vae)")
     p.add_argument("--text-encoder", help="text encoder (hub id or folder) instead of the run's data.text_encoder")
-    p.add_argument("--steps", type=int, help="Heun steps (default: the run's sample.steps)")
+    p.add_argument("--steps", type=int, help="solver steps without --nfe (default: the run's sample.steps)")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
     p.add_argument("--seed", type=int, default=0, help="noise seed: image i starts from the noise of (seed, i)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (does not change images)")
@@ -73,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--save-images", action="store_true", help="also write every image to <out>/images/")
     p.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint name>; --compare: ./compare)")
     p.add_argument("--x", default="step", choices=["step", "nfe"], help="--compare: x axis of the series plot")
+    add_sampler_args(p)
     args = p.parse_args(argv)
     for name in ("num_images", "batch_size"):
         if getattr(args, name) < 1:

@@ -1,7 +1,8 @@
 """Generate images from a trained run: `python engine/sample.py --run runs/tiny --prompt "a red circle"`.
 
 Loads the run's resolved config and the EMA weights of its newest checkpoint (or --checkpoint), embeds the prompts
-with the run's text encoder, samples with EDM Heun + classifier-free guidance, and writes a PNG grid."""
+with the run's text encoder, samples with the run's sampler settings (default: EDM Heun + classifier-free guidance;
+the sampler flags override them) and writes a PNG grid."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,10 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
 
 import torch
 
+from engine.config import load_config
 from engine.diffusion.edm import EDM
-from engine.sampling.sampler import sample
+from engine.sampling.sampler import build_sampler, sample
+from engine.sampling.settings import SamplerSettings, add_sampler_args
 from engine.training.errors import run_cli
 from engine.training.run_folder import embed_captions, load_run_model
 
@@ -25,28 +28,30 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for several")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the run's newest complete one)")
     p.add_argument("--num", type=int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=int, help="Heun steps (default: the run's sample.steps)")
+    p.add_argument("--steps", type=int, help="solver steps without --nfe (default: the run's sample.steps)")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="PNG path (default: <run>/samples/sample_<seed>.png)")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
     p.add_argument("--vae", help="diffusers AutoencoderKL to decode latents (default: the run's data.vae)")
     p.add_argument("--text-encoder", help="text encoder (hub id or folder) instead of the run's data.text_encoder")
+    add_sampler_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    run = Path(args.run)
+    run = Path(args.run)  # bad sampler flags fail before anything is loaded
+    settings = SamplerSettings.from_args(args, load_config(run / "config.yaml"), str(run.parent / ".cache"))
     cfg, model, ckpt = load_run_model(run, args.checkpoint, not args.raw_weights, text_encoder=args.text_encoder)
     device = next(model.parameters()).device
+    sampler = build_sampler(settings, cfg, device)
     captions = [p for p in args.prompt for _ in range(args.num)]
     y, y_mask = embed_captions(cfg, captions, device)
     edm = EDM.from_config(cfg.diffusion)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    steps = args.steps or cfg.sample.steps
-    scale = cfg.sample.cfg_scale if args.cfg is None else args.cfg
-    images = sample(model, edm, y, y_mask, steps=steps, cfg_scale=scale, generator=gen).cpu()
+    scale = sampler.settings.cfg_scale
+    images = sample(model, edm, y, y_mask, generator=gen, sampler=sampler).cpu()
     if not torch.isfinite(images).all():  # a PNG would clamp NaN to black and hide it
         raise FloatingPointError(f"sampling from {ckpt} gave non-finite values (the weights or --cfg {scale} diverge)")
     out = Path(args.out) if args.out else run / "samples" / f"sample_{args.seed}.png"
@@ -60,7 +65,9 @@ def main(argv=None) -> Path:
             print(f"latent run without --vae: the PNG shows 3 raw latent channels; latents in {out.with_suffix('.latents.pt')}")
     from engine.outputs.images import save_grid_with_captions
     save_grid_with_captions(out, images, captions, nrow=args.num)
-    print(f"wrote {out} ({len(captions)} images, {steps} Heun steps, cfg {scale}, from {ckpt})")
+    s = sampler.settings.sample
+    print(f"wrote {out} ({len(captions)} images, {s.solver} on {s.schedule} steps, {sampler.plan.nfe} NFE, "
+          f"init {s.init}, cfg {scale}, from {ckpt})")
     return out
 
 

@@ -63,6 +63,9 @@ class ModelConfig:
     """'identity': the cross-attention output and the patch-embedding bias start at zero, so with the zero gates a
     fresh block is the identity. 'official': as the official code, which draws the cross-attention output like the
     other output projections and keeps PyTorch's default (uniform) patch-embedding bias."""
+    time_free: bool = False
+    """No timestep embedding: the adaLN condition is the pooled caption alone. SingDiffusion's initial-step model
+    (a network that predicts x0 from pure noise and the caption) is such a model."""
 
     def __post_init__(self) -> None:
         self.qkv_ratio = tuple(float(r) for r in self.qkv_ratio)

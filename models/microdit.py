@@ -42,7 +42,8 @@ class MicroDiT(nn.Module):
         grid = cfg.input_size // cfg.patch_size
         pos = sincos_pos_embed_2d(dim, grid, cfg.pos_interp_scale).to(self.x_embedder.proj.weight.device)
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)  # (1, N, dim); rebuilt per resolution
-        self.t_embedder = TimestepEmbedder(dim, cfg.freq_embed_dim)
+        if not cfg.time_free:
+            self.t_embedder = TimestepEmbedder(dim, cfg.freq_embed_dim)
         self.y_embedder = nn.Module()
         self.y_embedder.y_proj = Mlp(cfg.caption_channels, dim, dim, norm_eps=eps)
         if cfg.caption_refiner:
@@ -78,7 +79,8 @@ class MicroDiT(nn.Module):
         y = self.y_embedder.y_proj(y.to(dt))  # (B, L, dim); c_noise stays fp32 for the timestep features
         if self.cfg.caption_refiner:
             y = self.y_emb_preprocess(y, y_mask)
-        c = self.t_embedder(c_noise) + self.pooled_y_emb_process(masked_mean(y, y_mask))  # (B, dim)
+        pooled = self.pooled_y_emb_process(masked_mean(y, y_mask))  # (B, dim)
+        c = pooled if self.cfg.time_free else self.t_embedder(c_noise) + pooled
 
         mixer = self.cfg.mixer_depth > 0
         if mixer:
@@ -126,7 +128,8 @@ class MicroDiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         if identity:
             nn.init.zeros_(self.x_embedder.proj.bias)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2,
+        t_mlp = [] if self.cfg.time_free else [self.t_embedder.mlp[0], self.t_embedder.mlp[2]]
+        for lin in (*t_mlp, self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2,
                     self.pooled_y_emb_process.fc1, self.pooled_y_emb_process.fc2):
             nn.init.normal_(lin.weight, std=0.02)
         depth = self.cfg.depth

@@ -8,6 +8,11 @@ can be produced in any order, by any process, and always gives the same image an
 Layout guarantees non-overlap by construction: the image (or, with two groups, each half of it) is cut into equal
 cells along one axis, one object per cell, and each object leaves the last row and column of its cell empty, so
 objects never touch, not even diagonally.
+
+With backgrounds="prompted" each image also gets a black, grey or white background that its caption names
+("a yellow triangle on a white background"), drawn from a stream of its own, so the shapes are those of the default
+set; white is never drawn behind a white group. The image mean then depends on the prompt: the set SingDiffusion's
+initial-step model is measured on. The default ("fixed") set is unchanged, byte for byte.
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 RELATIONS: tuple[str, ...] = ("left of", "above")
 BACKGROUND: tuple[int, int, int] = (24, 24, 24)
+PROMPTED_BACKGROUNDS: dict[str, tuple[int, int, int]] = {"black": BACKGROUND, "grey": (128, 128, 128),
+                                                         "white": (232, 232, 232)}
+BACKGROUND_MODES = ("fixed", "prompted")
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 MAX_COUNT = 3
 
@@ -63,17 +71,21 @@ class SyntheticShapes:
         num_samples: dataset length (>= 1); any index in [0, num_samples) is valid.
         image_size: side H = W in pixels (>= 16); object sizes scale with it.
         seed: dataset seed; sample i depends only on (seed, i).
+        backgrounds: "fixed" (the dark background) or "prompted" (black / grey / white, named in the caption).
 
     `ds[i]` gives (image float32 (3, H, W) in [-1, 1], caption str). `describe(i)` gives the facts behind it.
     """
 
-    def __init__(self, num_samples: int, image_size: int = 32, seed: int = 0):
+    def __init__(self, num_samples: int, image_size: int = 32, seed: int = 0, backgrounds: str = "fixed"):
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if int(image_size) < 16:
             raise ValueError(f"image_size must be >= 16, got {image_size}")
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if backgrounds not in BACKGROUND_MODES:
+            raise ValueError(f"backgrounds must be one of {BACKGROUND_MODES}, got {backgrounds!r}")
+        self.backgrounds = backgrounds
         self.num_samples, self.image_size, self.seed = int(num_samples), int(image_size), int(seed)
         self.min_size = max(5, round(0.18 * self.image_size))  # smallest object side that still reads as its shape
         self.max_size = round(0.45 * self.image_size)
@@ -94,7 +106,8 @@ class SyntheticShapes:
         """Structured facts of sample i: {"groups": [{"colour", "shape", "count", "size", "boxes"}], "relation"}.
 
         `boxes` are (x0, y0, side) of each object's tight bounding square in pixels; relation is "left of",
-        "above" or None, and reads "groups[0] <relation> groups[1]". Plain Python types (JSON-serialisable).
+        "above" or None, and reads "groups[0] <relation> groups[1]". With prompted backgrounds a "background" key
+        names it (PROMPTED_BACKGROUNDS). Plain Python types (JSON-serialisable).
         """
         i = self._check_index(i)
         rng = np.random.default_rng([self.seed, i])
@@ -123,14 +136,19 @@ class SyntheticShapes:
             boxes = [(int(cx + rng.integers(0, w - d)), int(cy + rng.integers(0, h - d)), d)
                      for cx, cy, w, h in cells]
             groups.append({"colour": colour, "shape": shape, "count": count, "size": d, "boxes": boxes})
-        return {"groups": groups, "relation": relation}
+        facts = {"groups": groups, "relation": relation}
+        if self.backgrounds == "prompted":  # its own stream: the shapes stay those of the fixed set
+            allowed = [b for b in PROMPTED_BACKGROUNDS if b != "white" or all(g["colour"] != "white" for g in groups)]
+            facts["background"] = allowed[int(np.random.default_rng([self.seed, i, 1]).integers(len(allowed)))]
+        return facts
 
     def caption(self, i: int) -> str:
         """Caption of sample i, e.g. "two red circles left of a blue square"."""
         facts = self.describe(i)
         phrases = [f"{COUNT_WORDS[g['count']]} {g['colour']} {g['shape']}{'s' if g['count'] > 1 else ''}"
                    for g in facts["groups"]]
-        return f" {facts['relation']} ".join(phrases)
+        text = f" {facts['relation']} ".join(phrases)
+        return f"{text} on a {facts['background']} background" if "background" in facts else text
 
     def image_uint8(self, i: int) -> np.ndarray:
         """Sample i as uint8 (H, W, 3)."""
@@ -139,8 +157,9 @@ class SyntheticShapes:
         return img
 
     def _render(self, i: int, out: np.ndarray) -> None:
-        out[:] = BACKGROUND
-        for g in self.describe(i)["groups"]:
+        facts = self.describe(i)
+        out[:] = PROMPTED_BACKGROUNDS[facts["background"]] if "background" in facts else BACKGROUND
+        for g in facts["groups"]:
             mask, colour = shape_mask(g["shape"], g["size"]), COLOURS[g["colour"]]
             for x0, y0, d in g["boxes"]:
                 out[y0:y0 + d, x0:x0 + d][mask] = colour
@@ -163,7 +182,9 @@ class SyntheticShapes:
         return self.images([i])[0], self.caption(i)
 
     def __repr__(self) -> str:
-        return f"SyntheticShapes(num_samples={self.num_samples}, image_size={self.image_size}, seed={self.seed})"
+        extra = f", backgrounds={self.backgrounds!r}" if self.backgrounds != "fixed" else ""
+        return (f"SyntheticShapes(num_samples={self.num_samples}, image_size={self.image_size}, seed={self.seed}"
+                f"{extra})")
 
 
 def _as_list(indices) -> list:

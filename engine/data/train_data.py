@@ -80,7 +80,7 @@ def build_train_data(cfg: Config, device: torch.device, cache_dir: Path, rank: i
     from engine.data.synthetic import SyntheticShapes
 
     encoder = load_text_encoder(cfg)
-    ds = SyntheticShapes(d.num_samples, d.image_size, cfg.run.seed)
+    ds = SyntheticShapes(d.num_samples, d.image_size, cfg.run.seed, d.backgrounds)
     everything = range(d.num_samples)
     ids, emb, mask = embed_unique(ds.captions(everything), encoder, cache_path=cache_dir / "synthetic_captions.safetensors")
     x = ds.images(everything)

@@ -1,1 +1,2 @@
-"""What the model learns: EDM preconditioning and loss, and the randomness of a training step."""
+"""What the model learns: EDM preconditioning and loss, the initial-step model's loss, and the randomness of a training
+step."""

@@ -17,13 +17,14 @@ class EDM:
     sigma_data: float = DiffusionConfig.sigma_data
     p_mean: float = DiffusionConfig.p_mean
     p_std: float = DiffusionConfig.p_std
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
+    sigma_min: float = DiffusionConfig.sigma_min
+    sigma_max: float = DiffusionConfig.sigma_max
+    objective: str = DiffusionConfig.objective  # 'init_step': SingDiffusion's model (engine/diffusion/init_step.py)
 
     @classmethod
     def from_config(cls, d: DiffusionConfig) -> "EDM":
-        return cls(sigma_data=d.sigma_data, p_mean=d.p_mean, p_std=d.p_std)
+        return cls(sigma_data=d.sigma_data, p_mean=d.p_mean, p_std=d.p_std, sigma_min=d.sigma_min,
+                   sigma_max=d.sigma_max, objective=d.objective)
 
     def precondition(self, sigma: torch.Tensor):
         """c_skip, c_out, c_in, c_noise for sigma of shape (B,); the first three broadcast over (B, ...)."""
@@ -51,6 +52,9 @@ class EDM:
 
     def loss(self, model, x0, y, y_mask, noise: StepNoise) -> torch.Tensor:
         """Weighted squared error averaged over every value of every kept patch (= mean of per-patch losses)."""
+        if self.objective == "init_step":
+            from engine.diffusion.init_step import init_step_loss
+            return init_step_loss(self, model, x0, y, y_mask, noise)
         sigma = noise.sigma
         x_noisy = x0 + noise.noise * sigma.view(-1, 1, 1, 1)
         denoised = self.denoise_tokens(model, x_noisy, sigma, y, y_mask, noise.keep_idx)  # (B, K, P)

@@ -68,29 +68,24 @@ def prompt_set(args, cfg) -> PromptSet:
     data_seed = HELD_OUT_SEED if args.data_seed is None else args.data_seed
     if data_seed == cfg.run.seed:
         raise ConfigError(f"--data-seed {data_seed} is the run's training seed: the prompt set must be held out")
-    return synthetic_prompt_set(args.num_images, cfg.data.image_size, data_seed, training_captions(cfg))
+    return synthetic_prompt_set(args.num_images, cfg.data.image_size, data_seed, training_captions(cfg),
+                                cfg.data.backgrounds)
 
 
 def training_captions(cfg) -> set[str]:
     from engine.data.synthetic import SyntheticShapes
 
-    ds = SyntheticShapes(cfg.data.num_samples, cfg.data.image_size, cfg.run.seed)
+    ds = SyntheticShapes(cfg.data.num_samples, cfg.data.image_size, cfg.run.seed, cfg.data.backgrounds)
     return set(ds.captions(range(cfg.data.num_samples)))
-
-
-def sampler_record(steps: int, cfg_scale: float, edm) -> dict:
-    """How images were made. NFE counts denoiser calls (CFG doubles each call's batch, not the count)."""
-    return {"solver": "heun", "schedule": "karras", "steps": steps, "nfe": 2 * steps - 1, "cfg_scale": cfg_scale,
-            "sigma_min": edm.sigma_min, "sigma_max": edm.sigma_max, "rho": edm.rho}
 
 
 # ---------------------------------------------------------------- generation
 
 
-def generate(model, edm, embed, prompts: list[str], steps: int, cfg_scale: float, seed: int, batch_size: int,
-             decoder=None):
-    """Yields (start index, images float (b, 3, H, W) in [-1, 1] on the CPU) batch by batch. Image i starts from the
-    noise paired_noise(seed, i): the same for any batch size, run or sampler setting."""
+def generate(model, edm, embed, prompts: list[str], sampler, seed: int, batch_size: int, decoder=None):
+    """Yields (start index, images float (b, 3, H, W) in [-1, 1] on the CPU) batch by batch, made by `sampler`
+    (engine/sampling/sampler.py build_sampler). Image i starts from the noise paired_noise(seed, i): the same for any
+    batch size, run or sampler setting."""
     from engine.sampling.sampler import sample
 
     device = next(model.parameters()).device
@@ -99,7 +94,7 @@ def generate(model, edm, embed, prompts: list[str], steps: int, cfg_scale: float
         batch = prompts[i:i + batch_size]
         y, y_mask = embed(batch)
         noise = paired_noise(seed, i, len(batch), (c.in_channels, c.input_size, c.input_size), device)
-        x = sample(model, edm, y, y_mask, steps=steps, cfg_scale=cfg_scale, noise=noise)
+        x = sample(model, edm, y, y_mask, sampler=sampler, noise=noise)
         if decoder is not None:
             x = decoder(x)
         yield i, x.float().clamp(-1, 1).cpu()
@@ -172,7 +167,7 @@ def attribute_fd(extractor, features: np.ndarray, prompts: PromptSet, out: Path)
     from engine.eval.attribute_net import frechet_of_features
 
     n = len(features)
-    ds = SyntheticShapes(n, extractor.net.image_size, prompts.data_seed)
+    ds = SyntheticShapes(n, extractor.net.image_size, prompts.data_seed, prompts.backgrounds)
     ref = np.concatenate([extractor(ds.images(range(i, min(n, i + 256)))).numpy() for i in range(0, n, 256)])
     np.save(out / "features_attr.npy", features.astype(np.float32))
     np.save(out / "reference_attr.npy", ref.astype(np.float32))
@@ -186,18 +181,22 @@ def attribute_fd(extractor, features: np.ndarray, prompts: PromptSet, out: Path)
 def evaluate_run(args) -> dict:
     """Generate, score and write eval.json for the run and settings in `args` (engine/evaluate.py's options)."""
     t_start = time.perf_counter()
+    from engine.config import load_config
     from engine.diffusion.edm import EDM
     from engine.eval.reference import build_extractors, check_reference
     from engine.outputs.images import save_grid_with_captions, to_uint8
+    from engine.sampling.sampler import build_sampler
+    from engine.sampling.settings import SamplerSettings
     from engine.training.run_folder import embed_captions, load_run_model
 
     run = Path(args.run)
     ckpt = resolve_checkpoint(run, args.checkpoint, args.step)
+    settings = SamplerSettings.from_args(args, load_config(run / "config.yaml"), str(run.parent / ".cache"))
     cfg, model, ckpt = load_run_model(run, str(ckpt), use_ema=not args.raw_weights, text_encoder=args.text_encoder)
     device = next(model.parameters()).device
     synthetic = cfg.data.source == "synthetic"
-    n, steps = args.num_images, args.steps or cfg.sample.steps
-    scale = cfg.sample.cfg_scale if args.cfg is None else args.cfg
+    sampler = build_sampler(settings, cfg, device)
+    n, steps, scale = args.num_images, sampler.settings.sample.steps, sampler.settings.cfg_scale
     prompts = prompt_set(args, cfg)
 
     decoder = None
@@ -220,8 +219,8 @@ def evaluate_run(args) -> dict:
     geneval = attributes = None
     if synthetic and not args.no_geneval:
         from engine.eval.attribute_net import cached_attribute_net
-        from engine.eval.geneval import GenEvalScorer
-        geneval = GenEvalScorer()
+        from engine.eval.geneval import GenEvalScorer, ShapeDetector
+        geneval = GenEvalScorer(ShapeDetector(background="fixed" if cfg.data.backgrounds == "fixed" else "estimate"))
         attributes = cached_attribute_net(cfg.data.image_size, Path(cfg.run.out_dir) / ".cache")
     embed = lambda captions: embed_captions(cfg, captions, device)  # noqa: E731
     embed(prompts.prompts[:1])  # loads the text encoder now: a missing one fails before anything is written
@@ -231,7 +230,7 @@ def evaluate_run(args) -> dict:
 
     edm = EDM.from_config(cfg.diffusion)
     t_gen = time.perf_counter()
-    for i, x in generate(model, edm, embed, prompts.prompts, steps, scale, args.seed, args.batch_size, decoder):
+    for i, x in generate(model, edm, embed, prompts.prompts, sampler, args.seed, args.batch_size, decoder):
         specs = prompts.specs[i:i + len(x)] if prompts.specs else None
         scores.update(i, to_uint8(x), prompts.prompts[i:i + len(x)], specs)
     gen_s = time.perf_counter() - t_gen
@@ -245,7 +244,7 @@ def evaluate_run(args) -> dict:
         "weights": "raw" if args.raw_weights else "ema", "model": cfg.model.name, "text_encoder": cfg.data.text_encoder,
         "num_images": n, "image_size": list(scores.image_hw), "steps": steps, "cfg_scale": scale,
         "seed": args.seed, "batch_size": args.batch_size,
-        "sampler": sampler_record(steps, scale, edm),
+        "sampler": sampler.record(),
         "noise": {"seed": args.seed, "rule": "image i starts from paired_noise(seed, i) (engine/eval/protocol.py)"},
         "prompts": prompts.record(),
         "metrics": metrics,

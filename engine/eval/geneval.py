@@ -77,6 +77,7 @@ def parse_prompt(prompt: str) -> PromptSpec | None:
     "right of" and "below" are stored as "left of"/"above" with the groups swapped."""
     text = re.sub(r"\s+", " ", prompt.lower()).strip().rstrip(".")
     text = re.sub(r"^(a )?(photo|picture|image) of ", "", text)
+    text = re.sub(r" on an? \w+ background$", "", text)  # the prompted-backgrounds variant of the dataset
     for word, (relation, swap) in _RELATIONS.items():
         parts = text.split(f" {word} ")
         if len(parts) == 2:
@@ -147,16 +148,26 @@ def _as_uint8_hwc(images) -> np.ndarray:
     return arr
 
 
-def label_colours(images: np.ndarray, max_dist: float, min_alpha: float = 0.5) -> np.ndarray:
+def label_colours(images: np.ndarray, max_dist: float, min_alpha: float = 0.5,
+                  background: np.ndarray | None = None) -> np.ndarray:
     """int64 (B, H, W): 0 = background, k = k-th colour of COLOURS (1-based).
 
     Each pixel p is fitted as a blend bg + a·(c - bg), a in [0, 1], of the background with each palette colour c
     (anti-aliased and blurred edges are such blends); the colour with the smallest residual |p - blend| wins, and
-    the pixel is background when that residual exceeds `max_dist` or a < `min_alpha`."""
-    bg = torch.tensor(BACKGROUND, dtype=torch.float32)
-    v = torch.tensor(list(COLOURS.values()), dtype=torch.float32) - bg  # (C, 3)
-    p = torch.from_numpy(images).float() - bg  # (B, H, W, 3)
-    pv, vv = p @ v.T, (v * v).sum(-1)  # (B, H, W, C), (C,)
+    the pixel is background when that residual exceeds `max_dist` or a < `min_alpha`. `background`: (B, 3) RGB
+    per image (default: the dataset's fixed BACKGROUND)."""
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32)  # (C, 3)
+    if background is None:
+        bg = torch.tensor(BACKGROUND, dtype=torch.float32)
+        v = palette - bg  # (C, 3)
+        p = torch.from_numpy(images).float() - bg  # (B, H, W, 3)
+        pv, vv = p @ v.T, (v * v).sum(-1)  # (B, H, W, C), (C,)
+    else:  # one background per image
+        bg = torch.tensor(np.asarray(background), dtype=torch.float32).view(-1, 1, 1, 3)  # (B, 1, 1, 3)
+        v = palette - bg.view(-1, 1, 3)  # (B, C, 3)
+        p = torch.from_numpy(images).float() - bg  # (B, H, W, 3)
+        pv = torch.einsum("bhwk,bck->bhwc", p, v)  # (B, H, W, C)
+        vv = (v * v).sum(-1).view(v.shape[0], 1, 1, -1)  # (B, 1, 1, C)
     a = (pv / vv).clamp(0, 1)
     resid = ((p * p).sum(-1, keepdim=True) - 2 * a * pv + a * a * vv).clamp_min(0)  # |p - a v|^2, (B, H, W, C)
     r, idx = resid.min(-1)
@@ -203,10 +214,15 @@ class ShapeDetector:
             object covers about 2% of the image; pixel noise rarely forms components of this size).
         min_shape_iou: below this IoU with every template the shape is "unknown".
         connectivity: 4 or 8 (the dataset's objects never touch, not even diagonally).
+        background: "fixed" (the dataset's dark BACKGROUND) or "estimate" (each image's per-channel median: for the
+            prompted-backgrounds variant, whose objects never cover half an image).
     """
 
     def __init__(self, max_dist: float = 60.0, min_alpha: float = 0.5, min_area_frac: float = 0.008,
-                 min_shape_iou: float = 0.6, connectivity: int = 4):
+                 min_shape_iou: float = 0.6, connectivity: int = 4, background: str = "fixed"):
+        if background not in ("fixed", "estimate"):
+            raise ValueError(f"background must be 'fixed' or 'estimate', got {background!r}")
+        self.background = background
         self.max_dist, self.min_alpha, self.min_area_frac = max_dist, min_alpha, min_area_frac
         self.min_shape_iou = min_shape_iou
         self.connectivity = connectivity
@@ -215,7 +231,8 @@ class ShapeDetector:
     def detect(self, images) -> list[list[Detection]]:
         arr = _as_uint8_hwc(images)
         B, H, W, _ = arr.shape
-        colour_idx = label_colours(arr, self.max_dist, self.min_alpha)
+        bg = np.median(arr.reshape(B, -1, 3), axis=1) if self.background == "estimate" else None  # (B, 3)
+        colour_idx = label_colours(arr, self.max_dist, self.min_alpha, bg)
         labels = connected_components(colour_idx, self.connectivity)
         min_area = max(4, int(np.ceil(self.min_area_frac * H * W)))
         return [self._objects(labels[b], colour_idx[b], min_area) for b in range(B)]

@@ -28,6 +28,7 @@ class PromptSet:
     specs: list | None  # ground truth (engine.eval.geneval.PromptSpec) for synthetic prompts, else None
     data_seed: int | None  # SyntheticShapes seed of synthetic prompts (and of their paired reference images)
     seen: list[bool] | None  # synthetic: whether the caption also occurs in the training set
+    backgrounds: str = "fixed"  # synthetic: the data set's background variant (engine/data/synthetic.py)
 
     def record(self) -> dict:
         """What eval.json keeps: enough to rebuild the set and to refuse comparing different sets."""
@@ -44,7 +45,8 @@ def prompts_hash(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
-def synthetic_prompt_set(n: int, image_size: int, data_seed: int, train_captions: set[str] | None = None) -> PromptSet:
+def synthetic_prompt_set(n: int, image_size: int, data_seed: int, train_captions: set[str] | None = None,
+                         backgrounds: str = "fixed") -> PromptSet:
     """The first n samples of SyntheticShapes(data_seed): prompts, ground truth, and which captions training saw.
 
     The layouts (hence the paired reference images) are never the training images: the seed differs. Captions can
@@ -53,11 +55,11 @@ def synthetic_prompt_set(n: int, image_size: int, data_seed: int, train_captions
     from engine.data.synthetic import SyntheticShapes
     from engine.eval.geneval import spec_from_describe
 
-    ds = SyntheticShapes(n, image_size, data_seed)
+    ds = SyntheticShapes(n, image_size, data_seed, backgrounds)
     prompts = ds.captions(range(n))
     specs = [spec_from_describe(ds.describe(i)) for i in range(n)]
     seen = None if train_captions is None else [p in train_captions for p in prompts]
-    return PromptSet("synthetic", prompts, specs, data_seed, seen)
+    return PromptSet("synthetic", prompts, specs, data_seed, seen, backgrounds)
 
 
 def file_prompt_set(path, n: int) -> PromptSet:

@@ -65,7 +65,7 @@ def check_reference(reference: str | None, extractors: dict, synthetic: bool, cf
         if not synthetic:
             raise ConfigError(f"--reference synthetic: the run trained on data.source={cfg.data.source}")
         from engine.data.synthetic import SyntheticShapes
-        return SyntheticShapes(num, cfg.data.image_size, data_seed)
+        return SyntheticShapes(num, cfg.data.image_size, data_seed, cfg.data.backgrounds)
     if reference.endswith(".npz"):
         if not Path(reference).is_file():
             raise ConfigError(f"--reference {reference}: no such file")

@@ -19,15 +19,16 @@ def embed_prompts(encoder, prompts: list[str], per_prompt: int, device) -> tuple
 
 
 def write_sample_grid(path: Path, model, edm: EDM, captions, y, y_mask, steps: int, cfg_scale: float, seed: int,
-                      is_main: bool, decoder=None) -> None:
+                      is_main: bool, decoder=None, sampler=None) -> None:
     """Sample with the (sharded) model on every process, same noise everywhere; the main process writes the PNG.
-    `decoder` turns latents into images (engine/encoders/vae.py); without one a latent run shows 3 raw latent channels."""
+    `decoder` turns latents into images (engine/encoders/vae.py); without one a latent run shows 3 raw latent channels.
+    `sampler` (engine/sampling/sampler.py) replaces Heun with `steps` by the configured solver."""
     from engine.outputs.images import save_grid_with_captions
 
     gen = torch.Generator(device=y.device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    images = sample(model, edm, y, y_mask, steps=steps, cfg_scale=cfg_scale, generator=gen)
+    images = sample(model, edm, y, y_mask, steps=steps, cfg_scale=cfg_scale, generator=gen, sampler=sampler)
     reshard(model)
     model.train(was_training)
     if is_main:

@@ -1,1 +1,1 @@
-"""How images come out of a trained model: samplers and classifier-free guidance."""
+"""How images come out of a trained model: solvers, noise-level schedules, start states and classifier-free guidance."""

@@ -1,32 +1,50 @@
-"""EDM Heun sampler (2nd order, deterministic) with classifier-free guidance."""
+"""Sampling: the classifier-free-guidance denoiser (the one place guidance lives), the start state, and a solver from
+engine/sampling/solvers.py on the plan's noise levels. Without a Sampler, `sample` is the engine's original EDM Heun
+on Karras steps (bit-identical output)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from engine.diffusion.edm import EDM
+from engine.sampling.plan import Plan, make_plan
+from engine.sampling.schedules import karras
+from engine.sampling.settings import SamplerSettings
+from engine.sampling.solvers import SOLVERS, Counted, heun
 
 
-def karras_sigmas(edm: EDM, steps: int, device=None) -> torch.Tensor:
+def karras_sigmas(edm: EDM, steps: int, rho: float = 7.0, device=None) -> torch.Tensor:
     """steps noise levels from sigma_max to sigma_min (rho schedule), then a final 0: (steps + 1,)."""
-    i = torch.arange(steps, dtype=torch.float64, device=device)
-    inv_rho = 1 / edm.rho
-    frac = i / max(steps - 1, 1)
-    sig = (edm.sigma_max**inv_rho + frac * (edm.sigma_min**inv_rho - edm.sigma_max**inv_rho)) ** edm.rho
+    sig = karras(steps, edm.sigma_min, edm.sigma_max, rho).to(device)
     return torch.cat([sig, sig.new_zeros(1)])
 
 
-@torch.no_grad()
-def sample(
-    model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | None, steps: int = 30, cfg_scale: float = 1.0,
-    generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Images (B, C, H, W) for caption embeddings y (B, L, D) with mask (B, L). The unconditional branch uses the
-    null caption the model was trained with (all-zero embedding, every position valid). `noise` (B, C, H, W) unit
-    Gaussian: the initial noise, given (paired evaluations) or else drawn from `generator`."""
-    cfg = model.cfg
-    B = y.shape[0]
-    x = noise.to(y.device) if noise is not None else \
-        torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator, device=y.device)
+@dataclass
+class Sampler:
+    """What `sample` needs beyond the model: the settings, their plan, and the start (None: pure noise)."""
+
+    settings: SamplerSettings
+    plan: Plan
+    start: object = None
+    last_nfe: int = 0  # model evaluations of the last call, as counted
+
+    def record(self) -> dict:
+        return {**self.settings.record(), **self.plan.record(), "measured_nfe": self.last_nfe}
+
+
+def build_sampler(settings: SamplerSettings, cfg=None, device=None) -> Sampler:
+    """Plan (optimized schedules solved or read from the cache) and start (the initial-step model loaded; `cfg` is
+    the config of the run being sampled, needed for init=sing and init=data_mean)."""
+    from engine.sampling.start import build_start
+
+    start = build_start(settings, cfg, device) if settings.sample.init != "noise" else None
+    return Sampler(settings, make_plan(settings), start)
+
+
+def guided_denoiser(model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | None, cfg_scale: float):
+    """denoise(x, sigma) -> D (float64) with classifier-free guidance; the unconditional branch uses the null caption
+    the model was trained with (all-zero embedding, every position valid)."""
     guided = cfg_scale != 1.0
     if guided:
         y = torch.cat([y, torch.zeros_like(y)])
@@ -41,13 +59,34 @@ def sample(
             d = uncond + cfg_scale * (cond - uncond)
         return d
 
-    sigmas = karras_sigmas(edm, steps).tolist()
-    x = x.double() * sigmas[0]
-    for i, (s_cur, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        d_cur = (x - denoise(x, s_cur)) / s_cur
-        x_next = x + (s_next - s_cur) * d_cur  # Euler step
-        if s_next > 0:  # Heun correction, except into sigma = 0
-            d_next = (x_next - denoise(x_next, s_next)) / s_next
-            x_next = x + (s_next - s_cur) * (0.5 * d_cur + 0.5 * d_next)
-        x = x_next
-    return x.float()
+    return denoise
+
+
+@torch.no_grad()
+def sample(
+    model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | None, steps: int = 30, cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None, sampler: Sampler | None = None, noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Images (B, C, H, W) for caption embeddings y (B, L, D) with mask (B, L). Without `sampler`: EDM Heun on `steps`
+    Karras points plus 0; with one, its solver, plan and start (and its cfg_scale; `steps` is then unused). An
+    initial-step model (edm.objective == 'init_step') returns its x0 prediction from the noise instead. `noise`
+    (B, C, H, W) unit Gaussian: the initial noise, given (paired evaluations) or else drawn from `generator`."""
+    cfg = model.cfg
+    B = y.shape[0]
+    x = noise.to(y.device) if noise is not None else \
+        torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator, device=y.device)
+    if edm.objective == "init_step":  # its "sample" is the guided mean-image prediction
+        from engine.sampling.start import InitStepStart
+        return InitStepStart(model, edm, "plain")(x, y, y_mask, cfg_scale).float()
+    if sampler is None:
+        denoise = guided_denoiser(model, edm, y, y_mask, cfg_scale)
+        sigmas = karras_sigmas(edm, steps).tolist()
+        return heun(denoise, x.double() * sigmas[0], sigmas).float()
+    plan = sampler.plan
+    denoise = Counted(guided_denoiser(model, edm, y, y_mask, sampler.settings.cfg_scale))
+    x_start = x.double() * plan.sigmas[0]
+    if sampler.start is not None:
+        x_start = sampler.start(x, y, y_mask, sampler.settings.cfg_scale).double() + x_start
+    out = SOLVERS[plan.solver].fn(denoise, x_start, plan.sigmas, plan.orders, plan.variant)
+    sampler.last_nfe = denoise.nfe
+    return out.float()

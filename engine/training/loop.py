@@ -13,6 +13,8 @@ from engine.data.train_data import build_train_data, key_padding_mask
 from engine.diffusion.edm import EDM
 from engine.diffusion.noise import draw_step_noise
 from engine.outputs.reporting import embed_prompts, truncate_jsonl, write_loss_curve, write_sample_grid
+from engine.sampling.sampler import build_sampler
+from engine.sampling.settings import SamplerSettings
 from engine.training.billing import Ledger
 from engine.training.checkpoint import Checkpointer, load_model_weights
 from engine.training.ema import ema_decay_at, make_ema
@@ -55,7 +57,7 @@ def build(cfg: Config, d: Dist) -> Run:
 
     mcfg = model_config(cfg.model.name, input_size=cfg.data.image_size, in_channels=cfg.data.channels,
                         caption_channels=cfg.data.caption_channels, pos_interp_scale=cfg.model.pos_interp_scale,
-                        init=cfg.model.init)
+                        init=cfg.model.init, time_free=cfg.diffusion.objective == "init_step")
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
     model = build_model(mcfg, asdict(cfg.kernels))
     ema = make_ema(model)
@@ -166,8 +168,10 @@ def write_samples(run: Run, step: int, prompts) -> None:
     if prompts is None:
         return
     s = run.cfg.sample
+    settings = SamplerSettings.from_config(run.cfg, cache_dir=str(Path(run.cfg.run.out_dir) / ".cache"))
     write_sample_grid(run.dir / "samples" / f"step_{step:08d}.png", run.ema, run.edm, *prompts, steps=s.steps,
-                      cfg_scale=s.cfg_scale, seed=s.seed, is_main=run.dist.is_main, decoder=run.decoder)
+                      cfg_scale=s.cfg_scale, seed=s.seed, is_main=run.dist.is_main, decoder=run.decoder,
+                      sampler=build_sampler(settings, run.cfg, run.dist.device))
 
 
 def train(cfg: Config, d: Dist) -> Path:

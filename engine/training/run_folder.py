@@ -23,7 +23,7 @@ def load_run_model(run: Path, checkpoint: str | None, use_ema: bool = True, text
         raise FileNotFoundError(f"no complete checkpoint in {run / 'checkpoints'}")
     mcfg = model_config(cfg.model.name, input_size=cfg.data.image_size, in_channels=cfg.data.channels,
                         caption_channels=cfg.data.caption_channels, pos_interp_scale=cfg.model.pos_interp_scale,
-                        init=cfg.model.init)
+                        init=cfg.model.init, time_free=cfg.diffusion.objective == "init_step")
     model = build_model(mcfg, {"attention": "auto", "gather": "auto", "moe": "auto", "norm": "auto"})
     load_model_weights(ckpt, model, from_ema=use_ema)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,109 @@
+"""Sampler settings: the run config's `sample` and `diffusion.sigma_*` keys, optionally overridden by command-line
+flags. One table maps each flag to its config key, so engine/sample.py and engine/evaluate.py share the flags, and the
+config's own checks (engine/config.py `sampling_checks`) validate flags and config files alike."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from engine.config import (DPMPP_VARIANTS, INITS, SCHEDULES, SING_GUIDANCE, SOLVERS, Config, ConfigError, SampleConfig,
+                           build, set_nested, to_dict)
+
+# flag, config key, type, choices (None: any value the config accepts), help
+FLAGS = [
+    ("--solver", "sample.solver", str, SOLVERS, "ODE solver"),
+    ("--order", "sample.order", int, (1, 2, 3), "dpmpp / unipc order"),
+    ("--dpmpp-variant", "sample.dpmpp_variant", str, DPMPP_VARIANTS, "DPM-Solver++ variant"),
+    ("--unipc-variant", "sample.unipc_variant", str, ("bh1", "bh2"), "UniPC B(h)"),
+    ("--lower-order-final", "sample.lower_order_final", str, None, "always | never | below:N"),
+    ("--nfe", "sample.nfe", int, None, "model evaluations (default: the run's sample.nfe, else --steps)"),
+    ("--schedule", "sample.schedule", str, SCHEDULES, "noise levels"),
+    ("--rho", "sample.rho", float, None, "Karras exponent"),
+    ("--stepopt-power", "sample.stepopt_power", int, (1, 2), "optimized schedule: error model sigma^p"),
+    ("--stepopt-init", "sample.stepopt_init", str, SCHEDULES[:3], "optimized schedule: initial schedule"),
+    ("--init", "sample.init", str, INITS, "initial state"),
+    ("--sing-run", "sample.sing_run", str, None, "run folder of the initial-step model (--init sing)"),
+    ("--sing-guidance", "sample.sing_guidance", str, SING_GUIDANCE, "guidance of the initial-step model"),
+    ("--sigma-min", "diffusion.sigma_min", float, None, "where the solver stops"),
+    ("--sigma-max", "diffusion.sigma_max", float, None, "where sampling starts"),
+]
+
+
+def add_sampler_args(parser: argparse.ArgumentParser) -> None:
+    """The sampler flags; each defaults to the run's config value (engine/config.py documents the keys)."""
+    group = parser.add_argument_group("sampler (default: the run's config)")
+    for flag, key, kind, choices, help in FLAGS:
+        group.add_argument(flag, type=kind, choices=choices, default=None, help=f"{help} ({key})")
+
+
+class SamplerSettingsError(ConfigError):
+    """Sampler settings that cannot work; entry points (engine/training/errors.py run_cli) print the message as one
+    line and exit with status 2."""
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    sample: SampleConfig  # solver, schedule, nfe, init ... (validated)
+    sigma_min: float
+    sigma_max: float
+    cfg_scale: float
+    cache_dir: str | None = None  # where optimized schedules are kept (stepopt/ below it)
+
+    @classmethod
+    def from_config(cls, cfg: Config, cache_dir: str | None = None) -> "SamplerSettings":
+        s = cfg.sample
+        if s.init == "sing":
+            check_sing_run(s.sing_run)
+        return cls(s, cfg.diffusion.sigma_min, cfg.diffusion.sigma_max, s.cfg_scale, cache_dir)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cfg: Config, cache_dir: str | None = None) -> "SamplerSettings":
+        """The run's config with the flags given in `args` (add_sampler_args; --steps and --cfg where the entry point
+        has them) applied and validated; an impossible combination raises SamplerSettingsError naming flag and key."""
+        given = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, *_ in FLAGS}
+        given["sample.steps"] = getattr(args, "steps", None)
+        given["sample.cfg_scale"] = getattr(args, "cfg", None)
+        raw = to_dict(cfg)
+        for key, value in given.items():
+            if value is not None:
+                set_nested(raw, key, value)
+        try:
+            new = build(Config, raw, "").validate()
+        except ValueError as e:
+            flags = {key: flag for flag, key, *_ in FLAGS} | {"sample.steps": "--steps", "sample.cfg_scale": "--cfg"}
+            named = [f"{flags[k]} ({k})" for k, v in given.items() if v is not None and k in str(e)]
+            raise SamplerSettingsError(f"{e}{'; given: ' + ', '.join(named) if named else ''}") from None
+        return cls.from_config(new, cache_dir)
+
+    def record(self) -> dict:
+        """The settings as eval.json records them."""
+        s = self.sample
+        rec = {"solver": s.solver, "schedule": s.schedule, "nfe": s.nfe, "steps": s.steps, "init": s.init,
+               "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "cfg_scale": self.cfg_scale}
+        if s.solver in ("dpmpp", "unipc"):
+            rec |= {"order": s.order, "lower_order_final": s.lower_order_final,
+                    "variant": s.dpmpp_variant if s.solver == "dpmpp" else s.unipc_variant}
+        if s.schedule == "karras" or s.stepopt_init == "karras":
+            rec["rho"] = s.rho
+        if s.schedule == "optimized":
+            rec |= {"stepopt_power": s.stepopt_power, "stepopt_init": s.stepopt_init}
+        if s.init == "sing":
+            rec |= {"sing_run": s.sing_run, "sing_guidance": s.sing_guidance}
+        return rec
+
+
+def check_sing_run(folder: str) -> None:
+    """sample.sing_run must be a run trained with diffusion.objective=init_step (its config says so; the weights and
+    their fit to the sampled run are checked when they load, engine/sampling/start.py)."""
+    from pathlib import Path
+
+    from engine.config import load_config
+
+    where = f"sample.sing_run / --sing-run {folder}"
+    if not (Path(folder) / "config.yaml").is_file():
+        raise SamplerSettingsError(f"{where}: not a run folder (no config.yaml); train an initial-step model with "
+                                   "diffusion.objective=init_step")
+    objective = load_config(Path(folder) / "config.yaml").diffusion.objective
+    if objective != "init_step":
+        raise SamplerSettingsError(f"{where}: trained with diffusion.objective={objective!r}, not an initial-step "
+                                   "model (init_step)")
