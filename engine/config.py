@@ -196,7 +196,10 @@ class SampleConfig:
     per_prompt: int = 4
     """Images per prompt in a grid."""
     seed: int = 0
-    """Noise seed of the sample grids."""
+    """Noise seed of the sample grids and of the final check."""
+    final_eval_images: int = 64
+    """Synthetic runs: at the end, score the final EMA model on this many held-out prompts with the GenEval-style
+    detector, print one line and write <run>/final_eval.json (0 = off)."""
     solver: str = "heun"
     """ODE solver (engine/sampling/solvers.py): 'heun' (EDM's, 2nd order), 'euler', 'dpmpp' (DPM-Solver++ 1/2M/3M, by
     sample.order) or 'unipc' (UniPC-1/2/3 with its corrector, by sample.order)."""
@@ -314,6 +317,7 @@ class Config:
             ("sample.steps", lambda: s.steps >= 1, "must be >= 1"),
             ("sample.prompts", lambda: len(s.prompts) >= 1, "must hold at least one prompt"),
             ("sample.per_prompt", lambda: s.per_prompt >= 1, "must be >= 1"),
+            ("sample.final_eval_images", lambda: s.final_eval_images >= 0, "must be >= 0 (0 = no final check)"),
             ("sample.seed", lambda: s.seed >= 0, "must be >= 0"),
             *sampling_checks(s, d),
             ("cost.usd_per_gpu_hour", lambda: self.cost.usd_per_gpu_hour >= 0, "must be >= 0"),

@@ -190,8 +190,10 @@ def evaluate_run(args) -> dict:
     from engine.training.run_folder import embed_captions, load_run_model
 
     run = Path(args.run)
-    ckpt = resolve_checkpoint(run, args.checkpoint, args.step)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--run {run}: not a run folder (no config.yaml)")
     settings = SamplerSettings.from_args(args, load_config(run / "config.yaml"), str(run.parent / ".cache"))
+    ckpt = resolve_checkpoint(run, args.checkpoint, args.step)
     cfg, model, ckpt = load_run_model(run, str(ckpt), use_ema=not args.raw_weights, text_encoder=args.text_encoder)
     device = next(model.parameters()).device
     synthetic = cfg.data.source == "synthetic"

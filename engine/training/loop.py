@@ -12,6 +12,7 @@ from engine.config import Config, ConfigError, config_diff, load_config, save_co
 from engine.data.train_data import build_train_data, key_padding_mask
 from engine.diffusion.edm import EDM
 from engine.diffusion.noise import draw_step_noise
+from engine.eval.final_check import final_check
 from engine.outputs.reporting import embed_prompts, truncate_jsonl, write_loss_curve, write_sample_grid
 from engine.sampling.sampler import build_sampler
 from engine.sampling.settings import SamplerSettings
@@ -225,4 +226,6 @@ def train(cfg: Config, d: Dist) -> Path:
     if bar is not None:
         bar.close()
     logger.close()
+    if start < t.steps:  # not when a finished run is started again
+        final_check(run.dir, run.ema, run.edm, run.encoder, cfg, t.steps, d.is_main)
     return run.dir

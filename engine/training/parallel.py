@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 
@@ -26,8 +25,7 @@ class Dist:
 def init_distributed() -> Dist:
     """Join the torchrun process group (nccl on GPU, gloo on CPU). Without torchrun, a one-process group is made,
     so the same sharded code path runs under plain `python engine/train.py`."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    alone = "RANK" not in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -36,14 +34,12 @@ def init_distributed() -> Dist:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        device_id = device if device.type == "cuda" else None
+        if alone:  # an in-memory store: no TCP port to pick, so no race with other processes for it
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+        else:
+            dist.init_process_group(backend, device_id=device_id)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def param_dtype(precision: str, device: torch.device) -> torch.dtype:
