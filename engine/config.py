@@ -117,6 +117,9 @@ class TrainConfig:
     the memory of one unsharded copy of the bf16 weights (2.3 GB for MicroDiT_XL_2)."""
     reduce_dtype: str = "fp32"
     """Dtype of the gradient reduce-scatter: 'fp32' (exact sums) or 'bf16' (half the bytes on the wire)."""
+    fsdp: str = "auto"
+    """FSDP2 sharding: 'auto' (shard unless the run is one process computing in fp32, e.g. the CPU default: there
+    nothing is sharded or cast, and FSDP's hooks cost about a quarter of the step time) or 'always'."""
     activation_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
     ema_decay: float = 0.999
@@ -299,6 +302,7 @@ class Config:
              f"must be a multiple of train.micro_batch={t.micro_batch}"),
             ("train.precision", lambda: t.precision in ("auto", "bf16", "fp32"), "must be 'auto', 'bf16' or 'fp32'"),
             ("train.reduce_dtype", lambda: t.reduce_dtype in ("fp32", "bf16"), "must be 'fp32' or 'bf16'"),
+            ("train.fsdp", lambda: t.fsdp in ("auto", "always"), "must be 'auto' or 'always'"),
             ("train.ema_decay", lambda: 0 <= t.ema_decay < 1, "must be in [0, 1)"),
             ("train.ema_start", lambda: t.ema_start >= 0, "must be >= 0"),
             ("train.max_nonfinite_steps", lambda: t.max_nonfinite_steps >= 1, "must be >= 1"),

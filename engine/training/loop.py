@@ -65,9 +65,10 @@ def build(cfg: Config, d: Dist) -> Run:
     dtype = param_dtype(cfg.train.precision, d.device)
     t = cfg.train
     reduce = torch.bfloat16 if t.reduce_dtype == "bf16" else torch.float32
+    shard = t.fsdp == "always" or d.world_size > 1 or dtype != torch.float32
     model = parallelize(model.to(d.device), d.device, dtype, t.activation_checkpointing, t.compile,
-                        t.reshard_after_forward, reduce)
-    ema = parallelize(ema.to(d.device), d.device, dtype)
+                        t.reshard_after_forward, reduce, shard=shard)
+    ema = parallelize(ema.to(d.device), d.device, dtype, shard=shard)
     edm = EDM.from_config(cfg.diffusion)
     ckpt = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_checkpoints)
     decoder = None

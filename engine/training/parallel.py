@@ -61,12 +61,15 @@ def blocks_of(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
 def parallelize(
     model: nn.Module, device: torch.device, dtype: torch.dtype, activation_checkpointing: bool = False,
     compile: bool = False, reshard_after_forward: bool = True, reduce_dtype: torch.dtype = torch.float32,
-    compile_backend: str = "inductor",
+    compile_backend: str = "inductor", shard: bool = True,
 ) -> nn.Module:
     """FSDP2 `fully_shard` per block and at the root: parameters in `dtype` inside forward/backward, gradients reduced
     in `reduce_dtype`. reshard_after_forward=False keeps each block's gathered weights from its forward to its
     backward (FSDP1's SHARD_GRAD_OP), saving the all-gather that backward would repeat. compile: torch.compile each
-    block whole (fullgraph: a graph break is an error, not a silent slowdown) with `compile_backend`."""
+    block whole (fullgraph: a graph break is an error, not a silent slowdown) with `compile_backend`.
+    shard=False (one fp32 process: nothing to shard or cast) applies checkpointing and compilation only."""
+    if not shard and (dist.get_world_size() > 1 or dtype != torch.float32):
+        raise ValueError("parallelize(shard=False) is for one process in fp32: other runs need FSDP2")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -81,8 +84,11 @@ def parallelize(
             block = checkpoint_wrapper(block)
         if compile:
             block.compile(backend=compile_backend, fullgraph=True)
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        if shard:
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         container[i] = block
+    if not shard:
+        return model
     # The root keeps its inputs as given: c_noise = log(sigma)/4 rounded to bf16 would merge nearby noise levels
     # (steps of 1.6-3% in sigma); the model casts x and y to the compute dtype itself.
     root_mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 
 from engine.diffusion.edm import EDM
 from engine.diffusion.noise import StepNoise
@@ -61,7 +62,8 @@ def train_step(
         drop = n.drop_caption  # (b,) the null caption: all-zero embedding, every position valid
         y = torch.where(drop[:, None, None], torch.zeros_like(batch.y), batch.y)
         y_mask = None if batch.y_mask is None else batch.y_mask | drop[:, None]  # None: nothing padded, no mask
-        model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once, after the last micro-batch
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once, after the last micro-batch
         loss = edm.loss(model, batch.x, y, y_mask, n) / accum
         loss.backward()
         loss_total += loss.detach()
