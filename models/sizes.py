@@ -16,6 +16,12 @@ _SIZES: dict[str, dict] = {
         patch_size=4, dim=128, depth=4, head_dim=32, multiple_of=32, mixer_depth=2, mixer_dim=96,
         num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
     ),
+    # The CPU reference (configs/tiny_reference.yaml): Nano's backbone on 2x2 patches (256 tokens at 32 px, 12 values
+    # each), one narrow mixer block. 4x4 patches paint each 48-value patch flat and lose shapes; 2x2 keeps them.
+    "MicroDiT_Nano_2": dict(
+        patch_size=2, dim=128, depth=4, head_dim=32, multiple_of=32, mixer_depth=1, mixer_dim=64,
+        num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
+    ),
     # Plain DiT-XL/2 (Peebles & Xie) conditioned through adaLN on the pooled caption: no mixer, no MoE,
     # constant width, GELU MLP, no cross-attention or QK-norm.
     "DiT_XL_2": dict(
