@@ -58,6 +58,18 @@ def settings(parallel: str = "none", solver: str = "heun", nfe: int = 7, routing
     return SamplerSettings.from_config(cfg.validate())
 
 
+def one_process(model, edm, y, mask, noise, **settings_kw) -> torch.Tensor:
+    """The one-process reference: sample() with the same settings, on one thread as the workers."""
+    from engine.sampling.sampler import build_sampler, sample
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return sample(model, edm, y, mask, sampler=build_sampler(settings(**settings_kw)), noise=noise)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def load(source):
     """(model, edm, base config) of a job's model source: {"random": seed} or {"run": run folder}."""
     if "random" in source:
@@ -113,6 +125,24 @@ def exchange_job(job: dict, rank: int) -> list[dict]:
 
 
 JOBS = {"sample": sample_job, "exchange": exchange_job}
+
+
+def launch(tmp: Path, jobs: dict, world: int = 2, wait: bool = True):
+    """Start `world` processes of this file on a spec holding `jobs`; with wait, each rank's results (a failed
+    process fails the caller with its stderr), else (spec path, processes)."""
+    import subprocess
+
+    spec = tmp / f"spec{len(list(tmp.glob('spec*.pt')))}.pt"
+    torch.save({"store": f"{spec}.store", "jobs": jobs}, spec)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, str(spec), str(r), str(world)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    if not wait:
+        return spec, procs
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    return [torch.load(f"{spec}.rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def main(spec_path: str, rank: int, world: int) -> None:

@@ -1,68 +1,30 @@
 """Patch-parallel sampling (engine/sampling/parallel_sample.py) in 2 gloo processes against one process.
 
-One launch of tests/parallel_worker.py runs every sampling job; the tests compare its images with references computed
-here: `sample()` in one process, and an independent one-process simulation of displaced patch parallelism.
+One launch of tests/parallel_worker.py runs every sampling job on a random-weight model; the tests compare its images
+with references computed here: `sample()` in one process, and an independent one-process simulation of displaced
+patch parallelism (tests/test_patch_parallel_runs.py holds a trained model, the command line and failures).
 """
-import os
-import subprocess
-import sys
-import time
 import types
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import parallel_worker as pw
-from engine.sampling.sampler import build_sampler, sample
 from models.layers import SelfAttention, attend
 from models.moe import ExpertChoiceMoE
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 # fp32 round-off of the same computation split differently: rounding (eps 1.2e-7) of matrix products over other
 # batch and token counts, amplified by ~10 evaluations and guidance. Measured up to 9e-6 of the image's largest value.
 ROUND_OFF = 2e-5
-
-
-def tolerance(ref: torch.Tensor) -> float:
-    return ROUND_OFF * ref.abs().max().item()
 SOLVERS = {"heun": dict(solver="heun", nfe=7), "dpmpp": dict(solver="dpmpp", nfe=6), "unipc": dict(solver="unipc", nfe=6)}
 
 pytestmark = pytest.mark.slow
 
 
-def launch(tmp: Path, jobs: dict, world: int = WORLD, wait: bool = True):
-    """Start `world` worker processes on a spec holding `jobs`; with wait, return each rank's results."""
-    spec = tmp / f"spec{len(list(tmp.glob('spec*')))}.pt"
-    torch.save({"store": str(spec) + ".store", "jobs": jobs}, spec)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "parallel_worker.py"), str(spec), str(r),
-                               str(world)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(world)]
-    if not wait:
-        return spec, procs
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    return [torch.load(f"{spec}.rank{r}.pt", weights_only=False) for r in range(world)]
-
-
-def one_process(model, edm, y, mask, noise, **kw) -> torch.Tensor:
-    with threads(1):
-        return sample(model, edm, y, mask, sampler=build_sampler(pw.settings(**kw)), noise=noise)
-
-
-class threads:
-    def __init__(self, n):
-        self.n, self.old = n, torch.get_num_threads()
-
-    def __enter__(self):
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
+def tolerance(ref: torch.Tensor) -> float:
+    return ROUND_OFF * ref.abs().max().item()
 
 
 # ---------------------------------------------------------------- the displaced schedule, simulated in one process
@@ -158,14 +120,14 @@ def results(tmp_path_factory):
     jobs = {name: {"kind": "sample", "model": RANDOM, "settings": kw, "inputs": (y, mask, noise)}
             for name, (kw, _) in CASES.items()}
     jobs["exchange"] = {"kind": "exchange", "warmup": 2, "evals": 4}
-    return launch(tmp_path_factory.mktemp("pp"), jobs)
+    return pw.launch(tmp_path_factory.mktemp("pp"), jobs)
 
 
 @pytest.mark.parametrize("solver", list(SOLVERS))
 @pytest.mark.parametrize("mode", ["full_sync", "cfg_split"])
 def test_exact_modes_equal_one_process(results, mode, solver):
     model, (y, mask, noise) = pw.random_model(), pw.inputs()
-    ref = one_process(model, pw.EDM_PIXELS, y, mask, noise, **SOLVERS[solver])
+    ref = pw.one_process(model, pw.EDM_PIXELS, y, mask, noise, **SOLVERS[solver])
     assert ref.abs().max() > 0.5  # the images carry signal at the tolerance's scale
     for rank in range(WORLD):  # every process ends with the whole image
         got = results[rank][f"{mode}_{solver}"]["images"]
@@ -180,8 +142,8 @@ def test_band_modes_equal_the_simulated_schedule(results, case):
     kw, (kv, routing, warmup) = CASES[case]
     model, (y, mask, noise) = pw.random_model(), pw.inputs()
     with Simulated(model, WORLD, warmup, kv, routing):
-        sim = one_process(model, pw.EDM_PIXELS, y, mask, noise, **reference_kwargs(kw))
-    exact = one_process(model, pw.EDM_PIXELS, y, mask, noise, **reference_kwargs(kw))
+        sim = pw.one_process(model, pw.EDM_PIXELS, y, mask, noise, **reference_kwargs(kw))
+    exact = pw.one_process(model, pw.EDM_PIXELS, y, mask, noise, **reference_kwargs(kw))
     got = results[0][case]["images"]
     assert (got - sim).abs().max() <= tolerance(sim)
     assert (got - exact).abs().max() > 20 * tolerance(exact)  # the schedule shows: it is not the exact image
