@@ -18,7 +18,8 @@ WORLD = 2
 # fp32 round-off of the same computation split differently: rounding (eps 1.2e-7) of matrix products over other
 # batch and token counts, amplified by ~10 evaluations and guidance. Measured up to 9e-6 of the image's largest value.
 ROUND_OFF = 2e-5
-SOLVERS = {"heun": dict(solver="heun", nfe=7), "dpmpp": dict(solver="dpmpp", nfe=6), "unipc": dict(solver="unipc", nfe=6)}
+SOLVERS = {"heun": dict(solver="heun", nfe=7), "dpmpp": dict(solver="dpmpp", nfe=6),
+           "unipc": dict(solver="unipc", nfe=6)}
 
 pytestmark = pytest.mark.slow
 

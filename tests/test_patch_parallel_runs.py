@@ -123,3 +123,22 @@ def test_a_bad_world_size_stops_the_launch_with_one_line_before_loading(tmp_path
     root = out[out.index("Root Cause"):]  # torchrun's summary (it stops the processes still running)
     assert "exitcode  : 2" in root and f"traceback : {message}" in root, out[-3000:]
     assert 'File "' + str(ROOT) not in out, out[-3000:]  # no frame of our code: one line, not a traceback
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--parallel", "naive_patch"], "config: sample.moe_routing='displaced' needs the exchange of sample.parallel=patch "
+                                    "or full_sync; naive_patch exchanges nothing: use local (no exchange at all) or "
+                                    "sync; given: --parallel (sample.parallel)"),
+    (["--parallel", "patch", "--warmup-evals", "0"], "config: sample.warmup_evals=0 must be >= 1"),
+])
+def test_parallel_flags_are_checked_with_the_config_rules(flags, message):
+    from engine.config import load_config
+    from engine.sample import parse_args
+    from engine.sampling.settings import SamplerSettings
+
+    args = parse_args(["--run-dir", "r", "--prompt", "p", *flags])
+    with pytest.raises(ConfigError) as e:
+        SamplerSettings.from_args(args, load_config(ROOT / "configs" / "tiny.yaml"))
+    assert str(e.value).startswith(message)
+    args = parse_args(["--run-dir", "r", "--prompt", "p", *flags, "--moe-routing", "local", "--warmup-evals", "2"])
+    assert SamplerSettings.from_args(args, load_config(ROOT / "configs" / "tiny.yaml")).sample.parallel == flags[1]

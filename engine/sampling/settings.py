@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from engine.config import (DPMPP_VARIANTS, INITS, MOE_ROUTINGS, PARALLEL_MODES, SCHEDULES, SING_GUIDANCE, SOLVERS, Config,
-                           ConfigError, SampleConfig, build, set_nested, to_dict)
+from engine.config import (DPMPP_VARIANTS, INITS, MOE_ROUTINGS, PARALLEL_MODES, SCHEDULES, SING_GUIDANCE, SOLVERS,
+                           Config, ConfigError, SampleConfig, build, set_nested, to_dict)
 
 # flag, config key, type, choices (None: any value the config accepts), help
 FLAGS = [
@@ -105,8 +105,6 @@ class SamplerSettings:
             rec |= {"stepopt_power": s.stepopt_power, "stepopt_init": s.stepopt_init}
         if s.init == "sing":
             rec |= {"sing_run": s.sing_run, "sing_guidance": s.sing_guidance}
-        if s.parallel != "none":
-            rec |= {"parallel": s.parallel, "warmup_evals": s.warmup_evals, "moe_routing": s.moe_routing}
         return rec
 
 
