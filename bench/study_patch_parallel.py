@@ -139,13 +139,31 @@ def seam(images: torch.Tensor, bands: int, patch: int) -> np.ndarray:
     return (at / rest.clamp_min(1e-12)).numpy()
 
 
-def geneval(images: torch.Tensor, prompts) -> dict:
+GENEVAL = ("colour", "shape", "count", "position", "all")
+
+
+def geneval(images: torch.Tensor, prompts) -> dict[str, np.ndarray]:
+    """Per-image GenEval-style scores (NaN where a metric does not apply to the prompt)."""
     from engine.eval.geneval import GenEvalScorer, ShapeDetector
-    from engine.eval.protocol import mean_ci
 
     scorer = GenEvalScorer(ShapeDetector(background="fixed" if prompts.backgrounds == "fixed" else "estimate"))
     scorer.update(images, prompts.prompts, prompts.specs)
-    return {k: mean_ci([r[k] for r in scorer.records]) for k in ("colour", "shape", "count", "position", "all")}
+    return {k: np.array([np.nan if r[k] is None else float(r[k]) for r in scorer.records]) for k in GENEVAL}
+
+
+def geneval_summary(scores: dict[str, np.ndarray]) -> dict:
+    from engine.eval.protocol import mean_ci
+
+    return {k: mean_ci([None if np.isnan(x) else x for x in v]) for k, v in scores.items()}
+
+
+def geneval_vs(reference: dict[str, np.ndarray], scores: dict[str, np.ndarray]) -> dict:
+    """Paired difference (this cell − one process) per metric over the same prompts and noise, with a bootstrap CI."""
+    from engine.eval.compare import paired_difference
+    from engine.eval.protocol import bootstrap_indices
+
+    idx = bootstrap_indices(len(reference["all"]))
+    return {k: paired_difference(reference[k], scores[k], idx) for k in GENEVAL}
 
 
 def quality(args) -> dict:
@@ -170,14 +188,15 @@ def quality(args) -> dict:
     torch.set_num_threads(1)
     result = {"run": str(run), "cfg_scale": cfg_scale, "num_images": args.num_images, "prompts": prompts.record(),
               "seed": args.seed, "psnr_cap_db": PSNR_CAP, "one_process": {}, "cells": []}
-    reference = {}
+    reference, ref_scores = {}, {}
     for name in args.samplers:
         sampler = build_sampler(settings_for(cfg, name, None, cfg_scale))
         t0 = time.perf_counter()
         images = [sample(model, edm, y, m, sampler=sampler, noise=n) for y, m, n in batches]
         reference[name] = torch.cat(images).clamp(-1, 1)
+        ref_scores[name] = geneval(reference[name], prompts)
         result["one_process"][name] = {"nfe": sampler.plan.nfe, "seconds": time.perf_counter() - t0,
-                                       "geneval": geneval(reference[name], prompts)}
+                                       "geneval": geneval_summary(ref_scores[name])}
         print(f"1 process {name}: {result['one_process'][name]['geneval']['all']}", flush=True)
     shared = {"model": RunModel(str(run)), "edm": edm, "batches": batches}
     for world in args.worlds:
@@ -187,12 +206,13 @@ def quality(args) -> dict:
         runs = spawn(world, 1, jobs, shared)[0]
         for (name, mode), job_runs in zip(cells, runs):
             images = torch.cat([img for img, _ in job_runs]).clamp(-1, 1)
-            ref = reference[name]
+            ref, scores = reference[name], geneval(images, prompts)
             bands = 1 if mode == "cfg_split" else world
             cell = {"world": world, "sampler": name, "mode": mode, "parallel": MODES[mode][0],
                     "moe_routing": MODES[mode][1], "psnr_db": mean_ci(psnr(images, ref)),
                     "max_abs": float((images - ref).abs().max()),
-                    "mean_abs": float((images - ref).abs().mean()), "geneval": geneval(images, prompts),
+                    "mean_abs": float((images - ref).abs().mean()), "geneval": geneval_summary(scores),
+                    "geneval_vs_one_process": geneval_vs(ref_scores[name], scores),
                     "comm_wait_s": sum(st["comm_wait_s"] for _, st in job_runs),
                     "seconds": sum(st["seconds"] for _, st in job_runs)}
             if bands > 1:

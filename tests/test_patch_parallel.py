@@ -6,11 +6,11 @@ patch parallelism (tests/test_patch_parallel_runs.py holds a trained model, the 
 """
 import types
 
+import parallel_worker as pw
 import pytest
 import torch
 import torch.nn.functional as F
 
-import parallel_worker as pw
 from models.layers import SelfAttention, attend
 from models.moe import ExpertChoiceMoE
 
