@@ -80,6 +80,7 @@ class ParallelStats:
     seconds: float
     comm_wait_s: float  # blocked in all-gathers or waiting for an asynchronous one
     sent_bytes: int
+    cpu_s: float = 0.0  # CPU time of this process (all its threads): its work, however busy the machine was
 
     @property
     def compute_s(self) -> float:
@@ -87,7 +88,8 @@ class ParallelStats:
 
     def record(self) -> dict:
         return {"mode": self.mode, "world": self.world, "evals": self.evals, "seconds": self.seconds,
-                "compute_s": self.compute_s, "comm_wait_s": self.comm_wait_s, "sent_bytes": self.sent_bytes}
+                "compute_s": self.compute_s, "comm_wait_s": self.comm_wait_s, "sent_bytes": self.sent_bytes,
+                "cpu_s": self.cpu_s}
 
 
 @torch.no_grad()
@@ -98,7 +100,7 @@ def parallel_sample(model, edm, y: torch.Tensor, y_mask: torch.Tensor | None, sa
     s = sampler.settings.sample
     rank, world = dist.get_rank(), dist.get_world_size()
     check_parallel(s.parallel, model.cfg, world, edm.objective, sampler.settings.cfg_scale)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     x_start = start_state(sampler, noise.to(y.device), y, y_mask)  # (B, C, H, W) float64, the same everywhere
     if s.parallel == "cfg_split":
         exchange = Exchange(displaced=False)
@@ -113,7 +115,7 @@ def parallel_sample(model, edm, y: torch.Tensor, y_mask: torch.Tensor | None, sa
             out = run_solver(sampler, denoise, x_start[:, :, band.pixels])  # (B, C, band rows·p, W)
         out = exchange.gather_now(out.float().contiguous(), dim=2)  # (B, C, H, W)
     stats = ParallelStats(s.parallel, world, sampler.last_nfe, time.perf_counter() - start, exchange.wait_s,
-                          exchange.sent_bytes)
+                          exchange.sent_bytes, time.process_time() - start_cpu)
     return out.float(), stats
 
 
