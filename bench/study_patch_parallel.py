@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 1024], help="speed: token counts (squares)")
     p.add_argument("--speed-steps", type=int, default=10, help="speed: Heun steps (2·steps − 1 evaluations)")
     p.add_argument("--repeats", type=int, default=3, help="speed: timed runs after one warm-up (median)")
+    p.add_argument("--one-process-threads", type=int, nargs="+", default=[1, 2],
+                   help="speed: thread counts of the one-process rows")
     args = p.parse_args(argv)
     if args.part == "quality" and not args.run:
         p.error("--part quality needs --run-dir")
@@ -289,7 +291,7 @@ def speed(args) -> dict:
         batch = (torch.randn(1, 16, 384, generator=g), torch.ones(1, 16, dtype=torch.bool),
                  torch.randn(1, 3, side, side, generator=g))
         model = RandomModel(side)()
-        for threads in (1, 2):  # one process: 1 thread, and 2 threads (intra-op parallelism)
+        for threads in args.one_process_threads:  # one process: 1 thread, and 2 threads (intra-op parallelism)
             torch.set_num_threads(threads)
             sampler = build_sampler(settings("none"))
             times, cpu = [], []
