@@ -2,6 +2,7 @@
 
     python bench/study_patch_parallel.py --run-dir runs/X --out DIR --part quality [--num-images 64] [--worlds 2 4]
     python bench/study_patch_parallel.py --out DIR --part speed [--tokens 64 256 1024]
+    python bench/study_patch_parallel.py --out DIR --part merge --inputs A/quality.json B/quality.json ...
 
 quality   the comparison protocol's held-out prompts and per-image paired noise (engine/eval/protocol.py). For each
           sampler (Heun 10/20/40 steps, DPM-Solver++(2M) at NFE 10) the one-process images, then every mode and MoE
@@ -9,6 +10,8 @@ quality   the comparison protocol's held-out prompts and per-image paired noise 
           one-process images, GenEval-style scores, and the seam score (mean |vertical gradient| across the band
           boundaries over the same across the other token-row boundaries), each with a 95% bootstrap CI over images.
           Writes quality.json and quality.png.
+merge     quality parts run apart (other world sizes, modes or samplers on the same prompts and noise) into one
+          quality.json and plot.
 speed     random weights (MicroDiT_Nano_4, patch 4) at 32, 64, 128 px = 64, 256, 1024 tokens; seconds per image of
           one process on 1 thread, 2 processes on 1 thread each (every mode; compute and waiting on communication
           apart), and one process on 2 threads, the honest CPU competitor. Each row also gives the CPU seconds of
@@ -41,7 +44,7 @@ PSNR_CAP = 120.0  # dB given to identical images
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["quality", "speed"], required=True)
+    p.add_argument("--part", choices=["quality", "speed", "merge"], required=True)
     p.add_argument("--run-dir", "--run", dest="run", help="quality: run folder of a model trained on synthetic data")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-images", type=int, default=64)
@@ -51,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg_scale; speed: 3)")
     p.add_argument("--seed", type=int, default=0, help="paired-noise seed")
+    p.add_argument("--inputs", nargs="+", help="merge: quality.json files of one run, prompts and noise")
     p.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 1024], help="speed: token counts (squares)")
     p.add_argument("--speed-steps", type=int, default=10, help="speed: Heun steps (2·steps − 1 evaluations)")
     p.add_argument("--repeats", type=int, default=3, help="speed: timed runs after one warm-up (median)")
@@ -59,6 +63,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.part == "quality" and not args.run:
         p.error("--part quality needs --run-dir")
+    if args.part == "merge" and not args.inputs:
+        p.error("--part merge needs --inputs")
     return args
 
 
@@ -228,6 +234,22 @@ def quality(args) -> dict:
     return result
 
 
+def merge(args) -> dict:
+    """One quality result from parts that sampled the same prompts and noise from the same run."""
+    parts = [json.loads(Path(f).read_text()) for f in args.inputs]
+    same = ("run", "cfg_scale", "num_images", "prompts", "seed")
+    for f, part in zip(args.inputs[1:], parts[1:]):
+        differ = [k for k in same if part[k] != parts[0][k]]
+        if differ:
+            raise SystemExit(f"--inputs {f}: differs from {args.inputs[0]} in {', '.join(differ)}")
+    merged = {k: parts[0][k] for k in (*same, "psnr_cap_db")}
+    merged |= {"one_process": {k: v for part in parts for k, v in part["one_process"].items()},
+               "cells": [c for part in parts for c in part["cells"]],
+               "parts": [{"file": f, "command": part["command"], "date": part["date"]}
+                         for f, part in zip(args.inputs, parts)]}
+    return merged
+
+
 def plot_quality(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -345,12 +367,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = quality(args) if args.part == "quality" else speed(args)
+    result = {"quality": quality, "speed": speed, "merge": merge}[args.part](args)
     result |= {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "torch": torch.__version__}
-    (out / f"{args.part}.json").write_text(json.dumps(result, indent=1))
-    (plot_quality if args.part == "quality" else plot_speed)(result, out / f"{args.part}.png")
-    print(f"wrote {out / args.part}.json and .png")
+    name = "speed" if args.part == "speed" else "quality"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (plot_speed if name == "speed" else plot_quality)(result, out / f"{name}.png")
+    print(f"wrote {out / name}.json and .png")
     return result
 
 
