@@ -126,9 +126,9 @@ def test_a_bad_world_size_stops_the_launch_with_one_line_before_loading(tmp_path
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--parallel", "naive_patch"], "config: sample.moe_routing='displaced' needs the exchange of sample.parallel=patch "
-                                    "or full_sync; naive_patch exchanges nothing: use local (no exchange at all) or "
-                                    "sync; given: --parallel (sample.parallel)"),
+    (["--parallel", "naive_patch"],
+     "config: sample.moe_routing='displaced' needs the exchange of sample.parallel=patch or full_sync; naive_patch "
+     "exchanges nothing: use local (no exchange at all) or sync; given: --parallel (sample.parallel)"),
     (["--parallel", "patch", "--warmup-evals", "0"], "config: sample.warmup_evals=0 must be >= 1"),
 ])
 def test_parallel_flags_are_checked_with_the_config_rules(flags, message):
