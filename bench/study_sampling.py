@@ -47,7 +47,8 @@ INIT_SETS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder of a model trained on the synthetic data")
+    p.add_argument("--run-dir", "--run", dest="run", required=True,
+                   help="run folder of a model trained on the synthetic data")
     p.add_argument("--out", required=True, help="output folder (study.json, steps.png, init.png)")
     p.add_argument("--part", choices=["steps", "init", "all"], default="steps")
     p.add_argument("--num-images", type=int, default=128)

@@ -183,6 +183,8 @@ SCHEDULES = ("karras", "logsnr", "uniform", "optimized")
 INITS = ("noise", "sing", "data_mean")
 SING_GUIDANCE = ("normalized", "plain", "none")
 DPMPP_VARIANTS = ("midpoint", "heun", "lagrange")
+PARALLEL_MODES = ("none", "patch", "full_sync", "naive_patch", "cfg_split")
+MOE_ROUTINGS = ("sync", "displaced", "local")
 
 
 @dataclass
@@ -237,6 +239,19 @@ class SampleConfig:
     sing_guidance: str = "normalized"
     """sample.init=sing with guidance: 'normalized' ((u + w (c − u)) / w, the paper's code), 'plain' (u + w (c − u))
     or 'none' (conditional only)."""
+    parallel: str = "none"
+    """Sampling across the processes of a torchrun launch (engine/sampling/parallel_sample.py): 'none' (one process),
+    'patch' (DistriFusion: each process owns a band of token rows; self-attention uses the other bands' keys/values
+    from the previous model evaluation, exchanged asynchronously), 'full_sync' (the same bands, every exchange
+    synchronous: the one-process output to fp32 round-off), 'naive_patch' (bands that never exchange) or 'cfg_split'
+    (the conditional and unconditional halves of guidance on two processes: exact)."""
+    warmup_evals: int = 1
+    """sample.parallel=patch: model evaluations at the start whose exchanges are synchronous (at least 1: the first
+    evaluation has no earlier keys/values to use)."""
+    moe_routing: str = "displaced"
+    """Expert-choice MoE under the band modes: 'sync' (router scores of all tokens gathered at every MoE layer: exact
+    routing), 'displaced' (top-k over this band's fresh scores and the other bands' scores of the previous evaluation,
+    sent with the keys/values) or 'local' (top-k/N over this band's tokens: no exchange)."""
 
 
 @dataclass
@@ -367,6 +382,13 @@ def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, typi
         ("sample.sing_run", lambda: s.init != "sing" or bool(s.sing_run),
          "must name a trained initial-step run (diffusion.objective=init_step) when sample.init=sing"),
         ("sample.sing_guidance", lambda: s.sing_guidance in SING_GUIDANCE, from_(SING_GUIDANCE)),
+        ("sample.parallel", lambda: s.parallel in PARALLEL_MODES, from_(PARALLEL_MODES)),
+        ("sample.warmup_evals", lambda: s.warmup_evals >= 1,
+         "must be >= 1 (the first evaluation has no earlier keys/values to use)"),
+        ("sample.moe_routing", lambda: s.moe_routing in MOE_ROUTINGS, from_(MOE_ROUTINGS)),
+        ("sample.moe_routing", lambda: s.parallel != "naive_patch" or s.moe_routing != "displaced",
+         "needs the exchange of sample.parallel=patch or full_sync; naive_patch exchanges nothing: use local (no "
+         "exchange at all) or sync"),
     ]
 
 

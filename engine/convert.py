@@ -3,7 +3,7 @@
     python engine/convert.py dit_4_channel_37M_real_and_synthetic_data.pt runs/microdit_official [--step 0]
 
 Writes `<out>/config.yaml` and `<out>/checkpoints/step_XXXXXXXX/` holding the weights as both model and EMA; then
-`engine/sample.py --run <out>` samples from it and `train.init_from=<out>/checkpoints/step_XXXXXXXX` starts a new
+`engine/sample.py --run-dir <out>` samples from it and `train.init_from=<out>/checkpoints/step_XXXXXXXX` starts a new
 training phase from it.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> Path:
     cfg, out = model.cfg, Path(args.out)
     print(f"converted {args.src} -> {ckpt}\n  size {name}, {model.num_params() / 1e6:.1f}M parameters, "
           f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, captions {cfg.caption_channels} wide, "
-          f"pos_interp_scale {cfg.pos_interp_scale:g}\n  sample: python engine/sample.py --run {out} "
+          f"pos_interp_scale {cfg.pos_interp_scale:g}\n  sample: python engine/sample.py --run-dir {out} "
           "[--text-encoder <folder or id of the same width, if the run's is not at hand>]\n"
           # A new run name: this folder's checkpoint has no optimizer state to resume from.
           f"  fine-tune: python engine/train.py --config {out / 'config.yaml'} run.name={out.name}_finetune "

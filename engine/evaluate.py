@@ -1,6 +1,6 @@
 """Evaluate a trained run, or compare evaluations, by one protocol.
 
-    python engine/evaluate.py --run runs/tiny [--step 300] [--inception inception-2015-12-05.pt] [--clip ...]
+    python engine/evaluate.py --run-dir runs/tiny [--step 300] [--inception inception-2015-12-05.pt] [--clip ...]
     python engine/evaluate.py --compare runs/a runs/b [--out DIR]            # two runs on identical inputs
     python engine/evaluate.py --compare runs/a/eval/x runs/a/eval/y ...      # evaluation folders (e.g. two samplers)
 
@@ -43,7 +43,8 @@ from engine.training.errors import run_cli
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--run", help="run folder (holds config.yaml and checkpoints/)")
+    what.add_argument("--run-dir", "--run", dest="run", help="run folder (holds config.yaml and checkpoints/); "
+                                                            "--run is the old spelling, which torchrun misreads")
     what.add_argument("--compare", nargs="+", metavar="RUN_OR_EVAL",
                       help="two or more run folders or evaluation folders (holding eval.json); each is compared with "
                            "the first")

@@ -59,14 +59,18 @@ except ImportError:  # the torch reference keeps working; the triton backend rep
 
 
 # ---- routing (shared by every backend, so they choose the same tokens) ----------------------------------------------
+def router_probs(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """(B, T, E) router probabilities, softmax over experts in at least fp32."""
+    logits = F.linear(x, router_weight)  # (B, T, E)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
+
+
 def route(x: torch.Tensor, router_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """gate (B, E, k) in at least fp32, token (B, E, k) int64: each expert's top-k tokens by router probability."""
     T = x.shape[1]
     if not 1 <= k <= T:
         raise ValueError(f"expert_choice: tokens per expert k={k} must be in [1, T={T}]")
-    logits = F.linear(x, router_weight)  # (B, T, E)
-    probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # at least fp32 routing
-    return torch.topk(probs.transpose(1, 2), k, dim=-1)  # (B, E, k) each
+    return torch.topk(router_probs(x, router_weight).transpose(1, 2), k, dim=-1)  # (B, E, k) each
 
 
 # ---- reference ---------------------------------------------------------------------------------------------------

@@ -103,13 +103,14 @@ class MicroDiT(nn.Module):
         x = x.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, q)
         return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
 
-    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N, p·p·C) -> (B, C, H, W); inverse of patchify."""
+    def unpatchify(self, tokens: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """(B, N, p·p·C) -> (B, C, H, W); inverse of patchify. rows: token rows of the grid (default: square)."""
         B, N, _ = tokens.shape
         p, C = self.cfg.patch_size, self.cfg.in_channels
-        g = int(round(N**0.5))
-        x = tokens.reshape(B, g, g, p, p, C)  # (B, h, w, p, q, C)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
+        h = int(round(N**0.5)) if rows is None else rows
+        w = N // h
+        x = tokens.reshape(B, h, w, p, p, C)  # (B, h, w, p, q, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * p, w * p)
 
     # ---- init ---------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -31,7 +31,7 @@ def resolve_checkpoint(run: Path, checkpoint: str | None, step: int | None) -> P
     from engine.training.checkpoint import Checkpointer
 
     if not (run / "config.yaml").is_file():
-        raise ConfigError(f"--run {run}: not a run folder (no config.yaml)")
+        raise ConfigError(f"--run-dir {run}: not a run folder (no config.yaml)")
     ckpts = Checkpointer(run / "checkpoints")
     if checkpoint:
         if not (Path(checkpoint) / ".metadata").is_file():
@@ -39,7 +39,7 @@ def resolve_checkpoint(run: Path, checkpoint: str | None, step: int | None) -> P
         return Path(checkpoint)
     done = ckpts.checkpoints()
     if not done:
-        raise ConfigError(f"--run {run}: no complete checkpoint in {run / 'checkpoints'}")
+        raise ConfigError(f"--run-dir {run}: no complete checkpoint in {run / 'checkpoints'}")
     if step is None:
         return done[-1]
     found = [c for c in done if _step_of(c) == step]
@@ -191,7 +191,7 @@ def evaluate_run(args) -> dict:
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
-        raise ConfigError(f"--run {run}: not a run folder (no config.yaml)")
+        raise ConfigError(f"--run-dir {run}: not a run folder (no config.yaml)")
     settings = SamplerSettings.from_args(args, load_config(run / "config.yaml"), str(run.parent / ".cache"))
     ckpt = resolve_checkpoint(run, args.checkpoint, args.step)
     cfg, model, ckpt = load_run_model(run, str(ckpt), use_ema=not args.raw_weights, text_encoder=args.text_encoder)

@@ -42,24 +42,53 @@ def build_sampler(settings: SamplerSettings, cfg=None, device=None) -> Sampler:
     return Sampler(settings, make_plan(settings), start)
 
 
+def null_caption(y: torch.Tensor, y_mask: torch.Tensor | None):
+    """The unconditional branch's caption: the null caption the model was trained with (all-zero embedding, every
+    position valid)."""
+    return torch.zeros_like(y), None if y_mask is None else torch.ones_like(y_mask)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    return uncond + cfg_scale * (cond - uncond)
+
+
 def guided_denoiser(model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | None, cfg_scale: float):
-    """denoise(x, sigma) -> D (float64) with classifier-free guidance; the unconditional branch uses the null caption
-    the model was trained with (all-zero embedding, every position valid)."""
+    """denoise(x, sigma) -> D (float64) with classifier-free guidance, both halves in one batch. `model` is anything
+    edm.denoise can call (a MicroDiT, or a band of one: engine/sampling/patch_parallel.py)."""
     guided = cfg_scale != 1.0
     if guided:
-        y = torch.cat([y, torch.zeros_like(y)])
-        y_mask = None if y_mask is None else torch.cat([y_mask, torch.ones_like(y_mask)])  # None: nothing padded
+        y_null, mask_null = null_caption(y, y_mask)
+        y = torch.cat([y, y_null])
+        y_mask = None if y_mask is None else torch.cat([y_mask, mask_null])  # None: nothing padded
 
     def denoise(x_cur: torch.Tensor, sigma: float) -> torch.Tensor:
         xin = torch.cat([x_cur, x_cur]) if guided else x_cur
         s = torch.full((xin.shape[0],), sigma, device=x_cur.device)
         d = edm.denoise(model, xin.float(), s, y, y_mask).double()
-        if guided:
-            cond, uncond = d.chunk(2)
-            d = uncond + cfg_scale * (cond - uncond)
-        return d
+        return guide(*d.chunk(2), cfg_scale) if guided else d
 
     return denoise
+
+
+def initial_noise(cfg, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """(batch, C, H, W) unit Gaussian for a model config, drawn from `generator`."""
+    return torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator, device=device)
+
+
+def start_state(sampler: Sampler, noise: torch.Tensor, y, y_mask) -> torch.Tensor:
+    """The solver's state at sigmas[0] (float64): sigma_max · noise, plus the start's x0 estimate if it has one."""
+    x_start = noise.double() * sampler.plan.sigmas[0]
+    if sampler.start is not None:
+        x_start = sampler.start(noise, y, y_mask, sampler.settings.cfg_scale).double() + x_start
+    return x_start
+
+
+def run_solver(sampler: Sampler, denoise, x_start: torch.Tensor) -> torch.Tensor:
+    """The plan's solver from x_start with `denoise`; counts the evaluations into sampler.last_nfe."""
+    plan, counted = sampler.plan, Counted(denoise)
+    out = SOLVERS[plan.solver].fn(counted, x_start, plan.sigmas, plan.orders, plan.variant)
+    sampler.last_nfe = counted.nfe
+    return out
 
 
 @torch.no_grad()
@@ -71,10 +100,7 @@ def sample(
     Karras points plus 0; with one, its solver, plan and start (and its cfg_scale; `steps` is then unused). An
     initial-step model (edm.objective == 'init_step') returns its x0 prediction from the noise instead. `noise`
     (B, C, H, W) unit Gaussian: the initial noise, given (paired evaluations) or else drawn from `generator`."""
-    cfg = model.cfg
-    B = y.shape[0]
-    x = noise.to(y.device) if noise is not None else \
-        torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator, device=y.device)
+    x = noise.to(y.device) if noise is not None else initial_noise(model.cfg, y.shape[0], generator, y.device)
     if edm.objective == "init_step":  # its "sample" is the guided mean-image prediction
         from engine.sampling.start import InitStepStart
         return InitStepStart(model, edm, "plain")(x, y, y_mask, cfg_scale).float()
@@ -82,11 +108,5 @@ def sample(
         denoise = guided_denoiser(model, edm, y, y_mask, cfg_scale)
         sigmas = karras_sigmas(edm, steps).tolist()
         return heun(denoise, x.double() * sigmas[0], sigmas).float()
-    plan = sampler.plan
-    denoise = Counted(guided_denoiser(model, edm, y, y_mask, sampler.settings.cfg_scale))
-    x_start = x.double() * plan.sigmas[0]
-    if sampler.start is not None:
-        x_start = sampler.start(x, y, y_mask, sampler.settings.cfg_scale).double() + x_start
-    out = SOLVERS[plan.solver].fn(denoise, x_start, plan.sigmas, plan.orders, plan.variant)
-    sampler.last_nfe = denoise.nfe
-    return out.float()
+    denoise = guided_denoiser(model, edm, y, y_mask, sampler.settings.cfg_scale)
+    return run_solver(sampler, denoise, start_state(sampler, x, y, y_mask)).float()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from engine.config import (DPMPP_VARIANTS, INITS, SCHEDULES, SING_GUIDANCE, SOLVERS, Config, ConfigError, SampleConfig,
-                           build, set_nested, to_dict)
+from engine.config import (DPMPP_VARIANTS, INITS, MOE_ROUTINGS, PARALLEL_MODES, SCHEDULES, SING_GUIDANCE, SOLVERS,
+                           Config, ConfigError, SampleConfig, build, set_nested, to_dict)
 
 # flag, config key, type, choices (None: any value the config accepts), help
 FLAGS = [
@@ -27,12 +27,27 @@ FLAGS = [
     ("--sigma-min", "diffusion.sigma_min", float, None, "where the solver stops"),
     ("--sigma-max", "diffusion.sigma_max", float, None, "where sampling starts"),
 ]
+# Sampling across processes: engine/sample.py only (evaluation samples in one process).
+PARALLEL_FLAGS = [
+    ("--parallel", "sample.parallel", str, PARALLEL_MODES, "split sampling across the torchrun processes"),
+    ("--warmup-evals", "sample.warmup_evals", int, None, "patch: synchronous evaluations at the start"),
+    ("--moe-routing", "sample.moe_routing", str, MOE_ROUTINGS, "expert-choice routing across bands"),
+]
 
 
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     """The sampler flags; each defaults to the run's config value (engine/config.py documents the keys)."""
-    group = parser.add_argument_group("sampler (default: the run's config)")
-    for flag, key, kind, choices, help in FLAGS:
+    add_flags(parser.add_argument_group("sampler (default: the run's config)"), FLAGS)
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of sampling across processes (engine/sampling/parallel_sample.py)."""
+    add_flags(parser.add_argument_group("across processes (launch with torchrun; default: the run's config)"),
+              PARALLEL_FLAGS)
+
+
+def add_flags(group, table) -> None:
+    for flag, key, kind, choices, help in table:
         group.add_argument(flag, type=kind, choices=choices, default=None, help=f"{help} ({key})")
 
 
@@ -60,7 +75,8 @@ class SamplerSettings:
     def from_args(cls, args: argparse.Namespace, cfg: Config, cache_dir: str | None = None) -> "SamplerSettings":
         """The run's config with the flags given in `args` (add_sampler_args; --steps and --cfg where the entry point
         has them) applied and validated; an impossible combination raises SamplerSettingsError naming flag and key."""
-        given = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, *_ in FLAGS}
+        table = FLAGS + PARALLEL_FLAGS  # an entry point without the parallel flags leaves them None
+        given = {key: getattr(args, flag[2:].replace("-", "_"), None) for flag, key, *_ in table}
         given["sample.steps"] = getattr(args, "steps", None)
         given["sample.cfg_scale"] = getattr(args, "cfg", None)
         raw = to_dict(cfg)
@@ -70,7 +86,7 @@ class SamplerSettings:
         try:
             new = build(Config, raw, "").validate()
         except ValueError as e:
-            flags = {key: flag for flag, key, *_ in FLAGS} | {"sample.steps": "--steps", "sample.cfg_scale": "--cfg"}
+            flags = {key: flag for flag, key, *_ in table} | {"sample.steps": "--steps", "sample.cfg_scale": "--cfg"}
             named = [f"{flags[k]} ({k})" for k, v in given.items() if v is not None and k in str(e)]
             raise SamplerSettingsError(f"{e}{'; given: ' + ', '.join(named) if named else ''}") from None
         return cls.from_config(new, cache_dir)
