@@ -1,6 +1,7 @@
 """The nested (Matryoshka) model and its diffusion: identity at init, token merge geometry, the schedule shift in
 training and sampling, fresh noise per stream, progressive loading, FLOPs of both streams."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +230,32 @@ def test_flops_count_both_streams():
     masked = forward_flops_per_image(nested, 16, 0.5)
     assert f_inner < masked < f_nested  # masking thins the last outer blocks only
     assert tokens_per_image(nested, 0.5) == 32 + 16 and tokens_per_image(inner, 0.5) == 8
+
+
+class NullEncoder:
+    def encode(self, captions):
+        return torch.zeros(len(captions), 4, 384), torch.ones(len(captions), 4, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_heldout_denoising_loss_of_a_silent_network_is_the_skip_connections_error(nested):
+    """A network whose output is zero denoises to D = c_skip · x: the held-out MSE must be exactly that error on the
+    held-out images with their fixed noise (pooled and shifted for a nested model's highest stream)."""
+    from engine.config import load_config
+    from engine.data.synthetic import SyntheticShapes
+    from engine.eval.denoising import heldout_denoising_loss, unit_noise
+    from engine.eval.protocol import HELD_OUT_SEED
+    from engine.training.network import build_run_network
+
+    keys = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4"] if nested else []
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml", keys)
+    model = build_run_network(cfg, {})  # a fresh model: its final layers are zero, so F = 0
+    edm = EDM.from_config(cfg.diffusion)
+    res = heldout_denoising_loss(model, edm, cfg, NullEncoder(), num_images=6, num_sigmas=3, batch_size=4)
+    x0 = SyntheticShapes(6, 32, HELD_OUT_SEED).images(range(6))
+    k = math.sqrt(2) if nested else 1.0  # the high stream's shift at power 1
+    for j, s in enumerate(res["sigmas"]):
+        n = torch.stack([unit_noise(0, i, j, 32, 3) for i in range(6)])
+        c_skip = 0.25 / ((k * s) ** 2 + 0.25)
+        expected = ((c_skip * (x0 + k * s * n) - x0) ** 2).flatten(1).mean(1).mean().item()
+        assert res["mse"][j]["mean"] == pytest.approx(expected, rel=1e-5), s
