@@ -15,6 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the repo's packages, not engine/'s files, by name
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from engine.training.errors import run_cli
 from engine.training.official_checkpoint import convert
 
 
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from engine.data.precompute import run, setup
 from engine.encoders.text_encoder import DEFAULT_TEXT_ENCODER
+from engine.training.errors import run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,4 +75,4 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -39,3 +39,16 @@ def test_torchrun_names_our_message_as_the_root_cause(tmp_path):
     root = out[out.index("Root Cause"):]
     assert "exitcode  : 2" in root and "traceback : config: train.global_batch=-32 must be >= 1" in root, out
     assert "To enable traceback" not in out and 'File "' + str(ROOT) not in out, out  # no frame of our code
+
+
+@pytest.mark.parametrize("entry,args,message", [
+    ("convert.py", ["{tmp}/missing.pt", "{tmp}/out"], "error: checkpoint file not found: {tmp}/missing.pt"),
+    ("precompute.py", ["--source", "{tmp}/nope", "--out", "{tmp}/out", "--vae", "{tmp}/vae"],
+     "error: --source not found or empty: {tmp}/nope"),
+])
+def test_the_other_entry_points_end_bad_input_the_same_way(tmp_path, entry, args, message):
+    proc = run([sys.executable, str(ROOT / "engine" / entry), *[a.format(tmp=tmp_path) for a in args]], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(message.format(tmp=tmp_path)), proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

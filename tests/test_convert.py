@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.config import load_config
+from engine.config import ConfigError, load_config
 from engine.convert import main
 from engine.training.checkpoint import load_model_weights
 from engine.training.official_checkpoint import official_state_dict_to_tessera
@@ -259,5 +259,5 @@ def test_not_a_checkpoint_names_the_file(tmp_path, name, content):
         src.write_bytes(content)
     with pytest.raises(ValueError, match=name):
         main([str(src), str(tmp_path / "run")])
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(ConfigError, match="missing.pt"):
         main([str(tmp_path / "missing.pt"), str(tmp_path / "run")])

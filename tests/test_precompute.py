@@ -16,6 +16,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("datasets")
 
 from engine import precompute  # noqa: E402
+from engine.config import ConfigError  # noqa: E402
 from engine.data import precompute as precompute_lib  # noqa: E402
 from engine.data.manifest import FORMAT, read_manifest, shard_checksum, verify_checksums  # noqa: E402
 from engine.data.preprocess import (BadImage, PILDecoder, decode_image, make_decoder, preprocess,  # noqa: E402
@@ -284,7 +285,7 @@ def test_other_settings_on_an_existing_folder_are_refused(full_run, tiny_vae):
 
 
 def test_missing_source_and_bad_resolution_fail_before_any_work(tiny_vae, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(ConfigError, match="nope"):
         precompute.main(["--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--vae", str(tiny_vae)])
     (tmp_path / "i").mkdir()
     write_folder(tmp_path / "i", 0, 1)

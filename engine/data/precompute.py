@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.config import ConfigError
 from engine.data.manifest import FORMAT, MANIFEST, REPORT, combine_checksums, file_checksums, write_json_atomic
 from engine.data.preprocess import make_decoder, size_notes
 from engine.data.sources import iter_records, owned_by, source_files, source_root
@@ -78,7 +79,7 @@ def check_sources(sources: list[str]) -> None:
         except Exception as e:
             missing.append(f"{url} ({type(e).__name__}: {e})")
     if missing:
-        raise FileNotFoundError(f"--source not found or empty: {', '.join(missing)}")
+        raise ConfigError(f"--source not found or empty: {', '.join(missing)}")
 
 
 # ----------------------------------------------------------------------------------------------------- captions
@@ -187,7 +188,7 @@ def check_settings(out: Path, settings: dict) -> None:
     old = json.loads(path.read_text())
     diff = [k for k in settings if old.get(k) != settings[k]]
     if diff:
-        raise ValueError(f"{out} holds a precompute made with other settings ({', '.join(diff)}: "
+        raise ConfigError(f"{out} holds a precompute made with other settings ({', '.join(diff)}: "
                          f"{[old.get(k) for k in diff]} there, {[settings[k] for k in diff]} now); "
                          f"use a new --out or the same settings")
 
@@ -355,7 +356,7 @@ def build_settings(args, vae, text: TextEncoder) -> dict:
     f = vinfo["downsample"]
     bad = [r for r in args.resolutions if r % f]
     if bad:
-        raise ValueError(f"--resolutions {bad} are not multiples of the VAE's downsampling factor {f}")
+        raise ConfigError(f"--resolutions {bad} are not multiples of the VAE's downsampling factor {f}")
     return {"vae": vinfo, "text_encoder": {"name": args.text_encoder, "dim": text.dim, "max_length": text.max_length},
             "latent_shapes": {str(r): [vinfo["latent_channels"], r // f, r // f] for r in args.resolutions},
             "latent_sampling": LATENT_SAMPLING}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import Config, save_config
+from engine.config import Config, ConfigError, save_config
 from engine.training.checkpoint import Checkpointer
 from models.config import ModelConfig
 from models.microdit import MicroDiT
@@ -129,7 +129,7 @@ def load_official(path: str | Path, allow_pickle: bool = False) -> dict:
     """Read a released .pt (torch.load, weights only unless `allow_pickle`) or .safetensors file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise ConfigError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -137,14 +137,14 @@ def load_official(path: str | Path, allow_pickle: bool = False) -> dict:
         try:
             return load_file(str(path), device="cpu")
         except SafetensorError as e:
-            raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
+            raise ConfigError(f"{path}: not a readable .safetensors file ({e})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for files that are not checkpoints
         refused = "Weights only load failed" in str(e)  # a valid pickle holding objects beyond tensors
         if not (refused and allow_pickle):
             hint = "; it holds Python objects: if you trust it, pass --allow-pickle" if refused else ""
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}){hint}") from None
+            raise ConfigError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}){hint}") from None
     print(f"warning: unpickling {path} with weights_only=False (--allow-pickle): it can run code", file=sys.stderr)
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -171,7 +171,7 @@ def convert(src: str | Path, out: str | Path, step: int = 0, allow_pickle: bool 
     try:
         sd, cfg, name = official_state_dict_to_tessera(raw)
     except ValueError as e:
-        raise ValueError(f"{src}: {e}") from None
+        raise ConfigError(f"{src}: {e}") from None
     # Built on meta and given the loaded tensors (assign): no random init of a 1B model that is overwritten anyway.
     # strict=True: every parameter is replaced. pos_embed (non-persistent) stays on meta; it is never saved.
     with torch.device("meta"):
