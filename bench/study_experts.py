@@ -94,8 +94,9 @@ def table(rows: list[dict]) -> str:
         for arm in ("single", "pair"):
             a = r[arm]
             steps = a["steps"] if arm == "single" else f"2 x {a['steps_each']}"
-            lines.append(f"| {r['seed']} | {r['split_sigma']:.3f} ({r['split_rule']}) | {r['train_draws_above_split']:.1%}"
-                         f" | {arm} | {steps} | {fmt_ci(a['geneval_all'], a['geneval_all_ci'])} | "
+            split = f"{r['split_sigma']:.3f} ({r['split_rule']}) | {r['train_draws_above_split']:.1%}"
+            lines.append(f"| {r['seed']} | {split} | {arm} | {steps} | "
+                         f"{fmt_ci(a['geneval_all'], a['geneval_all_ci'])} | "
                          f"{fmt_ci(a['fd_attr'], a['fd_attr_ci'], 1)} | {fmt_ci(a['heldout_edm'], a['heldout_edm_ci'])}"
                          f" | {a['by_range']['below']:.3f} | {a['by_range']['above']:.3f} | {a['nfe']} |")
         d = r["pair_minus_single"]

@@ -118,8 +118,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         for name, points in r["arms"].items():
             for p in points:
+                fd = fmt_ci(p['fd_attr'], p['fd_attr_ci'], 1)
                 lines.append(f"| {r['seed']} | {name} | {p['stage']} | {p['step']} | {p['tflops']:.2f} | "
-                             f"{fmt_ci(p['geneval_all'], p['geneval_all_ci'])} | {fmt_ci(p['fd_attr'], p['fd_attr_ci'], 1)}"
+                             f"{fmt_ci(p['geneval_all'], p['geneval_all_ci'])} | {fd}"
                              f" | {fmt_ci(p['heldout_edm'], p['heldout_edm_ci'])} ({p['heldout_resolution']}) |")
     lines += ["", "| seed | arm | metric | first TFLOP at the baseline's final value | share of the budget |",
               "|---|---|---|---|---|"]
