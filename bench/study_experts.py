@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study_runs import common_args, evaluate, fmt_ci, load, machine, scores, train, write
+from study_runs import common_args, evaluate, finish, fmt_ci, load, scores, start, train
 
 
 def parse_args(argv=None):
@@ -127,16 +127,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join(sys.argv), "recipe": {"config": args.config, "set": args.set},
-              "budget_steps": args.budget_steps, "machine": machine()}
+    out, result = start(args, budget_steps=args.budget_steps)
     result["seeds"] = [run_seed(args, s) for s in args.seeds]
-    (out / "experts.md").write_text(table(result["seeds"]) + "\n")
-    plot(result["seeds"], out / "experts.png")
-    write(out, result)
-    print(table(result["seeds"]))
-    return result
+    return finish(out, "experts", result, table(result["seeds"]), lambda path: plot(result["seeds"], path))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study_runs import checkpoints, common_args, evaluate, fmt_ci, machine, scores, steps_for, train, train_flops, write
+from study_runs import (checkpoints, common_args, evaluate, finish, fmt_ci, scores, start, steps_for, train,
+                        train_flops)
 
 METRICS = {"geneval_all": max, "fd_attr": min, "heldout_edm": min}  # and which way is better
 
@@ -161,17 +162,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join(sys.argv), "recipe": {"config": args.config, "set": args.set},
-              "low": args.low, "high": args.high, "outer": args.outer, "phase1_share": args.phase1_share,
-              "budget_steps": args.budget_steps, "machine": machine()}
+    out, result = start(args, low=args.low, high=args.high, outer=args.outer, phase1_share=args.phase1_share,
+                        budget_steps=args.budget_steps)
     result["seeds"] = [run_seed(args, s) for s in args.seeds]
-    (out / "matryoshka.md").write_text(table(result["seeds"]) + "\n")
-    plot(result["seeds"], out / "matryoshka.png")
-    write(out, result)
-    print(table(result["seeds"]))
-    return result
+    return finish(out, "matryoshka", result, table(result["seeds"]), lambda path: plot(result["seeds"], path))
 
 
 if __name__ == "__main__":

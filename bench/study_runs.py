@@ -118,9 +118,22 @@ def machine() -> dict:
                 "OMP_NUM_THREADS"), "commit": commit.stdout.strip(), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
-def write(out: Path, result: dict) -> None:
+def start(args, **extra) -> tuple[Path, dict]:
+    """The study folder (made) and the head of its study.json: the command, the recipe, `extra`, the machine."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, {"command": " ".join(sys.argv), "recipe": {"config": args.config, "set": args.set}, **extra,
+                 "machine": machine()}
+
+
+def finish(out: Path, name: str, result: dict, table: str, plot) -> dict:
+    """<out>/<name>.md (the table), <name>.png (`plot(path)`) and study.json; the table is printed."""
+    (out / f"{name}.md").write_text(table + "\n")
+    plot(out / f"{name}.png")
     (out / "study.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(table)
     print(f"wrote {out / 'study.json'}", flush=True)
+    return result
 
 
 def fmt_ci(value, ci, digits: int = 3) -> str:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study_runs import (checkpoints, common_args, evaluate, fmt_ci, machine, scores, steps_for, train, train_flops,
-                        write)
+from study_runs import (checkpoints, common_args, evaluate, finish, fmt_ci, scores, start, steps_for, train,
+                        train_flops)
 
 REFERENCE_PATCH = 4
 
@@ -134,17 +134,11 @@ def plot(arms: list[dict], path: Path) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join(sys.argv), "recipe": {"config": args.config, "set": args.set},
-              "budget": {"reference_patch": REFERENCE_PATCH, "steps": args.budget_steps}, "machine": machine()}
+    out, result = start(args, budget={"reference_patch": REFERENCE_PATCH, "steps": args.budget_steps})
     result["arms"] = run_arms(args)
     result["paired_vs_eps"] = paired_vs_eps(result["arms"])
-    (out / "targets.md").write_text(table(result["arms"], result["paired_vs_eps"]) + "\n")
-    plot(result["arms"], out / "targets.png")
-    write(out, result)
-    print(table(result["arms"], result["paired_vs_eps"]))
-    return result
+    return finish(out, "targets", result, table(result["arms"], result["paired_vs_eps"]),
+                  lambda path: plot(result["arms"], path))
 
 
 if __name__ == "__main__":
