@@ -146,13 +146,14 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, (metric, title) in zip(axes, titles.items()):
         for r in rows:
             for name, points in r["arms"].items():
-                for stage, style in (("phase 1", ":"), (None, "-")):
-                    pts = [p for p in points if (p["stage"] == "phase 1") == (stage == "phase 1")
-                           and p[metric] is not None and not (metric == "heldout_edm" and p["stage"] == "phase 1")]
-                    if pts:
-                        ax.plot([p["tflops"] for p in pts], [p[metric] for p in pts], "o" + style, ms=3,
-                                color=colours.get(name), alpha=0.8,
-                                label=f"{name}{' (phase 1, upsampled)' if stage else ''}, seed {r['seed']}")
+                pts = [p for p in points if p[metric] is not None
+                       and not (metric == "heldout_edm" and p["stage"] == "phase 1")]  # phase 1's is at low res
+                ax.plot([p["tflops"] for p in pts], [p[metric] for p in pts], "o-", ms=3, color=colours.get(name),
+                        alpha=0.8, label=f"{name}, seed {r['seed']}")
+                low = [p for p in pts if p["stage"] == "phase 1"]
+                if low:  # phase 1: images of the low resolution, upsampled
+                    ax.plot([p["tflops"] for p in low], [p[metric] for p in low], "o", ms=6, mfc="white",
+                            color=colours.get(name), label=f"{name} phase 1 (low res, upsampled), seed {r['seed']}")
         ax.set_xlabel("cumulative training TFLOP")
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
