@@ -90,7 +90,7 @@ class MicroDiT(nn.Module):
 
     def trunk(self, h: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None, c: torch.Tensor,
               keep_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch-mixer, deferred masking, backbone: embedded tokens (B, N, dim) -> last hidden tokens (B, K or N, dim)."""
+        """Patch-mixer, deferred masking, backbone: embedded tokens (B, N, dim) -> last hidden tokens (B, K|N, dim)."""
         mixer = self.cfg.mixer_depth > 0
         if mixer:
             h, y_mixer = self.patch_mixer_map_xin(h), self.patch_mixer_map_y(y)  # (B, N, mixer_dim), (B, L, mixer_dim)

@@ -108,7 +108,8 @@ class NestedMicroDiT(nn.Module):
         # caption tokens at the outer width, as the patch-mixer maps them
         self.map_y = nn.Sequential(layer_norm(ic.dim, ic.norm_eps), nn.Linear(ic.dim, oc.dim, bias=ic.use_bias)) \
             if oc.dim != ic.dim else nn.Identity()
-        self.pre_blocks = nn.ModuleList(DiTBlock(ic, oc.dim, 1.0, oc.mlp_ratio, False, ops) for _ in range(oc.pre_depth))
+        self.pre_blocks = nn.ModuleList(DiTBlock(ic, oc.dim, 1.0, oc.mlp_ratio, False, ops)
+                                        for _ in range(oc.pre_depth))
         self.down = nn.Linear(k2 * oc.dim, ic.dim)  # k×k outer tokens -> one inner token embedding
         self.up = nn.Linear(ic.dim, k2 * oc.dim)  # one inner hidden token -> k×k outer tokens
         self.post_blocks = nn.ModuleList(DiTBlock(ic, oc.dim, 1.0, oc.mlp_ratio, False, ops)

@@ -25,7 +25,8 @@ def expert_config(cfg: Config, i: int) -> Config:
     sub.sample.final_eval_images = 0  # one expert alone cannot sample from pure noise: the pair's check does
     if i > 0:
         prev = expert_config(cfg, i - 1)
-        sub.train.init_from = str(Path(prev.run.out_dir) / prev.run.name / "checkpoints" / f"step_{prev.train.steps:08d}")
+        last = f"step_{prev.train.steps:08d}"
+        sub.train.init_from = str(Path(prev.run.out_dir) / prev.run.name / "checkpoints" / last)
         sub.train.init_from_ema, sub.train.init_prefix = True, ""
     return sub.validate()
 

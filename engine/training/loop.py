@@ -21,10 +21,10 @@ from engine.training.checkpoint import Checkpointer, load_model_weights
 from engine.training.ema import ema_decay_at, make_ema
 from engine.training.experts import train_experts
 from engine.training.metrics import MetricsLogger, ThroughputMeter
+from engine.training.network import build_run_network, stream_shapes
 from engine.training.optim import build_optimizer, lr_factor, set_lr
 from engine.training.parallel import Dist, parallelize, param_dtype
 from engine.training.step import StepCounters, train_step
-from engine.training.network import build_run_network, stream_shapes
 from models.flops import tokens_per_image, train_flops_per_image
 
 

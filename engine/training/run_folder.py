@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import Config, load_config
+from engine.config import Config, ConfigError, load_config
 from engine.training.checkpoint import Checkpointer, load_model_weights
 from engine.training.network import build_run_network
 
@@ -43,7 +43,7 @@ def load_experts(run: Path, cfg: Config, checkpoint: str | None, use_ema: bool):
     from engine.sampling.experts import ExpertSwitch
 
     if checkpoint:
-        raise ValueError(f"{run} samples with its experts' newest checkpoints ({', '.join(cfg.model.experts)}); a "
+        raise ConfigError(f"{run} samples with its experts' newest checkpoints ({', '.join(cfg.model.experts)}); a "
                          "checkpoint of one expert is evaluated from that expert's own run folder")
     nets = [load_run_model(run.parent / name, None, use_ema)[1] for name in cfg.model.experts]
     return ExpertSwitch(nets, cfg.sample.expert_sigmas)
