@@ -130,3 +130,18 @@ def test_few_log_normal_draws_lie_above_sigma_2():
     s = draw_sigma(EDM(), 200_000, torch.Generator().manual_seed(0), "cpu")
     assert (s > 2).float().mean().item() == pytest.approx(0.057, abs=0.003)
     assert s.median().item() == pytest.approx(math.exp(-1.2), rel=0.02)
+
+
+def test_the_default_config_builds_the_network_it_always_built():
+    """No method key set: the MicroDiT of model.name at data.image_size, as the loop built it before the methods."""
+    from pathlib import Path
+
+    from engine.config import load_config
+    from engine.training.network import network_config
+    from models.sizes import model_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml")
+    d = cfg.data
+    assert network_config(cfg) == model_config(cfg.model.name, input_size=d.image_size, in_channels=d.channels,
+                                               caption_channels=d.caption_channels, pos_interp_scale=1.0,
+                                               init="identity", time_free=False)
