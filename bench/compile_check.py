@@ -158,15 +158,19 @@ def _gather_cases(dtype):
 def _moe_cases(dtype):
     from kernels import moe
 
-    B, T, D, E, k = 256, 64, 1024, 8, 16  # 64 kept tokens, 8 experts, capacity 2
-    slots = E * B * k
-    plan = (_meta(slots, dtype=torch.int64), _meta(B * T + 1, dtype=torch.int64), _meta(slots, dtype=torch.int64))
-    name = f"B{B} T{T} D{D} E{E} k{k}"
-    yield f"moe dispatch {name}", lambda: moe.dispatch_launch(_meta(B, T, D, dtype=dtype), *plan, E)
-    yield f"moe combine {name}", lambda: moe.combine_launch(
-        _meta(E, B * k, D, dtype=dtype), _meta(E, B * k, dtype=torch.float32), plan[1], plan[2], B, T)
-    yield f"moe combine bwd {name}", lambda: moe.combine_backward_launch(
-        _meta(B, T, D, dtype=dtype), _meta(E, B * k, D, dtype=dtype), _meta(E, B * k, dtype=torch.float32), plan[0])
+    # XL: 64 kept tokens, 8 experts, capacity 2, width 1024. Nano (configs/tiny.yaml on a GPU): width 128, where the
+    # launcher picks many rows per program; this specialization once failed Triton's layout pass on the device.
+    for B, T, D, E, k in ((256, 64, 1024, 8, 16), (32, 32, 128, 4, 16)):
+        slots = E * B * k
+        plan = (_meta(slots, dtype=torch.int64), _meta(B * T + 1, dtype=torch.int64), _meta(slots, dtype=torch.int64))
+        name = f"B{B} T{T} D{D} E{E} k{k}"
+        yield f"moe dispatch {name}", lambda B=B, T=T, D=D, E=E, plan=plan: moe.dispatch_launch(
+            _meta(B, T, D, dtype=dtype), *plan, E)
+        yield f"moe combine {name}", lambda B=B, T=T, D=D, E=E, k=k, plan=plan: moe.combine_launch(
+            _meta(E, B * k, D, dtype=dtype), _meta(E, B * k, dtype=torch.float32), plan[1], plan[2], B, T)
+        yield f"moe combine bwd {name}", lambda B=B, T=T, D=D, E=E, k=k, plan=plan: moe.combine_backward_launch(
+            _meta(B, T, D, dtype=dtype), _meta(E, B * k, D, dtype=dtype), _meta(E, B * k, dtype=torch.float32),
+            plan[0])
 
 
 def _norm_cases(dtype):

@@ -8,6 +8,9 @@
 #   bash bench/gpu_session.sh settings           XL step as configured vs compile off / reshard after forward on /
 #                                                padded captions with a key mask (one setting turned back per row)
 #   bash bench/gpu_session.sh kernels attention  several steps in one call
+#   bash bench/gpu_session.sh quick              one call for a 15-minute lease: build, kernels, attention and XL-step
+#                                                benches (fewer rounds), then the CUDA tests, all inside QUICK_S seconds
+#                                                (default 540); result files + one tarball of the logs under $OUT
 #
 # Every benchmark step writes pytest-benchmark JSON and a bench/summarize.py result file (device, versions, commit,
 # date, rows, target verdicts) under $OUT and prints the side-by-side table last. Commit the result files under
@@ -71,11 +74,41 @@ step_train() {
   cp /tmp/tessera_runs/xl_smoke/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null || true
 }
 
+step_quick() {
+  # Every part is cut off at the deadline rather than the call: what finished still comes back (8 files at most).
+  local end=$((SECONDS + ${QUICK_S:-540})) logs=$OUT/logs
+  mkdir -p "$logs"
+  left() { local r=$((end - SECONDS)); [ "$r" -gt "$1" ] && r=$1; [ "$r" -lt 1 ] && r=1; echo "$r"; }
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  } >"$OUT/device.txt" 2>&1
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} timeout "$(left 150)" $PY setup.py build_ext --inplace \
+    >"$logs/build_ext.log" 2>&1
+  echo "build_ext: exit $? at ${SECONDS}s"
+  local gpu name cap files
+  gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().split()[-1])" 2>/dev/null || echo cpu)
+  for spec in "kernels:150:bench/test_kernels.py" "attention:110:bench/test_attention.py" \
+              "train_step:200:bench/test_train_step.py -k xl_256_masked_step"; do
+    IFS=: read -r name cap files <<<"$spec"
+    # shellcheck disable=SC2086
+    timeout "$(left "$cap")" $PY -m pytest $files --benchmark-only -q -p no:cacheprovider --tb=short \
+      --benchmark-max-time=0.25 --benchmark-min-rounds=5 --benchmark-json "$logs/$name.bench.json" \
+      >"$logs/$name.log" 2>&1
+    echo "$name: exit $? at ${SECONDS}s ($(tail -1 "$logs/$name.log"))"
+    $PY bench/summarize.py "$logs/$name.bench.json" --out "$OUT/${DAY}_${gpu}_$name.json" >"$logs/$name.table.txt" 2>&1 \
+      && tail -30 "$logs/$name.table.txt"
+  done
+  timeout "$(left 300)" $PY -m pytest tests/test_kernels_*.py tests/test_csrc_sm90.py tests/test_attention.py -q \
+    -p no:cacheprovider -rs --tb=short >"$logs/gpu_tests.log" 2>&1
+  echo "CUDA tests: exit $? at ${SECONDS}s"; grep -E "^(FAILED|ERROR)|passed|failed" "$logs/gpu_tests.log" | tail -15
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$logs"
+}
+
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(check kernels attention train settings)
 for s in "${steps[@]}"; do
   case $s in
-    check|kernels|attention|train|settings) echo "== $s"; "step_$s" ;;
-    *) echo "unknown step '$s' (check | kernels | attention | train | settings)"; exit 2 ;;
+    check|kernels|attention|train|settings|quick) echo "== $s"; "step_$s" ;;
+    *) echo "unknown step '$s' (check | kernels | attention | train | settings | quick)"; exit 2 ;;
   esac
 done

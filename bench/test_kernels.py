@@ -294,7 +294,10 @@ def test_moe(benchmark, B, T, D, F_, E, capacity, backend, pass_):
     x = torch.randn(B, T, D, device=DEV, dtype=DTYPE, requires_grad=grad)
     params = [(torch.randn(*s, device=DEV) * sd).to(DTYPE).requires_grad_(grad)
               for s, sd in (((E, D), 0.02), ((E, D, F_), D**-0.5), ((E, F_, D), F_**-0.5))]
-    ref = expert_choice_ref(x.float(), *[p.float() for p in params], k)
+    # Reference at the inputs' dtype: every backend routes on the same bf16 router logits. An fp32 reference routes on
+    # fp32 logits, and near-ties among a sample's 64 tokens then flip top-k picks: on an H200 that put every backend,
+    # the reference's own bf16 run included, 22-29% off at the flipped tokens.
+    ref = expert_choice_ref(x, *params, k).float()
     err = (fn(x, *params, k).float() - ref).abs().max() / ref.abs().max()
     assert err < 5e-2, f"relative error {err:.2e}"
     flops = 2 * B * T * D * E + 2 * 2 * E * B * k * D * F_  # router + two expert GEMMs (multiply-add = 2)

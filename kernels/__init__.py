@@ -30,48 +30,44 @@ def _reason(module: str, attr: str) -> Callable[[], str | None]:
     return lambda: getattr(importlib.import_module(module), attr)()
 
 
-def _triton_rank() -> int:
-    """Rank of the triton backends of gather / moe / norm. Their available() (kernels.gather.triton_unavailable)
-    is None on CUDA, and on CPU only when the kernels were built under TRITON_INTERPRET=1 (the tests' setting).
-    The interpreter is orders of magnitude slower than torch on CPU, so without CUDA they rank below `torch`
-    (-1 < 0) and `auto` keeps torch; with a CUDA device they rank above every other backend of their op and `auto`
-    picks them. Naming `triton` explicitly still works on CPU under the interpreter (that is how tests run them)."""
-    import torch
-
-    return 3 if torch.cuda.is_available() else -1
-
+# `auto` ranks, from bench/results/2026-11-30_H200_kernels.json (bf16, MicroDiT_XL_2 shapes, one H200, forward +
+# backward as training runs them). torch won every norm and residual-norm case (the Triton kernels 0.41-0.95x) and the
+# 256-px gathers (Triton 0.25x with its dense backward, cuda 0.79x); cuda won only the 512-px gather (2.1x). The MoE
+# rows were not timed that session. So `auto` is torch for these ops on CUDA as on CPU (there the Triton kernels run
+# only in the interpreter); the Triton and CUDA backends stay a flag away: name them to use them.
+_FAST_RANK = -1
 
 # op name -> backend name -> Backend. Fast backends (triton, cuda, flash_attn, ...) register here as they land.
 _REGISTRY: dict[str, dict[str, Backend]] = {
     "gather": {
         "torch": Backend("kernels.gather", "gather_tokens_ref", _always, 0),
         "triton": Backend("kernels.gather", "gather_tokens_triton", _reason("kernels.gather", "triton_unavailable"),
-                          _triton_rank()),
+                          _FAST_RANK),
         # csrc/ extension `tessera_csrc`: built by setup.py only where CUDA + nvcc are present at install time
         "cuda": Backend("kernels.gather_cuda", "gather_tokens_cuda",
-                        _reason("kernels.gather_cuda", "cuda_unavailable"), 1),
+                        _reason("kernels.gather_cuda", "cuda_unavailable"), _FAST_RANK),
     },
     "moe": {
         "torch": Backend("kernels.moe", "expert_choice_ref", _always, 0),
         "triton": Backend("kernels.moe", "expert_choice_triton", _reason("kernels.moe", "triton_unavailable"),
-                          _triton_rank()),
+                          _FAST_RANK),
         # megablocks has token-choice dMoE only, not expert choice: available() always gives the reason it can't run
         "megablocks": Backend("kernels.moe", "expert_choice_megablocks",
-                              _reason("kernels.moe", "megablocks_unavailable"), 1),
+                              _reason("kernels.moe", "megablocks_unavailable"), _FAST_RANK),
     },
     "norm": {
         "torch": Backend("kernels.norm", "layernorm_modulate_ref", _always, 0),
         "triton": Backend("kernels.norm", "layernorm_modulate_triton", _reason("kernels.norm", "triton_unavailable"),
-                          _triton_rank()),
+                          _FAST_RANK),
     },
     # follows `kernels.norm` (no flag of its own): the block's gated residual add fused with the norm after it
     "residual_norm": {
         "torch": Backend("kernels.residual_norm", "add_layernorm_modulate_ref", _always, 0),
         "triton": Backend("kernels.residual_norm", "add_layernorm_modulate_triton",
-                          _reason("kernels.norm", "triton_unavailable"), _triton_rank()),
+                          _reason("kernels.norm", "triton_unavailable"), _FAST_RANK),
     },
-    # auto = sdpa everywhere: on CPU it is the only fast one; on GPU torch dispatches to flash / cuDNN attention,
-    # the fastest we know until bench/test_attention.py on a GPU shows another backend ahead (then re-rank here).
+    # auto = sdpa everywhere: on CPU it is the only fast one; on the H200 (bench/results/2026-11-30_H200_attention.json)
+    # it beat our Triton kernel in 7 of 8 cases (Triton 0.41-0.90x; 1.41x only on the padded-caption forward).
     "attention": {
         "sdpa": Backend("kernels.attention", "attention_sdpa", _always, 4),
         "flash_attn": Backend("kernels.attention", "attention_flash_attn",

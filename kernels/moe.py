@@ -94,26 +94,26 @@ def _combine_kernel(
     HAS_GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[t] = Σ_{i < cnt[t]} gate[s_i]·y[s_i], s_i = entries[offsets[t] + i], in the order of i (fixed).
-    BLOCK_M tokens per program; a token has at most E entries."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    BLOCK_M tokens per program; a token has at most E entries. Per-token values are kept as (BLOCK_M, 1) columns of
+    the tile's layout: as 1-D vectors, Triton's layout pass on sm_90 failed to compile this kernel at small widths."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]  # (BLOCK_M, 1)
     rmask = rows < n_rows
     start = tl.load(off_ptr + rows, mask=rmask, other=0)
     cnt = tl.load(off_ptr + rows + 1, mask=rmask, other=0) - start
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+        cols = d0 + tl.arange(0, BLOCK_D)[None, :]  # (1, BLOCK_D)
         cmask = cols < D
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
         for i in range(0, E):
             m = rmask & (i < cnt)
             slot = tl.load(ent_ptr + start + i, mask=m, other=0).to(tl.int64)
-            v = tl.load(y_ptr + slot[:, None] * D + cols[None, :], mask=m[:, None] & cmask[None, :], other=0.0)
+            v = tl.load(y_ptr + slot * D + cols, mask=m & cmask, other=0.0)
             if HAS_GATE:
                 g = tl.load(gate_ptr + slot, mask=m, other=0.0).to(ACC)
-                acc += v.to(ACC) * g[:, None]
+                acc += v.to(ACC) * g
             else:
                 acc += v.to(ACC)
-        tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+        tl.store(out_ptr + rows * D + cols, acc.to(out_ptr.dtype.element_ty), mask=rmask & cmask)
 
 
 @triton.jit

@@ -204,3 +204,18 @@ def test_unsharded_path_refuses_what_needs_fsdp(dist_env):
     model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8))
     with pytest.raises(ValueError, match="one process in fp32"):
         parallelize(model, dist_env.device, torch.bfloat16, shard=False)
+
+
+def test_compiling_more_blocks_than_dynamos_recompile_limit(dist_env, monkeypatch):
+    """Every block shares one forward code object, so each block of another width or kind (layer-wise scaling, MoE
+    every other block) is a recompile of it: the XL model's 32 blocks passed Dynamo's default limit of 8 and, under
+    fullgraph, failed on the GPU. parallelize raises the limit to cover the blocks it compiles."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # Dynamo's default, whatever ran before
+    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 256)
+    torch.manual_seed(0)
+    model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8, depth=10))
+    n_blocks = len(model.patch_mixer) + len(model.blocks)
+    assert n_blocks > torch._dynamo.config.recompile_limit  # the case that failed
+    model = parallelize(model, dist_env.device, torch.float32, compile=True, compile_backend="eager", shard=False)
+    forward_backward(model)
+    assert all(p.grad is not None for p in model.blocks[-1].parameters() if p.requires_grad)

@@ -77,13 +77,15 @@ def parallelize(
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
+    if compile:
+        allow_block_recompiles(sum(1 for _ in blocks_of(model)))
     for container, i in blocks_of(model):
         block = container[i]
         if activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
             block = checkpoint_wrapper(block)
-        if compile:
-            block.compile(backend=compile_backend, fullgraph=True)
+        if compile:  # static shapes: each block width gets its own graph, not one dynamic-shape graph for all
+            block.compile(backend=compile_backend, fullgraph=True, dynamic=False)
         if shard:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         container[i] = block
@@ -94,6 +96,16 @@ def parallelize(
     root_mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     fully_shard(model, mesh=mesh, mp_policy=root_mp)
     return model
+
+
+def allow_block_recompiles(n_blocks: int) -> None:
+    """Every block runs one forward code object, so Dynamo counts each block of another width or kind (layer-wise
+    scaling, MoE in every other block), and each grad mode (no-grad sampling), as a recompile of that one object. Its
+    default limit (8) is below MicroDiT_XL_2's 32 blocks, and with fullgraph the excess is an error: the limit must
+    cover the blocks x two grad modes."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 2 * n_blocks)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * n_blocks)
 
 
 def local_tensors(params) -> list[torch.Tensor]:
