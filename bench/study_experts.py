@@ -26,7 +26,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study_runs import common_args, evaluate, finish, fmt_ci, load, scores, start, train
+from study_runs import (
+    common_args,
+    evaluate,
+    finish,
+    fmt_ci,
+    load,
+    previous,
+    scores,
+    start,
+    train,
+)
 
 
 def parse_args(argv=None):
@@ -128,7 +138,10 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out, result = start(args, budget_steps=args.budget_steps)
-    result["seeds"] = [run_seed(args, s) for s in args.seeds]
+    if args.report_only:
+        out, result = Path(args.out), previous(args)
+    else:
+        result["seeds"] = [run_seed(args, s) for s in args.seeds]
     return finish(out, "experts", result, table(result["seeds"]), lambda path: plot(result["seeds"], path))
 
 

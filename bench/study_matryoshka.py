@@ -25,8 +25,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study_runs import (checkpoints, common_args, evaluate, finish, fmt_ci, scores, start, steps_for, train,
-                        train_flops)
+from study_runs import (
+    checkpoints,
+    common_args,
+    evaluate,
+    finish,
+    fmt_ci,
+    previous,
+    scores,
+    start,
+    steps_for,
+    train,
+    train_flops,
+)
 
 METRICS = {"geneval_all": max, "fd_attr": min, "heldout_edm": min}  # and which way is better
 
@@ -165,7 +176,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out, result = start(args, low=args.low, high=args.high, outer=args.outer, phase1_share=args.phase1_share,
                         budget_steps=args.budget_steps)
-    result["seeds"] = [run_seed(args, s) for s in args.seeds]
+    if args.report_only:
+        out, result = Path(args.out), previous(args)
+    else:
+        result["seeds"] = [run_seed(args, s) for s in args.seeds]
     return finish(out, "matryoshka", result, table(result["seeds"]), lambda path: plot(result["seeds"], path))
 
 

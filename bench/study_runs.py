@@ -28,6 +28,8 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=128, help="held-out prompts per evaluation")
     p.add_argument("--heldout-images", type=int, default=128, help="held-out images of the denoising loss")
     p.add_argument("--sample-steps", type=int, default=None, help="Heun points of evaluation (default: recipe's)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the table and plot from <out>/study.json (as this version writes them); train nothing")
 
 
 def load(args, *overrides: str):
@@ -50,8 +52,12 @@ def steps_for(budget_flops: float, flops_per_image: float, batch: int) -> int:
 
 
 def train(args, name: str, *overrides: str) -> Path:
-    """Train (or finish) one arm with engine/train.py under torchrun; its log goes to <out>/logs/<name>.log."""
+    """Train (or finish) one arm with engine/train.py under torchrun; its log goes to <out>/logs/<name>.log. An arm
+    whose final checkpoint (train.steps) is already there is not started again (a rerun of a cut study)."""
     out = Path(args.out)
+    steps = [o.split("=", 1)[1] for o in overrides if o.startswith("train.steps=")]
+    if steps and (out / "runs" / name / "checkpoints" / f"step_{int(steps[-1]):08d}").is_dir():
+        return out / "runs" / name
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            str(ROOT / "engine" / "train.py"), "--config", args.config, *args.set, f"run.out_dir={out / 'runs'}",
@@ -101,10 +107,12 @@ def heldout_loss(run: Path, step: int | None, num_images: int) -> dict:
 
 
 def scores(ev: dict) -> dict:
-    """The numbers a study table shows for one evaluation."""
+    """The numbers a study records for one evaluation (colour and shape too: at a few hundred steps "all" sits at 0)."""
     m, h = ev["eval"]["metrics"], ev["heldout"]
     g = m.get("geneval", {})
     return {"geneval_all": g.get("all"), "geneval_all_ci": g.get("ci", {}).get("all"),
+            "geneval_colour": g.get("colour"), "geneval_colour_ci": g.get("ci", {}).get("colour"),
+            "geneval_shape": g.get("shape"), "geneval_shape_ci": g.get("ci", {}).get("shape"),
             "fd_attr": m.get("fd_attr", {}).get("value"), "fd_attr_ci": m.get("fd_attr", {}).get("ci"),
             "heldout_edm": h["edm_weighted"]["mean"], "heldout_edm_ci": h["edm_weighted"]["ci"]}
 
@@ -124,6 +132,11 @@ def start(args, **extra) -> tuple[Path, dict]:
     out.mkdir(parents=True, exist_ok=True)
     return out, {"command": " ".join(sys.argv), "recipe": {"config": args.config, "set": args.set}, **extra,
                  "machine": machine()}
+
+
+def previous(args) -> dict:
+    """<out>/study.json of an earlier run of the study (--report-only)."""
+    return json.loads((Path(args.out) / "study.json").read_text())
 
 
 def finish(out: Path, name: str, result: dict, table: str, plot) -> dict:
