@@ -142,21 +142,26 @@ def plot(arms: list[dict], path: Path) -> None:
     metrics = [("geneval_all", "GenEval all-correct"), ("fd_attr", "attribute FD (lower is better)"),
                ("heldout_edm", "held-out EDM loss (lower is better)")]
     sizes = sorted({a["image_size"] for a in arms})
+    colour = {t: f"C{i}" for i, t in enumerate(sorted({a["target"] for a in arms}))}
     fig, axes = plt.subplots(len(sizes), len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 3.4 * len(sizes)),
                              squeeze=False)
     for row, size in zip(axes, sizes):
         for ax, (key, title) in zip(row, metrics):
             for target in sorted({a["target"] for a in arms}):
-                pts = sorted((a["patch"], a[key]) for a in arms if a["image_size"] == size and a["target"] == target
-                             and a[key] is not None)
-                ax.plot([p for p, _ in pts], [v for _, v in pts], "o-", label=target, alpha=0.8)
+                pts = [(a["patch"], a[key]) for a in arms if a["image_size"] == size and a["target"] == target
+                       and a[key] is not None]
+                patches = sorted({p for p, _ in pts})  # line through the seed means, each seed a dot
+                means = [sum(v for p, v in pts if p == q) / sum(1 for p, _ in pts if p == q) for q in patches]
+                ax.plot(patches, means, "-", color=colour[target], label=target, alpha=0.8)
+                ax.plot([p for p, _ in pts], [v for _, v in pts], "o", color=colour[target], ms=4, alpha=0.8)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{size} px: {title}", fontsize=9)
             ax.set_xlabel("patch size")
         ax = row[-1]  # held-out MSE against sigma at the largest patch
         big = max(a["patch"] for a in arms if a["image_size"] == size)
         for a in (a for a in arms if a["image_size"] == size and a["patch"] == big and a["seed"] == arms[0]["seed"]):
-            ax.loglog(a["heldout"]["sigmas"], [m["mean"] for m in a["heldout"]["mse"]], "o-", label=a["target"])
+            ax.loglog(a["heldout"]["sigmas"], [m["mean"] for m in a["heldout"]["mse"]], "o-", color=colour[a["target"]],
+                      label=a["target"])
         ax.set_title(f"{size} px, patch {big}: held-out MSE of D per sigma", fontsize=9)
         ax.set_xlabel("sigma")
     axes[0][0].legend(fontsize=8)
