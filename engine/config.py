@@ -39,6 +39,16 @@ class ModelSection:
     """Weight init: 'identity' (cross-attention output and patch-embedding bias start at zero, so a fresh block is the
     identity) or 'official' (as SonyResearch/micro_diffusion: the cross-attention output drawn like the other output
     projections, PyTorch's default patch-embedding bias). The README lists every difference from the official code."""
+    patch_size: int = 0
+    """Patch side in pixels (or latents) of model.name's network; 0 = the size's own (4 for MicroDiT_Nano_4). Luhman &
+    Luhman's patched diffusion: p = 8 at 32 px gives 16 tokens of 192 values each."""
+    outer: str = ""
+    """Nested (Matryoshka) model: the outer stream that denoises the highest of diffusion.resolutions around model.name
+    at the lowest (models/sizes.py OUTER_SIZES); needed exactly when diffusion.resolutions holds two resolutions."""
+    experts: list[str] = field(default_factory=list)
+    """Networks split by noise level (Luhman & Luhman): run names, highest noise first, each trained as a run of its
+    own under run.out_dir on its range of sample.expert_sigmas, each after the first initialised from the previous
+    one's EMA; this run then samples with all of them. Empty = one network."""
 
 
 @dataclass
@@ -97,6 +107,26 @@ class DiffusionConfig:
     objective: str = "edm"
     """'edm' (the denoiser D(x; sigma)) or 'init_step' (SingDiffusion's initial-step model: a time-free network that
     predicts x0 from pure noise and the caption, trained by the same engine; sampling uses it via sample.init=sing)."""
+    target: str = "edm"
+    """What the network predicts: 'edm' (EDM's F, which is -v of the data scaled to sigma_data), 'x0' (the clean
+    image / sigma_data), 'eps' (the unit noise) or 'v' (Salimans & Ho's v of the data as given, SNR = 1/sigma^2). Only
+    c_skip and c_out change (engine/diffusion/targets.py); the loss is always on D(x; sigma) - x0."""
+    weighting: str = "edm"
+    """Loss weight of the squared error of D in x space, as f(SNR) / sigma_data^2 with SNR = sigma_data^2 / sigma^2:
+    'edm' (SNR + 1: EDM's lambda), 'snr' (SNR: the eps-MSE), 'sqrt_snr' (Luhman & Luhman's default) or 'uniform' (1:
+    the x0-MSE)."""
+    sigma_range: list[float | None] = field(default_factory=list)
+    """[lo, hi]: train only on noise levels lo <= sigma < hi (the log-normal truncated there; null = no bound), e.g.
+    one expert of a split pair. Empty = every sigma."""
+    resolutions: list[int] = field(default_factory=list)
+    """Resolutions the model denoises, low to high, each data.image_size average-pooled; empty = data.image_size
+    alone. One entry trains a plain model at that size (the first phase of progressive Matryoshka training); two
+    train the nested model (model.outer) on both jointly."""
+    resolution_loss_weights: list[float] = field(default_factory=list)
+    """Weight of each resolution's loss, in the order of diffusion.resolutions; empty = 1 each."""
+    schedule_shift_power: float = 1.0
+    """Nested model: resolution r sees the noise level sigma_r = sigma · s_r^(p/2), s_r = r / the lowest resolution
+    (Matryoshka Diffusion's SNR_r = SNR / s_r^p); sigma is drawn and sampled for the lowest resolution."""
 
 
 @dataclass
@@ -129,6 +159,13 @@ class TrainConfig:
     starts its EMA at step 25K)."""
     init_from: str = ""
     """Checkpoint folder of an earlier phase to initialise the weights from (position embeddings are rebuilt)."""
+    init_prefix: str = ""
+    """Load train.init_from into the submodule of this name (e.g. 'inner.': a low-resolution run into the nested
+    model); every checkpoint key must match a key under it and every key under it must be in the checkpoint. The
+    rest of the model keeps its initialisation. Empty = the whole model."""
+    init_from_ema: bool = False
+    """Initialise both the weights and the EMA from train.init_from's EMA (as Luhman & Luhman start the low-noise
+    expert from the high-noise one's EMA); False loads weights from weights and EMA from EMA."""
     max_nonfinite_steps: int = 20
     """Stop with an error after this many consecutive steps whose loss or gradient was NaN/Inf (each is skipped)."""
     log_every: int = 10
@@ -178,6 +215,8 @@ class KernelsConfig:
     """Attention backend."""
 
 
+TARGETS = ("edm", "x0", "eps", "v")
+WEIGHTINGS = ("edm", "snr", "sqrt_snr", "uniform")
 SOLVERS = ("euler", "heun", "dpmpp", "unipc")
 SCHEDULES = ("karras", "logsnr", "uniform", "optimized")
 INITS = ("noise", "sing", "data_mean")
@@ -252,6 +291,10 @@ class SampleConfig:
     """Expert-choice MoE under the band modes: 'sync' (router scores of all tokens gathered at every MoE layer: exact
     routing), 'displaced' (top-k over this band's fresh scores and the other bands' scores of the previous evaluation,
     sent with the keys/values) or 'local' (top-k/N over this band's tokens: no exchange)."""
+    expert_sigmas: list[float] = field(default_factory=list)
+    """With model.experts: the noise levels where one expert hands over to the next, descending (one fewer than the
+    experts). Expert i denoises expert_sigmas[i] <= sigma < expert_sigmas[i-1]; each evaluation picks its expert by
+    its own sigma (Heun's correction too), as each was trained."""
 
 
 @dataclass
@@ -274,12 +317,12 @@ class Config:
 
     def validate(self, world_size: int | None = None) -> "Config":
         """Raise ConfigError naming the key of the first impossible value; world_size checks batch divisibility."""
-        from models.sizes import model_config, sizes
+        from models.sizes import sizes
 
         r, m, dt, d, t, o, s = self.run, self.model, self.data, self.diffusion, self.train, self.optim, self.sample
         # (key, test, what is allowed); tests are lambdas so that one runs only after the keys it divides by passed.
         checks = [
-            ("run.name", lambda: r.name not in ("", ".", "..") and not set(r.name) & set("/\\"),
+            ("run.name", lambda: _folder_name(r.name),
              "must be a folder name (not empty, no '/' or '\\')"),
             ("run.out_dir", lambda: bool(r.out_dir), "must not be empty"),
             ("run.seed", lambda: r.seed >= 0, "must be >= 0"),
@@ -295,8 +338,9 @@ class Config:
             ("data.num_samples", lambda: dt.num_samples >= 1, "must be >= 1"),
             ("data.backgrounds", lambda: dt.backgrounds in ("fixed", "prompted"), "must be 'fixed' or 'prompted'"),
             ("data.image_size", lambda: dt.image_size >= 1, "must be >= 1"),
-            ("data.image_size", lambda: dt.image_size % model_config(m.name).patch_size == 0,
-             f"must be a multiple of {m.name}'s patch size"),
+            ("model.patch_size", lambda: m.patch_size >= 0, "must be >= 0 (0 = the size's own)"),
+            ("data.image_size", lambda: bool(d.resolutions) or dt.image_size % patch_size(m) == 0,
+             f"must be a multiple of {m.name}'s patch size (model.patch_size)"),
             ("data.image_size", lambda: dt.source != "synthetic" or dt.image_size >= 16,
              "must be >= 16 for data.source=synthetic (smaller shapes are unreadable)"),
             ("data.channels", lambda: dt.channels >= 1, "must be >= 1"),
@@ -310,6 +354,7 @@ class Config:
              "must be in [0, 1): at least one token must be kept"),
             ("diffusion.p_std", lambda: d.p_std > 0, "must be > 0"),
             ("diffusion.sigma_data", lambda: d.sigma_data > 0, "must be > 0"),
+            *method_checks(self),
             ("train.steps", lambda: t.steps >= 1, "must be >= 1"),
             ("train.micro_batch", lambda: t.micro_batch >= 1, "must be >= 1"),
             ("train.global_batch", lambda: t.global_batch >= 1, "must be >= 1"),
@@ -356,6 +401,73 @@ class Config:
         return self
 
 
+def patch_size(m: ModelSection) -> int:
+    """The patch side of model.name's network with model.patch_size applied."""
+    from models.sizes import model_config
+
+    return m.patch_size or model_config(m.name).patch_size
+
+
+def _folder_name(name: str) -> bool:
+    return name not in ("", ".", "..") and not set(name) & set("/\\")
+
+
+def method_checks(c: "Config") -> list[tuple[str, typing.Callable[[], bool], str]]:
+    """(key, ok, why) of the training methods' keys: targets and weightings, expert pairs, nested resolutions."""
+    from models.sizes import outer_config, outer_sizes
+
+    m, d, t, s, dt = c.model, c.diffusion, c.train, c.sample, c.data
+    from_ = lambda choices: f"must be one of: {', '.join(choices)}"
+    res, sr, w, ex, cuts = d.resolutions, d.sigma_range, d.resolution_loss_weights, m.experts, s.expert_sigmas
+    nested = len(res) == 2
+    outer_patch = lambda: outer_config(m.outer).patch_size
+    return [
+        ("diffusion.target", lambda: d.target in TARGETS, from_(TARGETS)),
+        ("diffusion.weighting", lambda: d.weighting in WEIGHTINGS, from_(WEIGHTINGS)),
+        ("diffusion.sigma_range", lambda: len(sr) in (0, 2), "must be [] or [lo, hi] (null = no bound)"),
+        ("diffusion.sigma_range", lambda: all(v is None or v > 0 for v in sr)
+         and (len(sr) == 0 or None in sr or sr[0] < sr[1]), "needs 0 < lo < hi"),
+        ("model.experts", lambda: len(ex) != 1, "must name at least two expert runs, or none"),
+        ("model.experts", lambda: all(_folder_name(e) for e in ex) and len(set(ex)) == len(ex)
+         and c.run.name not in ex, "must be distinct run folder names other than run.name"),
+        ("sample.expert_sigmas", lambda: len(cuts) == max(0, len(ex) - 1),
+         f"must hold one noise level fewer than model.experts ({len(ex)} experts)"),
+        ("sample.expert_sigmas", lambda: all(v > 0 for v in cuts) and all(a > b for a, b in zip(cuts, cuts[1:])),
+         "must be > 0 and in descending order (expert 0 takes the highest noise)"),
+        ("diffusion.sigma_range", lambda: not ex or not sr,
+         "is set for each expert from sample.expert_sigmas when model.experts is given; leave it empty"),
+        ("diffusion.resolutions", lambda: len(res) <= 2, "must hold at most two resolutions (low, high)"),
+        ("diffusion.resolutions", lambda: all(v >= 1 for v in res) and all(a < b for a, b in zip(res, res[1:])),
+         "must be increasing positive sizes"),
+        ("diffusion.resolutions", lambda: all(dt.image_size % v == 0 for v in res),
+         f"must each divide data.image_size={dt.image_size} (the data is average-pooled to each)"),
+        ("diffusion.resolutions", lambda: not res or res[0] % patch_size(m) == 0,
+         f"must start with a multiple of {m.name}'s patch size (model.patch_size)"),
+        ("diffusion.resolutions", lambda: not nested or res[1] % res[0] == 0,
+         "must end with a whole multiple of the low resolution"),
+        ("model.outer", lambda: m.outer in ("", *outer_sizes()),
+         f"must be empty or one of: {', '.join(outer_sizes())}"),
+        ("model.outer", lambda: bool(m.outer) == nested,
+         "names the outer stream of a nested model: set it exactly when diffusion.resolutions holds two resolutions"),
+        ("diffusion.resolutions", lambda: not nested or res[1] % outer_patch() == 0,
+         f"must end with a multiple of model.outer={m.outer!r}'s patch size"),
+        ("diffusion.resolutions", lambda: not nested or (res[1] // outer_patch()) % (res[0] // patch_size(m)) == 0,
+         "must give an outer token grid that is a whole multiple of the inner one (a k×k token merge)"),
+        ("diffusion.resolutions", lambda: not (nested and ex), "cannot be nested with model.experts"),
+        ("diffusion.resolution_loss_weights", lambda: not w or len(w) == max(1, len(res)),
+         f"must hold one weight per resolution ({max(1, len(res))}: diffusion.resolutions={res})"),
+        ("diffusion.resolution_loss_weights", lambda: all(v >= 0 for v in w) and (not w or sum(w) > 0),
+         "must be >= 0 and not all 0"),
+        ("diffusion.schedule_shift_power", lambda: d.schedule_shift_power >= 0, "must be >= 0"),
+        ("diffusion.objective", lambda: d.objective == "edm" or not res,
+         "must be 'edm' with diffusion.resolutions (the initial-step model trains at data.image_size)"),
+        ("train.init_prefix", lambda: not t.init_prefix or t.init_prefix.endswith("."),
+         "must be empty or a submodule name ending in '.', e.g. 'inner.'"),
+        ("train.init_prefix", lambda: not t.init_prefix or bool(t.init_from), "needs train.init_from"),
+        ("train.init_from_ema", lambda: not t.init_from_ema or bool(t.init_from), "needs train.init_from"),
+    ]
+
+
 def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, typing.Callable[[], bool], str]]:
     """(key, ok, why) of the sampler's settings; shared by config files and the sampling flags."""
     from_ = lambda choices: f"must be one of: {', '.join(choices)}"
@@ -379,6 +491,8 @@ def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, typi
         ("sample.stepopt_power", lambda: s.stepopt_power in (1, 2), "must be 1 or 2"),
         ("sample.stepopt_init", lambda: s.stepopt_init in SCHEDULES[:3], from_(SCHEDULES[:3])),
         ("sample.init", lambda: s.init in INITS, from_(INITS)),
+        ("sample.init", lambda: s.init == "noise" or not d.resolutions,
+         "must be 'noise' with diffusion.resolutions (the other starts are made at data.image_size)"),
         ("sample.sing_run", lambda: s.init != "sing" or bool(s.sing_run),
          "must name a trained initial-step run (diffusion.objective=init_step) when sample.init=sing"),
         ("sample.sing_guidance", lambda: s.sing_guidance in SING_GUIDANCE, from_(SING_GUIDANCE)),
@@ -488,9 +602,11 @@ def coerce(kind, value, key: str):
             raise ConfigError(f"config: {key} expects {len(args)} values, got {len(items)}")
         return tuple(items) if origin is tuple else items
     if origin in (typing.Union, types.UnionType):
-        for option in args:
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
             try:
-                return None if option is type(None) and value is None else coerce(option, value, key)
+                return coerce(option, value, key)
             except ConfigError:
                 continue
         raise bad

@@ -9,23 +9,36 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.config import ModelConfig
 from models.microdit import MicroDiT
+from models.nested import NestedConfig, NestedMicroDiT
 
 
-def forward_flops_per_image(cfg: ModelConfig, caption_len: int, mask_ratio: float = 0.0) -> int:
-    """FLOPs of one forward pass for one image with `caption_len` caption tokens and the given mask ratio."""
+def forward_flops_per_image(cfg: ModelConfig | NestedConfig, caption_len: int, mask_ratio: float = 0.0) -> int:
+    """FLOPs of one forward pass for one image with `caption_len` caption tokens and the given mask ratio (of the
+    high-resolution stream of a nested model, whose every stream is counted)."""
+    nested = isinstance(cfg, NestedConfig)
     with torch.device("meta"):
-        model = MicroDiT(cfg, {"attention": "torch"})  # the math reference: counted as its two bmm's
-        x = torch.empty(1, cfg.in_channels, cfg.input_size, cfg.input_size)
-        y = torch.empty(1, caption_len, cfg.caption_channels)
+        # the math reference attention: counted as its two bmm's
+        model = NestedMicroDiT(cfg, {"attention": "torch"}) if nested else MicroDiT(cfg, {"attention": "torch"})
+        sizes = cfg.resolutions if nested else [cfg.input_size]
+        xs = [torch.empty(1, cfg.in_channels, r, r) for r in sizes]
+        y = torch.empty(1, caption_len, (cfg.inner if nested else cfg).caption_channels)
         keep = kept_tokens(cfg.num_patches, mask_ratio)
         keep_idx = torch.zeros(1, keep, dtype=torch.long) if keep < cfg.num_patches else None
         with FlopCounterMode(display=False) as counter:
-            model(x, torch.empty(1), y, None, keep_idx)
+            model(xs if nested else xs[0], torch.empty(1), y, None, keep_idx)
     return counter.get_total_flops()
 
 
-def train_flops_per_image(cfg: ModelConfig, caption_len: int, mask_ratio: float = 0.0) -> int:
+def train_flops_per_image(cfg: ModelConfig | NestedConfig, caption_len: int, mask_ratio: float = 0.0) -> int:
     return 3 * forward_flops_per_image(cfg, caption_len, mask_ratio)
+
+
+def tokens_per_image(cfg: ModelConfig | NestedConfig, mask_ratio: float) -> int:
+    """Image tokens the network's last blocks process per image: the kept ones, plus a nested model's inner ones."""
+    kept = kept_tokens(cfg.num_patches, mask_ratio)
+    if isinstance(cfg, NestedConfig):
+        return kept + cfg.inner.num_patches
+    return kept
 
 
 def kept_tokens(num_tokens: int, mask_ratio: float) -> int:

@@ -74,6 +74,11 @@ class MicroDiT(nn.Module):
     ) -> torch.Tensor:
         """x (B, C, H, W) preconditioned input; c_noise (B,); y (B, L, caption_channels); y_mask (B, L) bool, True =
         real token; keep_idx (B, K) tokens kept after the mixer (None = all). Returns (B, K or N, p²·C)."""
+        h, y, c = self.embed(x, c_noise, y, y_mask)
+        return self.final_layer(self.trunk(h, y, y_mask, c, keep_idx), c)  # (B, K, p²·C)
+
+    def embed(self, x: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None):
+        """Image tokens (B, N, dim), caption tokens (B, L, dim) and the adaLN condition (B, dim)."""
         dt = self.x_embedder.proj.weight.dtype  # the compute dtype (bf16 under FSDP mixed precision)
         h = (self.x_embedder(x.to(dt)) + self.pos_embed).to(dt)  # (B, N, dim); pos_embed is an fp32 buffer
         y = self.y_embedder.y_proj(y.to(dt))  # (B, L, dim); c_noise stays fp32 for the timestep features
@@ -81,7 +86,11 @@ class MicroDiT(nn.Module):
             y = self.y_emb_preprocess(y, y_mask)
         pooled = self.pooled_y_emb_process(masked_mean(y, y_mask))  # (B, dim)
         c = pooled if self.cfg.time_free else self.t_embedder(c_noise) + pooled
+        return h, y, c
 
+    def trunk(self, h: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None, c: torch.Tensor,
+              keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch-mixer, deferred masking, backbone: embedded tokens (B, N, dim) -> last hidden tokens (B, K|N, dim)."""
         mixer = self.cfg.mixer_depth > 0
         if mixer:
             h, y_mixer = self.patch_mixer_map_xin(h), self.patch_mixer_map_y(y)  # (B, N, mixer_dim), (B, L, mixer_dim)
@@ -93,24 +102,16 @@ class MicroDiT(nn.Module):
             h = self.patch_mixer_map_xout(h)  # (B, K, dim): projected on kept tokens only
         for block in self.blocks:
             h = block(h, y, y_mask, c)
-        return self.final_layer(h, c)  # (B, K, p²·C)
+        return h
 
     # ---- patches <-> images -------------------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, p·p·C) in the token order of PatchEmbed."""
-        B, C, H, W = x.shape
-        p = self.cfg.patch_size
-        x = x.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, q)
-        return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+        return patchify(x, self.cfg.patch_size)
 
     def unpatchify(self, tokens: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """(B, N, p·p·C) -> (B, C, H, W); inverse of patchify. rows: token rows of the grid (default: square)."""
-        B, N, _ = tokens.shape
-        p, C = self.cfg.patch_size, self.cfg.in_channels
-        h = int(round(N**0.5)) if rows is None else rows
-        w = N // h
-        x = tokens.reshape(B, h, w, p, p, C)  # (B, h, w, p, q, C)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * p, w * p)
+        return unpatchify(tokens, self.cfg.patch_size, self.cfg.in_channels, rows)
 
     # ---- init ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -155,6 +156,23 @@ class MicroDiT(nn.Module):
     # ---- accounting ---------------------------------------------------------------------------------------------
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p·p·C), tokens row-major over the patch grid (PatchEmbed's order)."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, q)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, channels: int, rows: int | None = None) -> torch.Tensor:
+    """(B, N, p·p·C) -> (B, C, H, W); inverse of patchify. rows: token rows of the grid (default: square; a band of
+    rows for patch-parallel sampling)."""
+    B, N, _ = tokens.shape
+    h = int(round(N**0.5)) if rows is None else rows
+    w = N // h
+    x = tokens.reshape(B, h, w, p, p, channels)  # (B, h, w, p, q, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, h * p, w * p)
 
 
 def masked_mean(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 from models.config import ModelConfig
 from models.microdit import MicroDiT
+from models.nested import NestedConfig, NestedMicroDiT, OuterConfig
 
 _SIZES: dict[str, dict] = {
     # The paper's 1.16B model: 6 mixer blocks at 768 wide, 28 backbone blocks at 1024, MoE every second block.
@@ -31,6 +32,13 @@ _SIZES: dict[str, dict] = {
     ),
 }
 
+# Outer streams of nested (Matryoshka) models: the high-resolution stream around a MicroDiT (models/nested.py).
+_OUTER_SIZES: dict[str, dict] = {
+    # Around MicroDiT_Nano_4 at 16 px inside 32 px: 8x8 tokens of width 96, one block before and one after the inner
+    # model, 2x2 tokens merged into each inner token.
+    "Outer_Nano_4": dict(patch_size=4, dim=96, pre_depth=1, post_depth=1, mlp_ratio=2.0),
+}
+
 
 def sizes() -> list[str]:
     return sorted(_SIZES)
@@ -44,4 +52,22 @@ def model_config(name: str, **overrides) -> ModelConfig:
 
 
 def build_model(cfg: ModelConfig, kernel_backends: dict[str, str] | None = None) -> MicroDiT:
+    return MicroDiT(cfg, kernel_backends)
+
+
+def outer_sizes() -> list[str]:
+    return sorted(_OUTER_SIZES)
+
+
+def outer_config(name: str, **overrides) -> OuterConfig:
+    """The OuterConfig of outer stream `name`, with `overrides` (input_size, in_channels) applied."""
+    if name not in _OUTER_SIZES:
+        raise ValueError(f"model.outer: unknown outer stream '{name}'; choices: {', '.join(outer_sizes())}")
+    return OuterConfig(**{**_OUTER_SIZES[name], **overrides})
+
+
+def build_network(cfg: ModelConfig | NestedConfig, kernel_backends: dict[str, str] | None = None):
+    """A MicroDiT, or a nested model for a NestedConfig."""
+    if isinstance(cfg, NestedConfig):
+        return NestedMicroDiT(cfg, kernel_backends)
     return MicroDiT(cfg, kernel_backends)

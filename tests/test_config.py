@@ -145,3 +145,64 @@ def test_every_config_key_is_documented():
     assert "optim.lr" in docs and docs["optim.lr"][1] == 1e-3
     undocumented = [key for key, (doc, _) in docs.items() if not doc]
     assert not undocumented, undocumented
+
+
+NESTED = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["diffusion.target=noise"], "diffusion.target='noise' must be one of: edm, x0, eps, v"),
+    (["diffusion.weighting=p2"], "diffusion.weighting='p2' must be one of: edm, snr, sqrt_snr, uniform"),
+    (["diffusion.sigma_range=[2.0]"], "diffusion.sigma_range=[2.0] must be [] or [lo, hi]"),
+    (["diffusion.sigma_range=[2.0, 0.5]"], "diffusion.sigma_range=[2.0, 0.5] needs 0 < lo < hi"),
+    (["diffusion.sigma_range=[0, null]"], "diffusion.sigma_range=[0.0, None] needs 0 < lo < hi"),
+    (["model.patch_size=3"], "data.image_size=32 must be a multiple of MicroDiT_Nano_4's patch size"),
+    (["model.patch_size=-1"], "model.patch_size=-1 must be >= 0"),
+    (["diffusion.resolutions=[24]"], "diffusion.resolutions=[24] must each divide data.image_size=32"),
+    (["diffusion.resolutions=[32, 16]"], "diffusion.resolutions=[32, 16] must be increasing"),
+    (["diffusion.resolutions=[8, 16, 32]"], "must hold at most two resolutions"),
+    (["diffusion.resolutions=[16]", "model.patch_size=32"],
+     "diffusion.resolutions=[16] must start with a multiple of MicroDiT_Nano_4's patch size"),
+    (["diffusion.resolutions=[16, 32]"], "model.outer='' names the outer stream of a nested model"),
+    (["model.outer=Outer_Nano_4"], "model.outer='Outer_Nano_4' names the outer stream of a nested model"),
+    (NESTED[:1] + ["model.outer=Huge"], "model.outer='Huge' must be empty or one of: Outer_Nano_4"),
+    (["data.image_size=48", "diffusion.resolutions=[16, 48]", "model.outer=Outer_Nano_4", "model.patch_size=2"],
+     "must give an outer token grid that is a whole multiple of the inner one"),
+    (NESTED + ["diffusion.resolution_loss_weights=[1.0]"],
+     "diffusion.resolution_loss_weights=[1.0] must hold one weight per resolution (2"),
+    (NESTED + ["diffusion.resolution_loss_weights=[0, 0]"], "must be >= 0 and not all 0"),
+    (NESTED + ["diffusion.schedule_shift_power=-1"], "diffusion.schedule_shift_power=-1.0 must be >= 0"),
+    (NESTED + ["sample.init=data_mean"], "sample.init='data_mean' must be 'noise' with diffusion.resolutions"),
+    (["diffusion.resolutions=[16]", "sample.init=data_mean"], "sample.init='data_mean' must be 'noise' with"),
+    (NESTED + ["diffusion.objective=init_step"], "diffusion.objective='init_step' must be 'edm' with"),
+    (["model.experts=[hi]"], "model.experts=['hi'] must name at least two expert runs"),
+    (["model.experts=[hi, hi]", "sample.expert_sigmas=[1.0]"], "model.experts=['hi', 'hi'] must be distinct"),
+    (["model.experts=[tiny, lo]", "sample.expert_sigmas=[1.0]"], "must be distinct run folder names other than"),
+    (["model.experts=[hi, lo]"], "sample.expert_sigmas=[] must hold one noise level fewer than model.experts"),
+    (["model.experts=[a, b, c]", "sample.expert_sigmas=[0.3, 2.0]"],
+     "sample.expert_sigmas=[0.3, 2.0] must be > 0 and in descending order"),
+    (["sample.expert_sigmas=[1.0]"], "sample.expert_sigmas=[1.0] must hold one noise level fewer"),
+    (["model.experts=[hi, lo]", "sample.expert_sigmas=[1.0]", "diffusion.sigma_range=[1.0, null]"],
+     "diffusion.sigma_range=[1.0, None] is set for each expert from sample.expert_sigmas"),
+    (["train.init_prefix=inner"], "train.init_prefix='inner' must be empty or a submodule name ending in '.'"),
+    (["train.init_prefix=inner."], "train.init_prefix='inner.' needs train.init_from"),
+    (["train.init_from_ema=true"], "train.init_from_ema=True needs train.init_from"),
+    (["diffusion.sigma_range=[a, b]"], "diffusion.sigma_range[0] expects"),
+])
+def test_bad_method_settings_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(ROOT / "configs/tiny.yaml", overrides)
+
+
+def test_method_settings_that_work_load():
+    for overrides in (NESTED + ["diffusion.resolution_loss_weights=[1, 2]", "diffusion.schedule_shift_power=2"],
+                      ["diffusion.target=eps", "diffusion.weighting=sqrt_snr", "model.patch_size=8"],
+                      ["model.experts=[hi, lo]", "sample.expert_sigmas=[0.3]"],
+                      ["diffusion.sigma_range=[null, 0.3]"], ["diffusion.resolutions=[16]"]):
+        load_config(ROOT / "configs/tiny.yaml", overrides)
+
+
+def test_a_wrong_value_in_an_optional_field_is_named():
+    """int | None: a value of neither type is a ConfigError naming the key (it was a TypeError)."""
+    with pytest.raises(ConfigError, match=re.escape("sample.nfe expects")):
+        load_config(ROOT / "configs/tiny.yaml", ["sample.nfe=abc"])

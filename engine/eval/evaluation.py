@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engine.config import ConfigError
-from engine.eval.protocol import HELD_OUT_SEED, PromptSet, mean_ci, paired_noise, statistic_ci
+from engine.eval.protocol import HELD_OUT_SEED, PromptSet, mean_ci, start_noise, statistic_ci, to_size
 
 GENEVAL_METRICS = ("colour", "shape", "count", "position", "all")
 
@@ -82,10 +82,12 @@ def training_captions(cfg) -> set[str]:
 # ---------------------------------------------------------------- generation
 
 
-def generate(model, edm, embed, prompts: list[str], sampler, seed: int, batch_size: int, decoder=None):
+def generate(model, edm, embed, prompts: list[str], sampler, seed: int, batch_size: int, decoder=None,
+             image_size: int | None = None):
     """Yields (start index, images float (b, 3, H, W) in [-1, 1] on the CPU) batch by batch, made by `sampler`
     (engine/sampling/sampler.py build_sampler). Image i starts from the noise paired_noise(seed, i): the same for any
-    batch size, run or sampler setting."""
+    batch size, run or sampler setting (start_noise: a nested model's high stream too). A model that makes smaller
+    images than `image_size` (trained on pooled data) has them upsampled (nearest) to it, to be scored alike."""
     from engine.sampling.sampler import sample
 
     device = next(model.parameters()).device
@@ -93,11 +95,11 @@ def generate(model, edm, embed, prompts: list[str], sampler, seed: int, batch_si
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i:i + batch_size]
         y, y_mask = embed(batch)
-        noise = paired_noise(seed, i, len(batch), (c.in_channels, c.input_size, c.input_size), device)
+        noise = start_noise(edm, c.in_channels, c.input_size, seed, i, len(batch), device)
         x = sample(model, edm, y, y_mask, sampler=sampler, noise=noise)
         if decoder is not None:
             x = decoder(x)
-        yield i, x.float().clamp(-1, 1).cpu()
+        yield i, to_size(x, image_size).float().clamp(-1, 1).cpu()
 
 
 class Scores:
@@ -192,9 +194,13 @@ def evaluate_run(args) -> dict:
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"--run-dir {run}: not a run folder (no config.yaml)")
-    settings = SamplerSettings.from_args(args, load_config(run / "config.yaml"), str(run.parent / ".cache"))
-    ckpt = resolve_checkpoint(run, args.checkpoint, args.step)
-    cfg, model, ckpt = load_run_model(run, str(ckpt), use_ema=not args.raw_weights, text_encoder=args.text_encoder)
+    run_cfg = load_config(run / "config.yaml")
+    settings = SamplerSettings.from_args(args, run_cfg, str(run.parent / ".cache"))
+    if run_cfg.model.experts and (args.checkpoint or args.step is not None):
+        raise ConfigError(f"--checkpoint/--step: {run} samples with its experts' newest checkpoints "
+                          f"({', '.join(run_cfg.model.experts)}); evaluate an expert's checkpoint from its own run")
+    ckpt = None if run_cfg.model.experts else str(resolve_checkpoint(run, args.checkpoint, args.step))
+    cfg, model, ckpt = load_run_model(run, ckpt, use_ema=not args.raw_weights, text_encoder=args.text_encoder)
     device = next(model.parameters()).device
     synthetic = cfg.data.source == "synthetic"
     sampler = build_sampler(settings, cfg, device)
@@ -232,7 +238,8 @@ def evaluate_run(args) -> dict:
 
     edm = EDM.from_config(cfg.diffusion)
     t_gen = time.perf_counter()
-    for i, x in generate(model, edm, embed, prompts.prompts, sampler, args.seed, args.batch_size, decoder):
+    for i, x in generate(model, edm, embed, prompts.prompts, sampler, args.seed, args.batch_size, decoder,
+                         cfg.data.image_size):
         specs = prompts.specs[i:i + len(x)] if prompts.specs else None
         scores.update(i, to_uint8(x), prompts.prompts[i:i + len(x)], specs)
     gen_s = time.perf_counter() - t_gen
@@ -245,6 +252,7 @@ def evaluate_run(args) -> dict:
         "run": str(run), "checkpoint": str(ckpt), "step": _step_of(Path(ckpt)),
         "weights": "raw" if args.raw_weights else "ema", "model": cfg.model.name, "text_encoder": cfg.data.text_encoder,
         "num_images": n, "image_size": list(scores.image_hw), "steps": steps, "cfg_scale": scale,
+        "model_resolutions": edm.stream_sizes(cfg.data.image_size),
         "seed": args.seed, "batch_size": args.batch_size,
         "sampler": sampler.record(),
         "noise": {"seed": args.seed, "rule": "image i starts from paired_noise(seed, i) (engine/eval/protocol.py)"},

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from engine.eval.protocol import HELD_OUT_SEED, mean_ci, paired_noise, synthetic_prompt_set
+from engine.eval.protocol import HELD_OUT_SEED, mean_ci, start_noise, synthetic_prompt_set, to_size
 
 METRICS = ("colour", "shape", "count", "position", "all")
 
@@ -35,11 +35,12 @@ def final_check(run_dir: Path, model, edm, encoder, cfg, step: int, is_main: boo
                             device)
     y, y_mask = encoder.encode(prompts.prompts)
     y_mask = key_padding_mask(cfg, y_mask)
-    noise = paired_noise(s.seed, 0, n, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size), device)
+    noise = start_noise(edm, cfg.data.channels, edm.stream_sizes(cfg.data.image_size)[-1], s.seed, 0, n, device)
     was_training = model.training
     model.eval()
     images = sample(model, edm, y.to(device), None if y_mask is None else y_mask.to(device), sampler=sampler,
                     noise=noise)
+    images = to_size(images, cfg.data.image_size)  # a model of pooled data: its images, upsampled
     reshard(model)
     model.train(was_training)
     if not is_main:

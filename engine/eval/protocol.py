@@ -76,14 +76,35 @@ def file_prompt_set(path, n: int) -> PromptSet:
     return PromptSet(str(path), [prompts[i % len(prompts)] for i in range(n)], None, None, None)
 
 
-def paired_noise(seed: int, start: int, count: int, shape: tuple[int, ...], device=None) -> torch.Tensor:
+def paired_noise(seed: int, start: int, count: int, shape: tuple[int, ...], device=None,
+                 stream: int | None = None) -> torch.Tensor:
     """Initial noise of images start .. start+count-1: image i's noise depends only on (seed, i), so any batch size
-    and any run gives image i the same draw. (count, *shape) float32."""
+    and any run gives image i the same draw. (count, *shape) float32. `stream`: a nested model's lower stream r,
+    drawn from a seed of its own (independent of the image's main noise)."""
     out = torch.empty(count, *shape)
     for j in range(count):
-        g = torch.Generator().manual_seed(derive_seed(seed, "eval-noise", start + j))
+        parts = (seed, "eval-noise", start + j) + (() if stream is None else ("stream", stream))
+        g = torch.Generator().manual_seed(derive_seed(*parts))
         out[j] = torch.randn(shape, generator=g)
     return out.to(device) if device is not None else out
+
+
+def start_noise(edm, channels: int, size: int, seed: int, start: int, count: int, device=None):
+    """The paired initial noise of a model whose (highest) stream is `size` wide: paired_noise, and for a nested model
+    a list, low first, whose highest stream starts from what a single-resolution model of that size would."""
+    if not edm.nested:
+        return paired_noise(seed, start, count, (channels, size, size), device)
+    sizes = list(edm.resolutions)
+    return [paired_noise(seed, start, count, (channels, r, r), device, stream=None if i == len(sizes) - 1 else i)
+            for i, r in enumerate(sizes)]
+
+
+def to_size(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """(B, C, h, h) upsampled by pixel replication to (B, C, size, size) when smaller (a model trained on pooled
+    data makes pooled images: each pixel stands for a size/h square)."""
+    if size is None or images.shape[-1] == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="nearest")
 
 
 # ---------------------------------------------------------------- confidence intervals

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.diffusion.edm import EDM
+from engine.diffusion.nested import highest, initial_state
+from engine.sampling.experts import ExpertSwitch
 from engine.sampling.plan import Plan, make_plan
 from engine.sampling.schedules import karras
 from engine.sampling.settings import SamplerSettings
@@ -64,7 +66,8 @@ def guided_denoiser(model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | Non
     def denoise(x_cur: torch.Tensor, sigma: float) -> torch.Tensor:
         xin = torch.cat([x_cur, x_cur]) if guided else x_cur
         s = torch.full((xin.shape[0],), sigma, device=x_cur.device)
-        d = edm.denoise(model, xin.float(), s, y, y_mask).double()
+        net = model.at(sigma) if isinstance(model, ExpertSwitch) else model  # each expert on its own noise levels
+        d = edm.denoise(net, xin.float(), s, y, y_mask).double()
         return guide(*d.chunk(2), cfg_scale) if guided else d
 
     return denoise
@@ -99,14 +102,29 @@ def sample(
     """Images (B, C, H, W) for caption embeddings y (B, L, D) with mask (B, L). Without `sampler`: EDM Heun on `steps`
     Karras points plus 0; with one, its solver, plan and start (and its cfg_scale; `steps` is then unused). An
     initial-step model (edm.objective == 'init_step') returns its x0 prediction from the noise instead. `noise`
-    (B, C, H, W) unit Gaussian: the initial noise, given (paired evaluations) or else drawn from `generator`."""
-    x = noise.to(y.device) if noise is not None else initial_noise(model.cfg, y.shape[0], generator, y.device)
+    (B, C, H, W) unit Gaussian: the initial noise, given (paired evaluations) or else drawn from `generator`; for a
+    nested model (edm.nested) a list of every stream's, low first, and the result is its highest stream."""
+    cfg = model.cfg
+    B = y.shape[0]
+    if edm.nested:
+        x = nested_start(edm, cfg, B, noise, generator, y.device)  # (B, D): the streams packed
+    else:
+        x = noise.to(y.device) if noise is not None else initial_noise(cfg, B, generator, y.device)
     if edm.objective == "init_step":  # its "sample" is the guided mean-image prediction
         from engine.sampling.start import InitStepStart
         return InitStepStart(model, edm, "plain")(x, y, y_mask, cfg_scale).float()
+    image = (lambda out: highest(edm, out, cfg.in_channels).float()) if edm.nested else (lambda out: out.float())
     if sampler is None:
         denoise = guided_denoiser(model, edm, y, y_mask, cfg_scale)
         sigmas = karras_sigmas(edm, steps).tolist()
-        return heun(denoise, x.double() * sigmas[0], sigmas).float()
+        return image(heun(denoise, x.double() * sigmas[0], sigmas))
     denoise = guided_denoiser(model, edm, y, y_mask, sampler.settings.cfg_scale)
-    return run_solver(sampler, denoise, start_state(sampler, x, y, y_mask)).float()
+    return image(run_solver(sampler, denoise, start_state(sampler, x, y, y_mask)))
+
+def nested_start(edm: EDM, cfg, batch: int, noise, generator, device) -> torch.Tensor:
+    """The nested model's packed unit start from every stream's noise (given, low first, or drawn: the highest stream
+    first, so it gets the noise a single-stream model of its size would, then the lower ones)."""
+    if noise is None:
+        sizes = edm.resolutions[::-1]
+        noise = [torch.randn(batch, cfg.in_channels, r, r, generator=generator, device=device) for r in sizes][::-1]
+    return initial_state(edm, [n.to(device) for n in noise])

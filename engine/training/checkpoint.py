@@ -179,14 +179,18 @@ def load_model_weights(
     ema: nn.Module | None = None,
     skip: tuple[str, ...] = ("pos_embed",),
     from_ema: bool = False,
+    prefix: str = "",
 ) -> None:
     """Initialise ``model`` (and ``ema`` from the checkpoint's EMA) with weights only.
-    With ``from_ema``, ``model`` gets the checkpoint's EMA weights instead (for sampling).
+    With ``from_ema``, ``model`` (and ``ema``) get the checkpoint's EMA weights (for sampling, or a network that
+    starts from another's EMA). With ``prefix`` (e.g. ``"inner."``) the checkpoint fills the submodule of that name:
+    checkpoint key ``k`` goes to ``prefix + k``, and every parameter outside the prefix keeps its value.
 
     For starting a new training phase from an earlier phase's checkpoint: the optimizer,
     RNG and extra state are not touched. Parameters whose name contains any string in
     ``skip`` keep their current values (e.g. ``pos_embed`` at a new resolution). Any other
-    missing, unexpected or wrongly shaped key raises ValueError naming the keys.
+    missing, unexpected or wrongly shaped key raises ValueError naming the keys: the load is strict, under a prefix
+    too (a wrong file is an error, never a partly random model).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -197,20 +201,22 @@ def load_model_weights(
 
     path = _check_loadable(path)
     meta = _read_metadata(path)
-    if from_ema and ema is not None:
-        raise ValueError("load_model_weights: from_ema loads the EMA into `model`; pass no `ema`")
-    targets = {"ema" if from_ema else "model": model}
-    if ema is not None:
-        targets["ema"] = ema
-    state = {}
-    for name, module in targets.items():
-        sd = {k: v for k, v in get_model_state_dict(module).items() if not _skipped(k, skip)}
-        _check_keys(path, meta, name, sd, skip)
-        state[name] = sd
+    source = "ema" if from_ema else "model"
+    targets = [(source, model)] + ([] if ema is None else [("ema", ema)])  # (checkpoint entry, module)
+    states = []
+    for entry, module in targets:
+        full = get_model_state_dict(module)
+        sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix) and not _skipped(k, skip)}
+        if prefix and not any(k.startswith(prefix) for k in full):
+            raise ValueError(f"the model has no parameters under the prefix '{prefix}'")
+        _check_keys(path, meta, entry, sd, skip)
+        states.append(sd)
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path))
-    for name, module in targets.items():
-        set_model_state_dict(module, state[name], options=StateDictOptions(strict=False))
+        for (entry, _), sd in zip(targets, states):  # one load per module: the EMA may fill both
+            dcp.load({entry: sd}, checkpoint_id=str(path))
+    for (_, module), sd in zip(targets, states):
+        named = {prefix + k: v for k, v in sd.items()}
+        set_model_state_dict(module, named, options=StateDictOptions(strict=False))
 
 
 def _state(model, ema, optimizer, extra) -> dict[str, Any]:

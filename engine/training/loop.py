@@ -19,12 +19,13 @@ from engine.sampling.settings import SamplerSettings
 from engine.training.billing import Ledger
 from engine.training.checkpoint import Checkpointer, load_model_weights
 from engine.training.ema import ema_decay_at, make_ema
+from engine.training.experts import train_experts
 from engine.training.metrics import MetricsLogger, ThroughputMeter
+from engine.training.network import build_run_network, stream_shapes
 from engine.training.optim import build_optimizer, lr_factor, set_lr
 from engine.training.parallel import Dist, parallelize, param_dtype
 from engine.training.step import StepCounters, train_step
-from models.flops import kept_tokens, train_flops_per_image
-from models.sizes import build_model, model_config
+from models.flops import tokens_per_image, train_flops_per_image
 
 
 @dataclass
@@ -56,11 +57,8 @@ def build(cfg: Config, d: Dist) -> Run:
     if not d.is_main:
         data, encoder = build_train_data(cfg, d.device, cache, d.rank, d.world_size)
 
-    mcfg = model_config(cfg.model.name, input_size=cfg.data.image_size, in_channels=cfg.data.channels,
-                        caption_channels=cfg.data.caption_channels, pos_interp_scale=cfg.model.pos_interp_scale,
-                        init=cfg.model.init, time_free=cfg.diffusion.objective == "init_step")
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
-    model = build_model(mcfg, asdict(cfg.kernels))
+    model = build_run_network(cfg, asdict(cfg.kernels))
     ema = make_ema(model)
     dtype = param_dtype(cfg.train.precision, d.device)
     t = cfg.train
@@ -109,11 +107,13 @@ def resume_or_init(run: Run, meter: ThroughputMeter) -> tuple[int, StepCounters]
             truncate_jsonl(run.dir / "metrics.jsonl", step)
             print(f"resuming {run.dir} from {latest.name} (step {step})", flush=True)
         return step, counters
-    if run.cfg.train.init_from:
+    t = run.cfg.train
+    if t.init_from:
         try:
-            load_model_weights(run.cfg.train.init_from, run.model, run.ema)
+            load_model_weights(t.init_from, run.model, run.ema, from_ema=t.init_from_ema, prefix=t.init_prefix)
         except (OSError, ValueError) as e:  # no such folder, an unfinished save, or weights of another model
-            raise ConfigError(f"config: train.init_from={run.cfg.train.init_from!r}: {e}") from None
+            where = f" into train.init_prefix={t.init_prefix!r}" if t.init_prefix else ""
+            raise ConfigError(f"config: train.init_from={t.init_from!r}{where}: {e}") from None
     return 0, counters
 
 
@@ -177,12 +177,15 @@ def write_samples(run: Run, step: int, prompts) -> None:
 
 
 def train(cfg: Config, d: Dist) -> Path:
+    """Train the run (or, with model.experts, each expert in turn: engine/training/experts.py); returns its folder."""
+    if cfg.model.experts:
+        return train_experts(cfg, d, train)
     run = build(cfg, d)
     t = cfg.train
     mcfg = run.model.cfg
-    flops = train_flops_per_image(mcfg, cfg.data.caption_len, cfg.diffusion.mask_ratio)
-    meter = ThroughputMeter(d.world_size, t.global_batch, kept_tokens(mcfg.num_patches, cfg.diffusion.mask_ratio), flops, t.steps,
-                            cfg.cost.usd_per_gpu_hour, device=d.device)
+    flops = train_flops_per_image(mcfg, cfg.data.caption_len, cfg.diffusion.mask_ratio)  # every stream counted
+    meter = ThroughputMeter(d.world_size, t.global_batch, tokens_per_image(mcfg, cfg.diffusion.mask_ratio), flops,
+                            t.steps, cfg.cost.usd_per_gpu_hour, device=d.device)
     start, counters = resume_or_init(run, meter)
     ledger = Ledger(run.dir / "billing.json", d.is_main)
     if ledger.earlier:  # it bills a killed process's work after its last checkpoint too; the checkpoint cannot
@@ -197,7 +200,7 @@ def train(cfg: Config, d: Dist) -> Path:
     if d.is_main and t.progress_bar:
         from tqdm import tqdm
         bar = tqdm(total=t.steps, initial=start, desc=cfg.run.name, dynamic_ncols=True)
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    *lower, shape = stream_shapes(mcfg)  # the noise of the (highest) stream, and of a nested model's lower ones
 
     run.model.train()
     ledger.record(d.world_size, meter.this_process())  # a run killed in its first window still bills its setup
@@ -205,7 +208,7 @@ def train(cfg: Config, d: Dist) -> Path:
         meter.step_start()
         set_lr(run.optimizer, cfg.optim.lr * lr_factor(step, t.steps, cfg.optim))
         noise = draw_step_noise(run.edm, cfg.run.seed, step, t.global_batch, shape, mcfg.num_patches,
-                                cfg.diffusion.mask_ratio, cfg.data.caption_dropout, d.device)
+                                cfg.diffusion.mask_ratio, cfg.data.caption_dropout, d.device, tuple(lower))
         batches = micro_batches(run, step)
         meter.data_ready()
         ema_decay = ema_decay_at(step, t.ema_decay, t.ema_start)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from engine.config import Config, load_config
+from engine.config import Config, ConfigError, load_config
 from engine.training.checkpoint import Checkpointer, load_model_weights
-from models.sizes import build_model, model_config
+from engine.training.network import build_run_network
 
 
 def load_run_model(run: Path, checkpoint: str | None, use_ema: bool = True, text_encoder: str | None = None):
@@ -18,13 +18,12 @@ def load_run_model(run: Path, checkpoint: str | None, use_ema: bool = True, text
     cfg = load_config(run / "config.yaml")
     if text_encoder:
         cfg.data.text_encoder = text_encoder
+    if cfg.model.experts:
+        return cfg, load_experts(run, cfg, checkpoint, use_ema), run / "experts"
     ckpt = Path(checkpoint) if checkpoint else Checkpointer(run / "checkpoints").latest()
     if ckpt is None:
         raise FileNotFoundError(f"no complete checkpoint in {run / 'checkpoints'}")
-    mcfg = model_config(cfg.model.name, input_size=cfg.data.image_size, in_channels=cfg.data.channels,
-                        caption_channels=cfg.data.caption_channels, pos_interp_scale=cfg.model.pos_interp_scale,
-                        init=cfg.model.init, time_free=cfg.diffusion.objective == "init_step")
-    model = build_model(mcfg, {"attention": "auto", "gather": "auto", "moe": "auto", "norm": "auto"})
+    model = build_run_network(cfg, {"attention": "auto", "gather": "auto", "moe": "auto", "norm": "auto"})
     load_model_weights(ckpt, model, from_ema=use_ema)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return cfg, model.to(device).eval(), ckpt
@@ -37,3 +36,14 @@ def embed_captions(cfg: Config, captions: list[str], device) -> tuple[torch.Tens
     y, y_mask = load_text_encoder(cfg).encode(captions)
     y_mask = key_padding_mask(cfg, y_mask)
     return y.to(device), None if y_mask is None else y_mask.to(device)
+
+
+def load_experts(run: Path, cfg: Config, checkpoint: str | None, use_ema: bool):
+    """The experts of a split run (model.experts: sibling run folders), each with its newest checkpoint's weights."""
+    from engine.sampling.experts import ExpertSwitch
+
+    if checkpoint:
+        raise ConfigError(f"{run} samples with its experts' newest checkpoints ({', '.join(cfg.model.experts)}); a "
+                         "checkpoint of one expert is evaluated from that expert's own run folder")
+    nets = [load_run_model(run.parent / name, None, use_ema)[1] for name in cfg.model.experts]
+    return ExpertSwitch(nets, cfg.sample.expert_sigmas)
