@@ -55,6 +55,11 @@ class EDM:
         if self.objective == "init_step":
             from engine.diffusion.init_step import init_step_loss
             return init_step_loss(self, model, x0, y, y_mask, noise)
+        return self.loss_terms(model, x0, y, y_mask, noise)[0]
+
+    def loss_terms(self, model, x0, y, y_mask, noise: StepNoise):
+        """(loss, denoised, target): the EDM loss and the (B, K, P) predicted and true values of the kept patches it
+        compares, for losses over the same predictions (SADM's batch structure)."""
         sigma = noise.sigma
         x_noisy = x0 + noise.noise * sigma.view(-1, 1, 1, 1)
         denoised = self.denoise_tokens(model, x_noisy, sigma, y, y_mask, noise.keep_idx)  # (B, K, P)
@@ -62,4 +67,4 @@ class EDM:
         if noise.keep_idx is not None:
             target = model.gather_fn(target, noise.keep_idx)  # loss only on kept patches
         err = (denoised - target.float()) ** 2
-        return (self.loss_weight(sigma).view(-1, 1, 1) * err).mean()
+        return (self.loss_weight(sigma).view(-1, 1, 1) * err).mean(), denoised, target.float()
