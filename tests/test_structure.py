@@ -1,6 +1,8 @@
 """SADM's pieces on fixed batches: the affinity matrix, the structural distance and its noise gate, the structure
 discriminator, the sign of the discriminator's step, the generator term's effect on the denoiser's step, the config
 section's checks."""
+import json
+
 import pytest
 import torch
 
@@ -149,3 +151,44 @@ def test_sadm_refuses_settings_it_cannot_work_with():
     with pytest.raises(ConfigError, match="sadm.enabled=True needs diffusion.objective=edm"):
         load_config(None, ["sadm.enabled=true", "diffusion.objective=init_step"])
     load_config(None, ["train.micro_batch=1", "train.global_batch=4", "diffusion.objective=init_step"])  # off: fine
+
+
+def test_independent_structure_gap_sees_structure_not_position():
+    import numpy as np
+
+    from engine.eval.structure_gap import pdist_w1, struct_attr
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 8))
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    moved = ref @ q + 3.0  # rotated and shifted: every pairwise distance kept
+    assert struct_attr(moved, ref) < 1e-9 and pdist_w1(moved, ref) < 1e-9
+    shuffled = ref[rng.permutation(64)]  # the same distances, between the wrong pairs
+    assert pdist_w1(shuffled, ref) < 1e-9 and struct_attr(shuffled, ref) > 0.2
+    gaps = [struct_attr(ref + s * rng.normal(size=ref.shape), ref) for s in (0.1, 0.5, 2.0)]
+    assert gaps == sorted(gaps) and gaps[0] > 0
+    collapsed = ref * 0.3  # a mode-collapsed set: distances shrink
+    assert pdist_w1(collapsed, ref) > 0.5
+
+
+def test_compare_reports_the_structure_gap_difference(tmp_path):
+    import numpy as np
+
+    from engine.eval.compare import compare_pair, load_evaluation
+
+    def evaluation(folder, features, reference):  # eval.json and the feature arrays, as engine/evaluate.py writes
+        folder.mkdir()
+        (folder / "eval.json").write_text(json.dumps({
+            "num_images": len(features), "image_size": [32, 32], "prompts": {"sha256": "p"}, "noise": {"seed": 0},
+            "metrics": {"fd_attr": {"extractor": "x"}}, "sampler": {"nfe": 3}}))
+        np.save(folder / "features_attr.npy", features)
+        np.save(folder / "reference_attr.npy", reference)
+        return folder
+
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(120, 8))
+    a = evaluation(tmp_path / "a", ref + rng.normal(size=ref.shape), ref)
+    b = evaluation(tmp_path / "b", ref + 0.3 * rng.normal(size=ref.shape), ref)
+    d = compare_pair(load_evaluation(a), load_evaluation(b))
+    for m in ("struct_attr", "pdist_w1"):
+        assert d[m]["diff"] < 0 and d[m]["ci"][1] < 0, (m, d[m])  # B's structure is closer to the reference's
