@@ -62,6 +62,9 @@ def loss_study(args) -> dict:
         rows[run] = {"loss": float(v.mean()), "vs_first_rel": float(rel), "ci": list(percentile_ci(boot))}
         print(f"{run}: held-out loss {v.mean():.4f}, vs first {100 * rel:+.2f}% "
               f"[{100 * rows[run]['ci'][0]:+.2f}, {100 * rows[run]['ci'][1]:+.2f}]")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "losses.npz", **{Path(r).name: v for r, v in losses.items()})  # per image, for other pairings
     return {"baseline": str(args.runs[0]), "num_images": args.num_images, "noise_seed": args.seed, "runs": rows}
 
 
