@@ -298,6 +298,34 @@ class SampleConfig:
 
 
 @dataclass
+class SadmConfig:
+    enabled: bool = False
+    """Structure-guided adversarial training (SADM, Yang et al. 2024): besides the denoising loss, the denoiser matches
+    the pairwise structure (an affinity matrix in a discriminator's embedding) of each micro-batch of clean images
+    with its one-step predictions, against a structure discriminator that maximises the difference. Off: training
+    is unchanged."""
+    weight: float = 0.1
+    """lambda: weight of the structural distance in the denoiser's loss (0 = the discriminator trains but the
+    denoiser gets no extra gradient)."""
+    disc_lr: float = 1e-4
+    """Learning rate of the discriminator's own AdamW (betas 0.5, 0.999, no weight decay, constant)."""
+    disc_width: int = 64
+    """Width of the discriminator (token MLP, attention layer and embedding)."""
+    kernel: str = "cosine"
+    """Affinity of two embeddings a, b (unit vectors): 'cosine', 'gauss' (exp(-|a - b|²)) or 'student_t'
+    (1 / (1 + |a - b|²))."""
+    distance: str = "l1"
+    """Structural distance: mean over sample pairs of |S_real - S_fake| ('l1') or its square ('l2')."""
+    sigma_max: float = 1.0
+    """Noise gate: only samples whose noise level is below this enter the structure (at high noise the prediction
+    is a blurry posterior mean); 0 = every noise level."""
+    start_step: int = 0
+    """Step from which the structural distance enters the denoiser's loss; the discriminator trains from step 0."""
+    disc_every: int = 1
+    """The discriminator takes a step on every disc_every-th step (on the predictions of that step)."""
+
+
+@dataclass
 class CostConfig:
     usd_per_gpu_hour: float = 3.75
     """Price of one device-hour (the MicroDiT paper's H100 price)."""
@@ -314,6 +342,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    sadm: SadmConfig = field(default_factory=SadmConfig)
 
     def validate(self, world_size: int | None = None) -> "Config":
         """Raise ConfigError naming the key of the first impossible value; world_size checks batch divisibility."""
@@ -385,6 +414,7 @@ class Config:
             ("sample.seed", lambda: s.seed >= 0, "must be >= 0"),
             *sampling_checks(s, d),
             ("cost.usd_per_gpu_hour", lambda: self.cost.usd_per_gpu_hour >= 0, "must be >= 0"),
+            *sadm_checks(self.sadm, d, t),
         ]
         if world_size is not None:
             per_step = t.micro_batch * world_size
@@ -465,6 +495,28 @@ def method_checks(c: "Config") -> list[tuple[str, typing.Callable[[], bool], str
          "must be empty or a submodule name ending in '.', e.g. 'inner.'"),
         ("train.init_prefix", lambda: not t.init_prefix or bool(t.init_from), "needs train.init_from"),
         ("train.init_from_ema", lambda: not t.init_from_ema or bool(t.init_from), "needs train.init_from"),
+    ]
+
+
+def sadm_checks(a: SadmConfig, d: DiffusionConfig, t: TrainConfig) -> list[tuple[str, typing.Callable[[], bool], str]]:
+    """(key, ok, why) of the sadm section; the cross-section ones only matter when it is enabled."""
+    from engine.diffusion.structure import DISTANCES, KERNELS
+
+    return [
+        ("sadm.weight", lambda: a.weight >= 0, "must be >= 0"),
+        ("sadm.disc_lr", lambda: a.disc_lr > 0, "must be > 0"),
+        ("sadm.disc_width", lambda: a.disc_width >= 1, "must be >= 1"),
+        ("sadm.kernel", lambda: a.kernel in KERNELS, f"must be one of: {', '.join(KERNELS)}"),
+        ("sadm.distance", lambda: a.distance in DISTANCES, f"must be one of: {', '.join(DISTANCES)}"),
+        ("sadm.sigma_max", lambda: a.sigma_max >= 0, "must be >= 0 (0 = no noise gate)"),
+        ("sadm.start_step", lambda: a.start_step >= 0, "must be >= 0"),
+        ("sadm.disc_every", lambda: a.disc_every >= 1, "must be >= 1"),
+        ("sadm.enabled", lambda: not a.enabled or d.objective == "edm",
+         f"needs diffusion.objective=edm (got {d.objective!r}): the structure compares one-step denoiser predictions"),
+        ("sadm.enabled", lambda: not a.enabled or not d.resolutions,
+         "cannot be combined with diffusion.resolutions: the structure term reads one stream's predictions"),
+        ("sadm.enabled", lambda: not a.enabled or t.micro_batch >= 2,
+         f"needs train.micro_batch >= 2 (got {t.micro_batch}): the structure relates samples within a micro-batch"),
     ]
 
 

@@ -92,6 +92,11 @@ class EDM:
 
     def stream_loss(self, model, x0, y, y_mask, noise: StepNoise) -> torch.Tensor:
         """The loss of one stream: x0 at the model's size, noise.noise and noise.sigma."""
+        return self.loss_terms(model, x0, y, y_mask, noise)[0]
+
+    def loss_terms(self, model, x0, y, y_mask, noise: StepNoise):
+        """(loss, denoised, target) of one stream: the EDM loss and the (B, K, P) predicted and true values of the kept
+        patches it compares, for losses over the same predictions (SADM's batch structure)."""
         sigma = noise.sigma
         x_noisy = x0 + noise.noise * sigma.view(-1, 1, 1, 1)
         denoised = self.denoise_tokens(model, x_noisy, sigma, y, y_mask, noise.keep_idx)  # (B, K, P)
@@ -99,4 +104,4 @@ class EDM:
         if noise.keep_idx is not None:
             target = model.gather_fn(target, noise.keep_idx)  # loss only on kept patches
         err = (denoised - target.float()) ** 2
-        return (self.loss_weight(sigma).view(-1, 1, 1) * err).mean()
+        return (self.loss_weight(sigma).view(-1, 1, 1) * err).mean(), denoised, target.float()

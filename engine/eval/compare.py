@@ -18,6 +18,7 @@ import numpy as np
 from engine.config import ConfigError
 from engine.eval.attribute_net import frechet_of_features
 from engine.eval.protocol import bootstrap_indices, percentile_ci
+from engine.eval.structure_gap import STATISTICS
 
 METRICS = ("colour", "shape", "count", "position", "all")
 FD_RESAMPLES = 200
@@ -86,14 +87,16 @@ def paired_difference(a: np.ndarray, b: np.ndarray, idx: np.ndarray) -> dict:
             "ci": list(percentile_ci(boot)), "n": int(ok.sum())}
 
 
-def fd_difference(a: Evaluation, b: Evaluation, resamples: int = FD_RESAMPLES, seed: int = 0) -> dict | None:
-    """Fréchet distance of each to the paired reference images, and B - A with a paired bootstrap CI."""
+def fd_difference(a: Evaluation, b: Evaluation, resamples: int = FD_RESAMPLES, seed: int = 0,
+                  statistic=frechet_of_features) -> dict | None:
+    """Fréchet distance (or another statistic of generated vs reference features) of each to the paired reference
+    images, and B - A with a paired bootstrap CI."""
     if a.features is None or b.features is None or a.reference is None:
         return None
     n = len(a.features)
 
     def fd(e: Evaluation, i: np.ndarray) -> float:
-        return frechet_of_features(e.features[i], a.reference[i])
+        return statistic(e.features[i], a.reference[i])
 
     everything = np.arange(n)
     boot = np.array([fd(b, i) - fd(a, i) for i in bootstrap_indices(n, resamples, seed)])
@@ -109,6 +112,8 @@ def compare_pair(a: Evaluation, b: Evaluation, seed: int = 0) -> dict:
     fd = fd_difference(a, b, seed=seed)
     if fd is not None:
         out["fd_attr"] = fd
+        for name, statistic in STATISTICS.items():  # pairwise structure in the same feature space
+            out[name] = fd_difference(a, b, seed=seed, statistic=statistic)
     return out
 
 

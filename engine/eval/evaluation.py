@@ -140,6 +140,7 @@ class Scores:
             m["geneval"] = geneval_metrics(self.geneval.result(), prompts, self.out)
         if self.attributes is not None:
             m["fd_attr"] = attribute_fd(self.attributes, np.concatenate(self.attr_features), prompts, self.out)
+            m.update(structure_gaps(np.concatenate(self.attr_features), np.load(self.out / "reference_attr.npy")))
         if self.extractors:
             m["fid"] = fid_metrics(self.extractors, self.stats, reference, ref_ds, self.args, self.image_hw, self.out)
         if self.clip is not None:
@@ -175,6 +176,14 @@ def attribute_fd(extractor, features: np.ndarray, prompts: PromptSet, out: Path)
     np.save(out / "reference_attr.npy", ref.astype(np.float32))
     ci = statistic_ci(lambda idx: frechet_of_features(features[idx], ref[idx]), n)
     return {**ci, "extractor": extractor.name, "reference": f"SyntheticShapes(seed={prompts.data_seed}), paired"}
+
+
+def structure_gaps(features: np.ndarray, reference: np.ndarray) -> dict:
+    """engine/eval/structure_gap.py's statistics of the generated vs the paired reference features, with CIs."""
+    from engine.eval.structure_gap import STATISTICS
+
+    return {name: {**statistic_ci(lambda idx, f=f: f(features[idx], reference[idx]), len(features)),
+                   "space": "attribute features"} for name, f in STATISTICS.items()}
 
 
 # ---------------------------------------------------------------- main
@@ -285,6 +294,8 @@ def summary_line(result: dict, out: Path) -> str:
                      f", position {pos})")
     if "fd_attr" in m:
         parts.append(f"attribute FD {with_ci(m['fd_attr']['value'], m['fd_attr']['ci'])}")
+    if "struct_attr" in m:
+        parts.append(f"structure gap {with_ci(m['struct_attr']['value'], m['struct_attr']['ci'])}")
     for k, f in m.get("fid", {}).items():
         parts.append(f"FID[{k}] {f['value']:.3f}")
     if "clip_score" in m:

@@ -95,11 +95,14 @@ class Checkpointer:
         ema: nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         extra: dict[str, Any] | None = None,
+        aux: dict[str, tuple[nn.Module, torch.optim.Optimizer]] | None = None,
     ) -> Path:
         """Write checkpoint ``step`` atomically, prune old ones, return its final path.
 
         ``extra`` must be picklable, hold CPU/Python values and be identical on all ranks
         (DCP stores one copy): step counters, LR-schedule and meter state, data position.
+        ``aux``: further networks trained beside the model, each with its optimizer (a method's
+        discriminator), stored as entries ``<name>`` and ``<name>_optim``.
         """
         import torch.distributed.checkpoint as dcp
 
@@ -112,7 +115,7 @@ class Checkpointer:
             tmp.mkdir()
         _barrier()
         with _quiet_single_process():
-            dcp.save(_state(model, ema, optimizer, extra), checkpoint_id=str(tmp))
+            dcp.save(_state(model, ema, optimizer, extra, aux), checkpoint_id=str(tmp))
         _save_durably(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
         _barrier()
         if _rank() == 0:
@@ -132,8 +135,10 @@ class Checkpointer:
         model: nn.Module,
         ema: nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        aux: dict[str, tuple[nn.Module, torch.optim.Optimizer]] | None = None,
     ) -> dict[str, Any]:
-        """Restore model, EMA, optimizer and this rank's RNG in place; return the ``extra`` dict."""
+        """Restore model, EMA, optimizer, ``aux`` (as in ``save``) and this rank's RNG in place; return the
+        ``extra`` dict. An ``aux`` entry the checkpoint lacks raises ValueError naming it."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             set_model_state_dict,
@@ -142,8 +147,8 @@ class Checkpointer:
 
         path = _check_loadable(path)
         meta = _read_metadata(path)
-        state = _state(model, ema, optimizer, None)
-        for name in ("model", "ema"):
+        state = _state(model, ema, optimizer, None, aux)
+        for name in ("model", "ema", *(aux or {})):
             if name in state:
                 _check_keys(path, meta, name, state[name], skip=())
         if optimizer is not None and not any(k.startswith("optim.") for k in meta):
@@ -155,6 +160,9 @@ class Checkpointer:
             set_model_state_dict(ema, state["ema"])
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, state["optim"])
+        for name, (module, opt) in (aux or {}).items():
+            set_model_state_dict(module, state[name])
+            set_optimizer_state_dict(module, opt, state[f"{name}_optim"])
         _restore_rng(path / f"rng_rank{_rank()}.pt")
         return pickle.loads(state["extra"])
 
@@ -219,7 +227,7 @@ def load_model_weights(
         set_model_state_dict(module, named, options=StateDictOptions(strict=False))
 
 
-def _state(model, ema, optimizer, extra) -> dict[str, Any]:
+def _state(model, ema, optimizer, extra, aux=None) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -230,6 +238,9 @@ def _state(model, ema, optimizer, extra) -> dict[str, Any]:
         state["ema"] = get_model_state_dict(ema)
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
+    for name, (module, opt) in (aux or {}).items():
+        state[name] = get_model_state_dict(module)
+        state[f"{name}_optim"] = get_optimizer_state_dict(module, opt)
     # bytes is a DCP leaf: a dict would be flattened and need its keys known at load time
     state["extra"] = pickle.dumps(extra or {})
     return state

@@ -41,6 +41,11 @@ class Run:
     edm: EDM
     ckpt: Checkpointer
     decoder: object  # latents -> images for sample grids (None: pixel space, or no data.vae given)
+    sadm: object = None  # engine/training/sadm.py's Sadm when sadm.enabled
+
+    def aux(self) -> dict | None:
+        """Networks trained beside the model, with their optimizers, for the checkpoints."""
+        return None if self.sadm is None else self.sadm.checkpoint_entries()
 
 
 def build(cfg: Config, d: Dist) -> Run:
@@ -73,7 +78,11 @@ def build(cfg: Config, d: Dist) -> Run:
     if cfg.data.vae and d.is_main:
         from engine.encoders.vae import LatentDecoder
         decoder = LatentDecoder(cfg.data.vae, d.device)
-    return Run(cfg, d, run_dir, model, ema, build_optimizer(model, cfg.optim), data, encoder, edm, ckpt, decoder)
+    sadm = None
+    if cfg.sadm.enabled:
+        from engine.training.sadm import Sadm
+        sadm = Sadm(cfg.sadm, mcfg.patch_channels, mcfg.num_patches, d.device, cfg.run.seed)
+    return Run(cfg, d, run_dir, model, ema, build_optimizer(model, cfg.optim), data, encoder, edm, ckpt, decoder, sadm)
 
 
 def check_resumable(run_dir: Path, cfg: Config, is_main: bool) -> None:
@@ -97,7 +106,15 @@ def resume_or_init(run: Run, meter: ThroughputMeter) -> tuple[int, StepCounters]
     counters = StepCounters(run.dist.device)
     latest = run.ckpt.latest()
     if latest is not None:
-        extra = run.ckpt.load(latest, model=run.model, ema=run.ema, optimizer=run.optimizer)
+        try:
+            extra = run.ckpt.load(latest, model=run.model, ema=run.ema, optimizer=run.optimizer, aux=run.aux())
+        except ValueError as e:
+            if run.sadm is None or "sadm_disc" not in str(e):
+                raise
+            raise ConfigError(f"config: sadm.enabled=True but {latest} was trained without SADM (no discriminator to "
+                              "resume); start a new run from it with train.init_from and another run.name") from None
+        if run.sadm is not None:
+            run.sadm.load_window(extra.get("sadm_window"), is_main=run.dist.is_main)
         counters.nonfinite_total.fill_(extra["nonfinite_total"])
         counters.streak.fill_(extra["streak"])
         counters.load_window(extra.get("window"), is_main=run.dist.is_main)
@@ -129,12 +146,24 @@ def micro_batches(run: Run, step: int) -> list:
     return out
 
 
+def read_counters(run: Run, counters: StepCounters, last: torch.Tensor) -> tuple[list, list, list]:
+    """One host sync: [loss_sum, finite_steps] summed over processes, then max_streak, nonfinite_total and `last`
+    (identical on every process); and SADM's window values summed over processes and identical ones."""
+    summed = torch.stack([counters.loss_sum, counters.finite_steps])
+    same = [torch.stack([counters.max_streak, counters.nonfinite_total, last])]
+    if run.sadm is not None:
+        summed = torch.cat([summed, run.sadm.summed()])
+        same.append(run.sadm.same())
+    dist.all_reduce(summed)  # sum over processes; the other counters are identical on every process
+    values = torch.cat([summed, *same]).tolist()  # NOTE: host sync (log and checkpoint steps only, one each)
+    k = len(summed)
+    return values[:2] + values[k:k + 3], values[2:k], values[k + 3:]
+
+
 def log_window(run: Run, step: int, counters: StepCounters, meter: ThroughputMeter, logger: MetricsLogger, bar) -> None:
     """Read the device counters (the loop's only host sync), check the non-finite streak, write a metrics line."""
-    summed = torch.stack([counters.loss_sum, counters.finite_steps])
-    dist.all_reduce(summed)  # sum over processes; the other counters are identical on every process
-    values = torch.cat([summed, torch.stack([counters.max_streak, counters.nonfinite_total, counters.grad_norm])])
-    loss_sum, finite, max_streak, skipped, grad_norm = values.tolist()  # NOTE: host sync (log steps only, one)
+    (loss_sum, finite, max_streak, skipped, grad_norm), sadm_summed, sadm_same = read_counters(
+        run, counters, counters.grad_norm)
     limit = run.cfg.train.max_nonfinite_steps
     if max_streak >= limit:
         raise FloatingPointError(
@@ -143,6 +172,9 @@ def log_window(run: Run, step: int, counters: StepCounters, meter: ThroughputMet
         )
     record = {"step": step, "loss": loss_sum / finite if finite else None, "grad_norm": grad_norm,
               "lr": run.optimizer.param_groups[0]["lr"], "nonfinite_skipped": int(skipped), **meter.report(step)}
+    if run.sadm is not None:
+        record.update(run.sadm.record(sadm_summed, sadm_same, run.dist.world_size))
+        run.sadm.reset_window()
     logger.log(step, record)
     if bar is not None:
         bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
@@ -153,14 +185,14 @@ def log_window(run: Run, step: int, counters: StepCounters, meter: ThroughputMet
 def checkpoint(run: Run, step: int, counters: StepCounters, meter: ThroughputMeter, prompts) -> None:
     # The open logging window (steps since the last metrics line) is saved summed over processes, so the first
     # line after a resume averages the same steps as an uninterrupted run's.
-    window = torch.stack([counters.loss_sum, counters.finite_steps])
-    dist.all_reduce(window)
-    values = torch.cat([window, torch.stack([counters.max_streak, counters.nonfinite_total, counters.streak])])
-    loss_sum, finite, max_streak, skipped, streak = values.tolist()  # NOTE: host sync (checkpoint steps only, one)
+    (loss_sum, finite, max_streak, skipped, streak), sadm_summed, sadm_same = read_counters(
+        run, counters, counters.streak)
     extra = {"step": step, "samples_seen": step * run.cfg.train.global_batch, "nonfinite_total": skipped,
              "streak": streak, "meter": meter.state_dict(),
              "window": {"loss_sum": loss_sum, "finite_steps": finite, "max_streak": max_streak, "steps": counters.steps}}
-    run.ckpt.save(step, model=run.model, ema=run.ema, optimizer=run.optimizer, extra=extra)
+    if run.sadm is not None:
+        extra["sadm_window"] = run.sadm.window_state(sadm_summed, sadm_same)
+    run.ckpt.save(step, model=run.model, ema=run.ema, optimizer=run.optimizer, extra=extra, aux=run.aux())
     write_samples(run, step, prompts)
     if run.dist.is_main:
         write_loss_curve(run.dir / "metrics.jsonl", run.dir / "loss_curve.png", title=f"{run.cfg.run.name}: training loss")
@@ -212,7 +244,8 @@ def train(cfg: Config, d: Dist) -> Path:
         batches = micro_batches(run, step)
         meter.data_ready()
         ema_decay = ema_decay_at(step, t.ema_decay, t.ema_start)
-        train_step(run.model, run.ema, run.optimizer, run.edm, noise, batches, cfg.optim.grad_clip, ema_decay, counters)
+        train_step(run.model, run.ema, run.optimizer, run.edm, noise, batches, cfg.optim.grad_clip, ema_decay, counters,
+                   sadm=run.sadm, step=step)
         meter.step_end()
         done = step + 1
         if bar is not None:

@@ -52,9 +52,11 @@ class StepCounters:
 
 def train_step(
     model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, edm: EDM, noise: StepNoise, batches,
-    grad_clip: float, ema_decay: float, counters: StepCounters,
+    grad_clip: float, ema_decay: float, counters: StepCounters, sadm=None, step: int = 0,
 ) -> None:
-    """`batches`: this process's micro-batches of the step, each (Batch, lo, hi) with [lo, hi) its slice of `noise`."""
+    """`batches`: this process's micro-batches of the step, each (Batch, lo, hi) with [lo, hi) its slice of `noise`.
+    `sadm` (engine/training/sadm.py, None = off): its structural distance of each micro-batch is added to the loss
+    with weight sadm.cfg.weight, and its discriminator steps after the optimizer; `step` gates both."""
     accum = len(batches)
     loss_total = torch.zeros((), device=counters.device)
     for i, (batch, lo, hi) in enumerate(batches):
@@ -64,9 +66,15 @@ def train_step(
         y_mask = None if batch.y_mask is None else batch.y_mask | drop[:, None]  # None: nothing padded, no mask
         if isinstance(model, FSDPModule):
             model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once, after the last micro-batch
-        loss = edm.loss(model, batch.x, y, y_mask, n) / accum
-        loss.backward()
-        loss_total += loss.detach()
+        if sadm is None:
+            loss = edm.loss(model, batch.x, y, y_mask, n) / accum
+            loss.backward()
+        else:
+            edm_loss, denoised, target = edm.loss_terms(model, batch.x, y, y_mask, n)
+            loss = edm_loss / accum
+            ls = sadm.generator_term(step, denoised, target, n.keep_idx, n.sigma, accum)
+            (loss if ls is None else loss + sadm.cfg.weight * ls / accum).backward()
+        loss_total += loss.detach()  # the denoising loss alone: comparable with and without SADM
 
     params = [p for p in model.parameters() if p.grad is not None]
     if grad_clip > 0:
@@ -82,6 +90,8 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema_update(ema, model, ema_decay, finite.float())
+    if sadm is not None:
+        sadm.discriminator_step(step, finite)
 
     bad = (~finite).float()
     counters.streak = (counters.streak + 1) * bad
