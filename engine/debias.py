@@ -35,7 +35,10 @@ def parse_args(argv=None):
         q.add_argument("--predictor", help="predictor file (default: <run>/debias/predictor.pt)")
         q.add_argument("--seed", type=int, default=0)
     t.add_argument("--layer", help="layer to read (default: chosen by the probe): mixer or a backbone block index")
-    t.add_argument("--pairs-per-class", type=int, default=800, help="(image, sigma) training pairs per colour")
+    t.add_argument("--per-class", type=int, default=64,
+                   help="trajectories (or dataset images, or noised pairs) per colour")
+    t.add_argument("--features", default="trajectory",
+                   help="trajectory (the run's sampler on colour-named prompts) | inverted | noised")
     t.add_argument("--steps", type=int, default=600, help="Adam steps of the predictor")
     s.add_argument("--prompt", action="append", required=True, help="a caption; repeat for several")
     s.add_argument("--num", type=int, default=64, help="images per prompt")
@@ -67,14 +70,14 @@ def train(args) -> Path:
     from engine.sampling.debias_predictor import train_predictor
     from engine.sampling.debias_sample import make_embedder
 
-    if args.pairs_per_class < 8 or args.steps < 1:
-        raise ConfigError("--pairs-per-class must be >= 8 and --steps >= 1")
+    if args.per_class < 4 or args.steps < 1:
+        raise ConfigError("--per-class must be >= 4 and --steps >= 1")
     cfg, model, ckpt = load(args)
     if cfg.data.source != "synthetic":
         raise ConfigError(f"--run {args.run}: trained on data.source={cfg.data.source}; the predictor's labels come "
                           "from the synthetic set's detector")
-    bundle = train_predictor(cfg, model, make_embedder(cfg, next(model.parameters()).device), args.pairs_per_class,
-                             args.seed, args.layer, args.steps)
+    bundle = train_predictor(cfg, model, make_embedder(cfg, next(model.parameters()).device), args.per_class,
+                             args.seed, args.layer, args.steps, args.features)
     bundle["checkpoint"] = str(ckpt)
     out = Path(args.predictor) if args.predictor else Path(args.run) / "debias" / "predictor.pt"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,19 +5,22 @@ import math
 
 import pytest
 import torch
+from test_synthetic_backgrounds import DEFAULT_FINGERPRINT, fingerprint
 
 from engine.config import ConfigError, load_config
 from engine.data.synthetic import COLOURS, SyntheticShapes, parse_colour_weights, synthetic_train_set
 from engine.diffusion.edm import EDM
 from engine.sampling.attribute_predictor import AttributePredictor
-from engine.sampling.distribution_guidance import (DistributionGuidance, SampleGuidance, divergence, draw_labels,
-                                                   parse_target)
+from engine.sampling.distribution_guidance import (
+    DistributionGuidance,
+    SampleGuidance,
+    divergence,
+    draw_labels,
+    parse_target,
+)
 from engine.sampling.feature_tap import FeatureTap, layer_names
 from engine.sampling.sampler import sample
 from models.sizes import build_model, model_config
-
-from test_synthetic_backgrounds import DEFAULT_FINGERPRINT, fingerprint
-
 
 # ---------------------------------------------------------------- data knobs
 

@@ -1,9 +1,17 @@
 """Training the attribute distribution predictor of a trained run (engine/debias.py train-predictor).
 
 Pseudo-labels as in the paper: the procedural detector reads each training image's colour (images whose objects all
-share one colour; the label is that colour). Features: the run's EMA model on the image noised to a random sigma
-(log-uniform), with the caption's colour words removed, as the colour-free prompts are at sampling. Classes are
-balanced by drawing the same number of (image, sigma) pairs per class. A linear probe over layers x sigma bands picks
+share one colour; the label is that colour). Features come from the run's EMA model with the caption's colour words
+removed, as the colour-free prompts are at sampling, at one of three kinds of noisy input:
+  trajectory (default; the paper's Stable Diffusion recipe) the run's own sampler (Heun on its grid, its CFG) driven by
+             colour-named prompts ("a blue circle", each colour equally often) from fresh noise; at every call the
+             colour-free caption's features of the same state are recorded, and the detector's reading of the final
+             image is the label, so the states are exactly those sampling meets;
+  inverted   (the paper's CelebA recipe) each dataset image run backwards along the guided ODE (Euler on the
+             sampling grid). Measured: at high sigma its states are not distributed like fresh noise, and a predictor
+             trained on them misreads real sampling states;
+  noised     x0 + sigma * noise at a log-uniform sigma: cheap, but the colour is unreadable there above sigma ~ 2.
+Classes are balanced by taking the same number of images (or pairs) per class, and by class-balanced minibatches. A linear probe over layers x sigma bands picks
 the layer (best mean balanced accuracy over the bands the sampler spends its guidance in); then the predictor (an MLP
 with sigma as input) is fitted there. The file records a hash of the weights it was trained on: sampling checks it.
 """
@@ -71,6 +79,78 @@ def extract(model, edm: EDM, cfg, embed, images: torch.Tensor, captions: list[st
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+@torch.no_grad()
+def extract_inverted(model, edm: EDM, cfg, embed, images: torch.Tensor, captions: list[str], layers: list[str],
+                     batch: int = 64) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Pooled features (M * S, D) per layer along the Euler inversion of each image on the run's Karras grid with its
+    CFG scale, their sigma (M * S,) and image row (M * S,). Features are those of the conditional rows."""
+    from engine.sampling.sampler import guided_denoiser, karras_sigmas
+
+    device = next(model.parameters()).device
+    sig = karras_sigmas(edm, cfg.sample.steps).tolist()[:-1][::-1]  # ascending sigma_min ... sigma_max
+    out: dict[str, list] = {k: [] for k in layers}
+    sigmas, rows = [], []
+    with FeatureTap(model, layers) as tap:
+        for lo in range(0, len(images), batch):
+            x = images[lo:lo + batch].to(device).double()
+            n = len(x)
+            y, y_mask = embed(captions[lo:lo + batch])
+            denoise = guided_denoiser(model, edm, y, y_mask, cfg.sample.cfg_scale)
+            for i, s in enumerate(sig):
+                d = denoise(x, s)  # also fills tap.features at (x, s)
+                for k in layers:
+                    out[k].append(tap.features[k][:n].float().mean(1).cpu())
+                sigmas.append(torch.full((n,), s))
+                rows.append(torch.arange(lo, lo + n))
+                if i + 1 < len(sig):
+                    x = x + (sig[i + 1] - s) * (x - d) / s  # Euler step up the probability-flow ODE
+    return {k: torch.cat(v) for k, v in out.items()}, torch.cat(sigmas).float(), torch.cat(rows)
+
+
+@torch.no_grad()
+def extract_trajectories(model, edm: EDM, cfg, embed, per_class: int, layers: list[str], seed: int,
+                         batch: int = 64) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled colour-free features (T, D) per layer along sampling trajectories of colour-named prompts, their sigma
+    (T,), trajectory row (T,) and, per trajectory, the detector's dominant colour of the final image (-1: none)."""
+    from engine.data.synthetic import SHAPES
+    from engine.eval.attributes import read_images
+    from engine.eval.protocol import paired_noise
+    from engine.sampling.sampler import karras_sigmas
+    from engine.sampling.solvers import heun
+
+    device = next(model.parameters()).device
+    names = list(COLOURS)
+    named = [f"a {names[i % len(names)]} {SHAPES[(i // len(names)) % len(SHAPES)]}"
+             for i in range(per_class * len(names))]
+    free = [f"a {SHAPES[(i // len(names)) % len(SHAPES)]}" for i in range(len(named))]
+    sig = karras_sigmas(edm, cfg.sample.steps).tolist()
+    shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
+    out: dict[str, list] = {k: [] for k in layers}
+    sigmas, rows, final = [], [], []
+    with FeatureTap(model, layers) as tap:
+        for lo in range(0, len(named), batch):
+            yn, mn = embed(named[lo:lo + batch])
+            yf, mf = embed(free[lo:lo + batch])
+            n = len(yn)
+            y = torch.cat([yn, yf, torch.zeros_like(yn)])
+            mask = None if mn is None else torch.cat([mn, mf, torch.ones_like(mn)])
+
+            def denoise(x, s):  # [named cond; free cond (recorded only); uncond] in one call
+                d = edm.denoise(model, torch.cat([x, x, x]).float(), torch.full((3 * n,), s, device=device), y, mask)
+                for k in layers:
+                    out[k].append(tap.features[k][n:2 * n].float().mean(1).cpu())
+                sigmas.append(torch.full((n,), s))
+                rows.append(torch.arange(lo, lo + n))
+                c, _, u = d.double().chunk(3)
+                return u + cfg.sample.cfg_scale * (c - u)
+
+            x = paired_noise(seed, lo, n, shape, device).double() * sig[0]
+            final.append(heun(denoise, x, sig).float().cpu())
+    reads = read_images(torch.cat(final), free)
+    labels = torch.tensor([-1 if r["colour"] is None else names.index(r["colour"]) for r in reads])
+    return {k: torch.cat(v) for k, v in out.items()}, torch.cat(sigmas).float(), torch.cat(rows), labels
+
+
 def band_accuracy(adp, feats, sigma, labels) -> list[float]:
     """Balanced accuracy per SIGMA_BANDS band."""
     accs = []
@@ -80,38 +160,30 @@ def band_accuracy(adp, feats, sigma, labels) -> list[float]:
     return accs
 
 
-def train_predictor(cfg, model, embed, pairs_per_class: int = 800, seed: int = 0, layer: str | None = None,
-                    steps: int = 600, log=print) -> dict:
-    """Probe every layer, fit the predictor on the chosen (or given) layer; returns the bundle to save."""
-    idx, labels, caps = labelled_images(cfg)
-    labels_t = torch.tensor(labels)
+def train_predictor(cfg, model, embed, per_class: int = 64, seed: int = 0, layer: str | None = None,
+                    steps: int = 600, features: str = "trajectory", log=print) -> dict:
+    """Probe every layer, fit the predictor on the chosen (or given) layer; returns the bundle to save. `per_class`:
+    trajectories per colour (a fifth of them held out), or dataset images (inverted) or (image, sigma) pairs (noised)
+    per colour plus a quarter as many from other images held out. Accuracies are on the held-out part."""
     K = len(COLOURS)
-    present = [k for k in range(K) if (labels_t == k).any()]
-    if len(present) < K:
-        missing = [list(COLOURS)[k] for k in range(K) if k not in present]
-        raise ConfigError(f"the run's training images have no single-colour image of {missing}: nothing to learn from")
     g = torch.Generator().manual_seed(seed)
-    ds = synthetic_train_set(cfg)
-    # per class: images split 80/20 into train/test (disjoint), then pairs drawn with replacement from each part
-    chosen, split = [], []
-    for k in range(K):
-        mine = torch.nonzero(labels_t == k).flatten()
-        mine = mine[torch.randperm(len(mine), generator=g)]
-        cut = max(1, int(0.8 * len(mine)))
-        for part, pool, m in ((0, mine[:cut], pairs_per_class), (1, mine[cut:] if len(mine) > cut else mine[:cut],
-                                                                  pairs_per_class // 4)):
-            pick = pool[torch.randint(len(pool), (m,), generator=g)]
-            chosen += pick.tolist()
-            split += [part] * m
-    chosen_t, split_t = torch.tensor(chosen), torch.tensor(split)
-    lo, hi = np.log(SIGMA_BANDS[0]), np.log(SIGMA_BANDS[-1])
-    sigma = (torch.rand(len(chosen), generator=g) * (hi - lo) + lo).exp()
-    images = ds.images([idx[c] for c in chosen])
+    edm = EDM.from_config(cfg.diffusion)
     layers = layer_names(model)
-    feats = extract(model, EDM.from_config(cfg.diffusion), cfg, embed, images, [caps[c] for c in chosen], sigma,
-                    layers, seed + 1)
-    y = labels_t[chosen_t]
-    tr, te = split_t == 0, split_t == 1
+    if features == "trajectory":
+        feats, sigma, rows, traj_labels = extract_trajectories(model, edm, cfg, embed, per_class, layers, seed)
+        counts = torch.bincount(traj_labels[traj_labels >= 0], minlength=K)
+        log(f"trajectories: final colours {dict(zip(COLOURS, counts.tolist()))}, "
+            f"{int((traj_labels < 0).sum())} without a detection (left out)")
+        perm = torch.randperm(len(traj_labels), generator=g)
+        traj_part = torch.zeros(len(traj_labels), dtype=torch.long)
+        traj_part[perm[: len(perm) // 5]] = 1  # a fifth of the trajectories held out
+        traj_part[traj_labels < 0] = 2
+        y, part = traj_labels[rows].clamp_min(0), traj_part[rows]
+    else:
+        y, part, feats, sigma = _dataset_features(cfg, model, edm, embed, per_class, features, layers, g, seed)
+    tr, te = part == 0, part == 1
+    if any(not (y[tr] == k).any() for k in range(K)):
+        raise ConfigError(f"some colour never came out of the run's sampler: {torch.bincount(y[tr], minlength=K)}")
     probe = {}
     for name in layers:
         lin = fit_predictor(feats[name][tr], sigma[tr], y[tr], K, hidden=0, steps=300, seed=seed)
@@ -127,9 +199,42 @@ def train_predictor(cfg, model, embed, pairs_per_class: int = 800, seed: int = 0
     acc = band_accuracy(adp, feats[layer][te], sigma[te], y[te])
     log(f"predictor on layer {layer}: balanced accuracy per sigma band {acc}")
     return {"state_dict": adp.state_dict(), "spec": adp.spec(), "layer": layer, "classes": list(COLOURS),
-            "weights_hash": weights_hash(model), "sigma_bands": list(SIGMA_BANDS), "probe": probe,
-            "probe_score": score, "accuracy": acc, "pairs_per_class": pairs_per_class, "seed": seed,
-            "labelled_images": len(idx), "label_counts": torch.bincount(labels_t, minlength=K).tolist()}
+            "weights_hash": weights_hash(model), "features": features, "sigma_bands": list(SIGMA_BANDS),
+            "probe": probe, "probe_score": score, "accuracy": acc, "per_class": per_class, "seed": seed,
+            "label_counts": torch.bincount(y[part < 2], minlength=K).tolist()}
+
+
+def _dataset_features(cfg, model, edm, embed, per_class, features, layers, g, seed):
+    """(labels, split 0 train / 1 test, features, sigma) from dataset images, inverted or noised."""
+    idx, labels, caps = labelled_images(cfg)
+    labels_t = torch.tensor(labels)
+    K = len(COLOURS)
+    missing = [c for k, c in enumerate(COLOURS) if not (labels_t == k).any()]
+    if missing:
+        raise ConfigError(f"the run's training images have no single-colour image of {missing}: nothing to learn from")
+    ds = synthetic_train_set(cfg)
+    chosen, split = [], []  # per class: images split 80/20 into train/test, drawn with replacement if short
+    for k in range(K):
+        mine = torch.nonzero(labels_t == k).flatten()
+        mine = mine[torch.randperm(len(mine), generator=g)]
+        cut = max(1, int(0.8 * len(mine)))
+        test_pool = mine[cut:] if len(mine) > cut else mine[:cut]
+        for part, pool, m in ((0, mine[:cut], per_class), (1, test_pool, max(1, per_class // 4))):
+            pick = pool[:m] if len(pool) >= m else pool[torch.randint(len(pool), (m,), generator=g)]
+            chosen += pick.tolist()
+            split += [part] * m
+    chosen_t, split_t = torch.tensor(chosen), torch.tensor(split)
+    images, captions = ds.images([idx[c] for c in chosen]), [caps[c] for c in chosen]
+    if features == "inverted":
+        feats, sigma, rows = extract_inverted(model, edm, cfg, embed, images, captions, layers)
+    elif features == "noised":
+        lo, hi = np.log(SIGMA_BANDS[0]), np.log(SIGMA_BANDS[-1])
+        sigma = (torch.rand(len(chosen), generator=g) * (hi - lo) + lo).exp()
+        feats = extract(model, edm, cfg, embed, images, captions, sigma, layers, seed + 1)
+        rows = torch.arange(len(chosen))
+    else:
+        raise ConfigError(f"--features {features!r} must be 'trajectory', 'inverted' or 'noised'")
+    return labels_t[chosen_t][rows], split_t[rows], feats, sigma
 
 
 def load_predictor(path: Path, model) -> tuple[AttributePredictor, dict]:
