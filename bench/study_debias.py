@@ -46,9 +46,12 @@ def main():
     p.add_argument("--method", action="append", required=True)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-ratio", type=float, default=0.5)
+    p.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps), the same for all")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg, model, ckpt = load_run_model(Path(args.run), None)
+    if args.steps:
+        cfg.sample.steps = args.steps
     adp, bundle = load_predictor(Path(args.run) / "debias" / "predictor.pt", model)
     embed = make_embedder(cfg, next(model.parameters()).device)
     target = parse_target(args.target)
@@ -81,6 +84,7 @@ def main():
         (out / "study.json").write_text(json.dumps({"run": args.run, "checkpoint": str(ckpt), "layer": bundle["layer"],
                                                     "target": target.tolist(), "prompts": base, "seeds": args.seeds,
                                                     "num_per_seed": args.num, "batch": args.batch,
+                                                    "steps": cfg.sample.steps, "cfg_scale": cfg.sample.cfg_scale,
                                                     "temperature": args.temperature, "max_ratio": args.max_ratio,
                                                     "methods": results}, indent=1))
     write_table(out, results)

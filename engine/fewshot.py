@@ -2,7 +2,7 @@
 
     python engine/fewshot.py --run runs/tiny --shots 1 4 --seeds 3 --weighting tif uniform window:0.02,0.5
 
-Per (K, seed): one LoRA per class trained together (saved as <run>/adapters/fewshot_<kind>_K<K>_seed<s>.pt, with
+Per (K, seed): one LoRA per class trained together (saved as <adapters>/fewshot_<kind>_K<K>_seed<s>.pt, with
 the hash of the weights under it), the test images' per-class errors over a sigma grid with shared noise, and every
 weighting scored on the same errors. Baselines on the same shots: nearest class mean on frozen Tessera features, pixel
 1-NN. Writes a JSON file: accuracy on aligned and swapped colours per K and method (mean and 95% t-interval over
@@ -41,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--delta", type=float, default=None, help="TiF ladder step (default: d / 10)")
     p.add_argument("--ladder", type=int, default=50, help="TiF ladder length J")
     p.add_argument("--out", help="JSON file (default: <run>/fewshot.json)")
+    p.add_argument("--adapters", help="folder for the LoRA files (default: <run>/adapters)")
     return p.parse_args(argv)
 
 
@@ -107,6 +108,7 @@ def main(argv=None) -> Path:
     prior = (ds.images(range(256)), ds.captions(range(256)))
     sigmas = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), args.num_sigmas)
     base_hash = weights_hash(model)
+    adapters = Path(args.adapters) if args.adapters else run / "adapters"
     state = {k: v.clone() for k, v in model.state_dict().items()}
     results = {}
     for K in args.shots:
@@ -117,7 +119,7 @@ def main(argv=None) -> Path:
             task = make_task(seed, K, args.kind, args.test_per_class, cfg.data.image_size)
             torch.manual_seed(seed)
             lora = train_class_loras(model, edm, task, embed, prior, args.rank, args.steps, seed=seed)
-            lora.save(run / "adapters" / f"fewshot_{args.kind}_K{K}_seed{seed}.pt", weights_hash=base_hash,
+            lora.save(adapters / f"fewshot_{args.kind}_K{K}_seed{seed}.pt", weights_hash=base_hash,
                       classes=list(task.classes), shots=K, seed=seed)
             d = class_distance(task)
             delta = args.delta if args.delta is not None else d / 10
