@@ -79,7 +79,7 @@ def main():
                       **summarise(records, target)}
         s = results[m]
         print(f"{m:>28}: FD {s['fd']['value']:.3f} {s['fd']['ci']} red {s['red_fraction']['mean']:.3f} "
-              f"nodet {s['no_detection']['mean']:.3f} shape {s['shape']['mean']:.3f} count {s['count']['mean']:.3f} "
+              f"nodet {s['no_detection']['mean']:.3f} fg {s['foreground']['mean']:.3f} objects {s['objects']['mean']:.2f} shape {s['shape']['mean']:.3f} count {s['count']['mean']:.3f} "
               f"per-seed FD {[x['fd'] for x in per_seed]} ({s['seconds']} s)", flush=True)
         (out / "study.json").write_text(json.dumps({"run": args.run, "checkpoint": str(ckpt), "layer": bundle["layer"],
                                                     "target": target.tolist(), "prompts": base, "seeds": args.seeds,
@@ -94,12 +94,12 @@ def write_table(out: Path, results: dict) -> None:
     def ci(d, key="mean"):
         return f"{d[key]:.3f} ({d['ci'][0]:.3f}-{d['ci'][1]:.3f})"
 
-    rows = ["| method | FD | red fraction | no detection | shape | count | NFE | colour histogram |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | FD | red fraction | no detection | foreground | shape | count | NFE | colour histogram |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for m, s in results.items():
         hist = " ".join(f"{k[:2]} {v:.2f}" for k, v in s["histogram"].items())
         rows.append(f"| {m} | {ci(s['fd'], 'value')} | {ci(s['red_fraction'])} | {ci(s['no_detection'])} | "
-                    f"{ci(s['shape'])} | {ci(s['count'])} | {s['nfe']} | {hist} |")
+                    f"{ci(s['foreground'])} | {ci(s['shape'])} | {ci(s['count'])} | {s['nfe']} | {hist} |")
     (out / "study.md").write_text("\n".join(rows) + "\n")
 
 

@@ -24,13 +24,21 @@ def parse_single_group(prompt: str) -> tuple[int, str | None, str] | None:
 
 
 def read_images(images, prompts: list[str], detector: ShapeDetector | None = None) -> list[dict]:
-    """Per image: {"colour": colour of the largest detected object or None, "detected": bool, "shape": bool,
-    "count": bool}; shape/count are None for prompts that are not one group."""
-    dets = (detector or ShapeDetector()).detect(images)
+    """Per image: {"colour": colour of the largest detected object or None, "detected": bool, "objects": detections,
+    "foreground": fraction of pixels the detector reads as a palette colour (a quality check: the dataset's objects
+    cover ~2-20% of an image, a picture broken into colour noise far more), "shape": bool, "count": bool}; shape and
+    count are None for prompts that are not one group."""
+    from engine.eval.geneval import _as_uint8_hwc, label_colours
+
+    detector = detector or ShapeDetector()
+    arr = _as_uint8_hwc(images)
+    dets = detector.detect(arr)
+    fg = (label_colours(arr, detector.max_dist, detector.min_alpha) > 0).mean(axis=(1, 2))  # (B,)
     out = []
-    for prompt, d in zip(prompts, dets):
+    for prompt, d, f in zip(prompts, dets, fg):
         spec = parse_single_group(prompt)
-        rec = {"colour": max(d, key=lambda x: x.area).colour if d else None, "detected": bool(d)}
+        rec = {"colour": max(d, key=lambda x: x.area).colour if d else None, "detected": bool(d),
+               "objects": len(d), "foreground": float(f)}
         if spec is None:
             rec.update(shape=None, count=None)
         else:
@@ -68,4 +76,6 @@ def summarise(records: list[dict], target, classes: list[str] | None = None, see
         "no_detection": mean_ci([not r["detected"] for r in records], seed=seed),
         "shape": mean_ci([r["shape"] for r in records], seed=seed),
         "count": mean_ci([r["count"] for r in records], seed=seed),
+        "objects": mean_ci([r["objects"] for r in records], seed=seed),
+        "foreground": mean_ci([r["foreground"] for r in records], seed=seed),
     }
