@@ -79,7 +79,8 @@ def main():
                       **summarise(records, target)}
         s = results[m]
         print(f"{m:>28}: FD {s['fd']['value']:.3f} {s['fd']['ci']} red {s['red_fraction']['mean']:.3f} "
-              f"nodet {s['no_detection']['mean']:.3f} fg {s['foreground']['mean']:.3f} objects {s['objects']['mean']:.2f} shape {s['shape']['mean']:.3f} count {s['count']['mean']:.3f} "
+              f"nodet {s['no_detection']['mean']:.3f} fg {s['foreground']['mean']:.3f} "
+              f"objects {s['objects']['mean']:.2f} shape {s['shape']['mean']:.3f} count {s['count']['mean']:.3f} "
               f"per-seed FD {[x['fd'] for x in per_seed]} ({s['seconds']} s)", flush=True)
         (out / "study.json").write_text(json.dumps({"run": args.run, "checkpoint": str(ckpt), "layer": bundle["layer"],
                                                     "target": target.tolist(), "prompts": base, "seeds": args.seeds,

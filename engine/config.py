@@ -64,7 +64,8 @@ class DataConfig:
     white background"): the brightness-dependent variant for the initial-step model (sample.init=sing)."""
     colour_bias: str = ""
     """Synthetic: group colours drawn with these weights instead of uniformly, e.g. "red=0.8" (the other colours share
-    the rest equally) or "red=0.5,blue=0.3"; empty = uniform (the default set, byte-identical). For debiasing studies."""
+    the rest equally) or "red=0.5,blue=0.3"; empty = uniform (the default set, byte-identical). For debiasing
+    studies."""
     caption_colour_dropout: float = 0.0
     """Synthetic: fraction of captions written without their colour words ("two squares left of a circle"), drawn per
     sample from the seed; 0 = none (the default set). With data.colour_bias, colour-free prompts inherit the bias."""

@@ -55,7 +55,8 @@ def check(args) -> tuple[float, float]:
         raise ConfigError(f"--rank {args.rank}: LoRA rank must be >= 1")
     bad = [k for k in args.shots if not 1 <= k <= MAX_SHOTS]
     if bad:
-        raise ConfigError(f"--shots {bad[0]}: a task has {MAX_SHOTS} shots per class available (K must be 1..{MAX_SHOTS})")
+        raise ConfigError(f"--shots {bad[0]}: a task has {MAX_SHOTS} shots per class available "
+                          f"(K must be 1..{MAX_SHOTS})")
     if args.seeds < 1 or args.steps < 1 or args.test_per_class < 1 or args.num_sigmas < 2:
         raise ConfigError("--seeds, --steps and --test-per-class must be >= 1 and --num-sigmas >= 2")
     try:

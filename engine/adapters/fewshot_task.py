@@ -57,7 +57,8 @@ def make_task(seed: int, shots: int, kind: str = "shape", test_per_class: int = 
     if kind not in KINDS:
         raise ConfigError(f"few-shot task kind {kind!r} must be one of {', '.join(KINDS)}")
     if not 1 <= shots <= MAX_SHOTS:
-        raise ConfigError(f"shots K={shots}: a task has {MAX_SHOTS} shots per class available (K must be 1..{MAX_SHOTS})")
+        raise ConfigError(f"shots K={shots}: a task has {MAX_SHOTS} shots per class available "
+                          f"(K must be 1..{MAX_SHOTS})")
     classes = KINDS[kind]
     C = len(classes)
 

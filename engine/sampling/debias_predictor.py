@@ -6,14 +6,15 @@ removed, as the colour-free prompts are at sampling, at one of three kinds of no
   trajectory (default; the paper's Stable Diffusion recipe) the run's own sampler (Heun on its grid, its CFG) driven by
              colour-named prompts ("a blue circle", each colour equally often) from fresh noise; at every call the
              colour-free caption's features of the same state are recorded, and the detector's reading of the final
-             image is the label, so the states are exactly those sampling meets;
+             image is the label, so the states are exactly those sampling meets. Needs a model that obeys colour
+             words: a colour that never comes out is an error;
   inverted   (the paper's CelebA recipe) each dataset image run backwards along the guided ODE (Euler on the
              sampling grid). Measured: at high sigma its states are not distributed like fresh noise, and a predictor
              trained on them misreads real sampling states;
-  noised     x0 + sigma * noise at a log-uniform sigma: cheap, but the colour is unreadable there above sigma ~ 2.
-Classes are balanced by taking the same number of images (or pairs) per class, and by class-balanced minibatches. A linear probe over layers x sigma bands picks
-the layer (best mean balanced accuracy over the bands the sampler spends its guidance in); then the predictor (an MLP
-with sigma as input) is fitted there. The file records a hash of the weights it was trained on: sampling checks it.
+  noised     x0 + sigma * noise at a log-uniform sigma: cheap, but the colour is unreadable there above sigma ~ 5.
+Classes are balanced by taking the same number of images (or pairs) per class, and by class-balanced minibatches.
+A linear probe over layers x sigma bands picks the layer (best mean balanced accuracy over the bands from sigma 0.3
+up, where guidance can still change the outcome); then the predictor (an MLP with sigma as input) is fitted there. The file records a hash of the weights it was trained on: sampling checks it.
 """
 from __future__ import annotations
 
