@@ -14,7 +14,8 @@ removed, as the colour-free prompts are at sampling, at one of three kinds of no
   noised     x0 + sigma * noise at a log-uniform sigma: cheap, but the colour is unreadable there above sigma ~ 5.
 Classes are balanced by taking the same number of images (or pairs) per class, and by class-balanced minibatches.
 A linear probe over layers x sigma bands picks the layer (best mean balanced accuracy over the bands from sigma 0.3
-up, where guidance can still change the outcome); then the predictor (an MLP with sigma as input) is fitted there. The file records a hash of the weights it was trained on: sampling checks it.
+up, where guidance can still change the outcome); then the predictor (an MLP with sigma as input) is fitted there.
+The file records a hash of the weights it was trained on: sampling checks it.
 """
 from __future__ import annotations
 
