@@ -45,7 +45,7 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--method", action="append", required=True)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-ratio", type=float, default=0.5)
+    p.add_argument("--max-ratio", type=float, default=0.2)
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps), the same for all")
     args = p.parse_args()
     torch.set_num_threads(1)

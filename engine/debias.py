@@ -49,7 +49,7 @@ def parse_args(argv=None):
     s.add_argument("--window", default="0,inf", help="guide only at sigma in [lo, hi]")
     s.add_argument("--divergence", default="chi2", help="chi2 | kl")
     s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the predictor's logits")
-    s.add_argument("--max-ratio", type=float, default=0.5, help="edit norm bound relative to the features' norm")
+    s.add_argument("--max-ratio", type=float, default=0.2, help="edit norm bound relative to the features' norm")
     s.add_argument("--out", help="output folder (default: <run>/debias/<method>_<seed>)")
     return p.parse_args(argv)
 

@@ -32,7 +32,7 @@ class GuidanceSettings:
     window: tuple[float, float] = (0.0, float("inf"))
     divergence: str = "chi2"
     temperature: float = 1.0
-    max_ratio: float = 0.5
+    max_ratio: float = 0.2
 
     def record(self) -> dict:
         return {"method": self.method, "scale": self.scale, "window": list(self.window), "divergence": self.divergence,

@@ -73,7 +73,7 @@ class _Edit:
     cond_rows: int
     window: tuple[float, float] = (0.0, float("inf"))
     temperature: float = 1.0
-    max_ratio: float = 0.5
+    max_ratio: float = 0.2
     log: list = field(default_factory=list)
 
     def __call__(self, h: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
