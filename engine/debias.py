@@ -35,10 +35,10 @@ def parse_args(argv=None):
         q.add_argument("--predictor", help="predictor file (default: <run>/debias/predictor.pt)")
         q.add_argument("--seed", type=int, default=0)
     t.add_argument("--layer", help="layer to read (default: chosen by the probe): mixer or a backbone block index")
-    t.add_argument("--per-class", type=int, default=64,
+    t.add_argument("--per-class", type=int, default=600,
                    help="trajectories (or dataset images, or noised pairs) per colour")
-    t.add_argument("--features", default="trajectory",
-                   help="trajectory (the run's sampler on colour-named prompts) | inverted | noised")
+    t.add_argument("--features", default="noised",
+                   help="noised (dataset images + noise) | trajectory (the sampler on colour-named prompts) | inverted")
     t.add_argument("--steps", type=int, default=600, help="Adam steps of the predictor")
     s.add_argument("--prompt", action="append", required=True, help="a caption; repeat for several")
     s.add_argument("--num", type=int, default=64, help="images per prompt")

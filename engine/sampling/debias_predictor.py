@@ -3,7 +3,7 @@
 Pseudo-labels as in the paper: the procedural detector reads each training image's colour (images whose objects all
 share one colour; the label is that colour). Features come from the run's EMA model with the caption's colour words
 removed, as the colour-free prompts are at sampling, at one of three kinds of noisy input:
-  trajectory (default; the paper's Stable Diffusion recipe) the run's own sampler (Heun on its grid, its CFG) driven by
+  trajectory (the paper's Stable Diffusion recipe) the run's own sampler (Heun on its grid, its CFG) driven by
              colour-named prompts ("a blue circle", each colour equally often) from fresh noise; at every call the
              colour-free caption's features of the same state are recorded, and the detector's reading of the final
              image is the label, so the states are exactly those sampling meets. Needs a model that obeys colour
@@ -11,7 +11,8 @@ removed, as the colour-free prompts are at sampling, at one of three kinds of no
   inverted   (the paper's CelebA recipe) each dataset image run backwards along the guided ODE (Euler on the
              sampling grid). Measured: at high sigma its states are not distributed like fresh noise, and a predictor
              trained on them misreads real sampling states;
-  noised     x0 + sigma * noise at a log-uniform sigma: cheap, but the colour is unreadable there above sigma ~ 5.
+  noised     (default) x0 + sigma * noise at a log-uniform sigma: cheap and always available, but the colour is
+             unreadable there above sigma ~ 5, so guidance can act only below that.
 Classes are balanced by taking the same number of images (or pairs) per class, and by class-balanced minibatches.
 A linear probe over layers x sigma bands picks the layer (best mean balanced accuracy over the bands from sigma 0.3
 up, where guidance can still change the outcome); then the predictor (an MLP with sigma as input) is fitted there.
@@ -163,7 +164,7 @@ def band_accuracy(adp, feats, sigma, labels) -> list[float]:
 
 
 def train_predictor(cfg, model, embed, per_class: int = 64, seed: int = 0, layer: str | None = None,
-                    steps: int = 600, features: str = "trajectory", log=print) -> dict:
+                    steps: int = 600, features: str = "noised", log=print) -> dict:
     """Probe every layer, fit the predictor on the chosen (or given) layer; returns the bundle to save. `per_class`:
     trajectories per colour (a fifth of them held out), or dataset images (inverted) or (image, sigma) pairs (noised)
     per colour plus a quarter as many from other images held out. Accuracies are on the held-out part."""
