@@ -3,7 +3,8 @@
     python bench/study_debias.py --run RUN --out DIR --seeds 3 --num 128 --batch 64 \
         --method none --method prompt --method sample:4 --method distribution:1 --method distribution:4@1,80
 
-A method is none | prompt | sample:SCALE | distribution:SCALE, optionally @LO,HI for the sigma window. Writes
+A method is none | prompt | sample:SCALE | distribution:SCALE, optionally @LO,HI for the sigma window and /kl for
+KL(target || p) instead of chi-squared. Writes
 study.json (per method: pooled summary with 95% bootstrap CIs over images, per-seed FD and red fraction, NFE) and
 study.md (the table).
 """
@@ -28,10 +29,12 @@ from engine.training.run_folder import load_run_model  # noqa: E402
 
 
 def parse_method(text: str, temperature: float, max_ratio: float) -> GuidanceSettings:
+    """none | prompt | sample:SCALE | distribution:SCALE, then optionally @LO,HI (sigma window) and /kl."""
+    text, _, div = text.partition("/")
     name, _, rest = text.partition(":")
     scale, _, window = rest.partition("@")
     lo, hi = (float(v) for v in window.split(",")) if window else (0.0, float("inf"))
-    return GuidanceSettings(name, float(scale or 0), (lo, hi), "chi2", temperature, max_ratio)
+    return GuidanceSettings(name, float(scale or 0), (lo, hi), div or "chi2", temperature, max_ratio)
 
 
 def main():
@@ -73,7 +76,7 @@ def main():
             nfe = rec["nfe"]
             if seed == 0:
                 from engine.outputs.images import save_grid_with_captions
-                save_grid_with_captions(out / f"{m.replace(':', '_').replace('@', '_w')}.png", images[:32], used[:32],
+                save_grid_with_captions(out / f"{m.replace(':', '_').replace('@', '_w').replace('/', '_')}.png", images[:32], used[:32],
                                         nrow=8)
         results[m] = {**g.record(), "nfe": nfe, "seconds": round(time.time() - t0, 1), "per_seed": per_seed,
                       **summarise(records, target)}
