@@ -72,6 +72,13 @@ class DataConfig:
     backgrounds: str = "fixed"
     """Synthetic: 'fixed' (the dark background) or 'prompted' (black, grey or white, named in the caption, "... on a
     white background"): the brightness-dependent variant for the initial-step model (sample.init=sing)."""
+    colour_bias: str = ""
+    """Synthetic: group colours drawn with these weights instead of uniformly, e.g. "red=0.8" (the other colours share
+    the rest equally) or "red=0.5,blue=0.3"; empty = uniform (the default set, byte-identical). For debiasing
+    studies."""
+    caption_colour_dropout: float = 0.0
+    """Synthetic: fraction of captions written without their colour words ("two squares left of a circle"), drawn per
+    sample from the seed; 0 = none (the default set). With data.colour_bias, colour-free prompts inherit the bias."""
     image_size: int = 32
     """Synthetic: image side in pixels. Random: latent side (32 at 256 px, 64 at 512 px)."""
     channels: int = 3
@@ -366,6 +373,10 @@ class Config:
             ("data.num_workers", lambda: dt.num_workers >= 0, "must be >= 0"),
             ("data.num_samples", lambda: dt.num_samples >= 1, "must be >= 1"),
             ("data.backgrounds", lambda: dt.backgrounds in ("fixed", "prompted"), "must be 'fixed' or 'prompted'"),
+            ("data.colour_bias", lambda: _colour_bias_ok(dt.colour_bias), _colour_bias_why(dt.colour_bias)),
+            ("data.caption_colour_dropout", lambda: 0 <= dt.caption_colour_dropout <= 1, "must be in [0, 1]"),
+            ("data.colour_bias", lambda: dt.source == "synthetic" or not (dt.colour_bias or dt.caption_colour_dropout),
+             "and data.caption_colour_dropout apply to data.source=synthetic only"),
             ("data.image_size", lambda: dt.image_size >= 1, "must be >= 1"),
             ("model.patch_size", lambda: m.patch_size >= 0, "must be >= 0 (0 = the size's own)"),
             ("data.image_size", lambda: bool(d.resolutions) or dt.image_size % patch_size(m) == 0,
@@ -518,6 +529,24 @@ def sadm_checks(a: SadmConfig, d: DiffusionConfig, t: TrainConfig) -> list[tuple
         ("sadm.enabled", lambda: not a.enabled or t.micro_batch >= 2,
          f"needs train.micro_batch >= 2 (got {t.micro_batch}): the structure relates samples within a micro-batch"),
     ]
+
+
+def _colour_bias_ok(text: str) -> bool:
+    from engine.data.synthetic import parse_colour_weights
+    try:
+        parse_colour_weights(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _colour_bias_why(text: str) -> str:
+    from engine.data.synthetic import parse_colour_weights
+    try:
+        parse_colour_weights(text)
+    except ValueError as e:
+        return f"is not a colour distribution: {e}"
+    return ""
 
 
 def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, typing.Callable[[], bool], str]]:

@@ -45,6 +45,11 @@ def test_torchrun_names_our_message_as_the_root_cause(tmp_path):
     ("convert.py", ["{tmp}/missing.pt", "{tmp}/out"], "error: checkpoint file not found: {tmp}/missing.pt"),
     ("precompute.py", ["--source", "{tmp}/nope", "--out", "{tmp}/out", "--vae", "{tmp}/vae"],
      "error: --source not found or empty: {tmp}/nope"),
+    ("debias.py", ["sample", "--run", "{tmp}/out", "--prompt", "a circle", "--target", "red=0.7"],
+     "error: --target 'red=0.7': the weights sum to 0.7, not 1"),
+    ("debias.py", ["train-predictor", "--run", "{tmp}/out"], "error: --run {tmp}/out: no config.yaml there"),
+    ("fewshot.py", ["--run", "{tmp}/out", "--shots", "1", "32"], "error: --shots 32: a task has 16 shots per class"),
+    ("fewshot.py", ["--run", "{tmp}/out", "--rank", "0"], "error: --rank 0: LoRA rank must be >= 1"),
 ])
 def test_the_other_entry_points_end_bad_input_the_same_way(tmp_path, entry, args, message):
     proc = run([sys.executable, str(ROOT / "engine" / entry), *[a.format(tmp=tmp_path) for a in args]], cwd=tmp_path)

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "models", "engine")
-ENTRY_POINTS = ("train", "sample", "evaluate", "precompute", "convert")
+ENTRY_POINTS = ("train", "sample", "evaluate", "precompute", "convert", "debias", "fewshot")
 TOP_LEVEL_ALLOWED = {"__init__", "config", *ENTRY_POINTS}
 
 

@@ -13,6 +13,11 @@ With backgrounds="prompted" each image also gets a black, grey or white backgrou
 ("a yellow triangle on a white background"), drawn from a stream of its own, so the shapes are those of the default
 set; white is never drawn behind a white group. The image mean then depends on the prompt: the set SingDiffusion's
 initial-step model is measured on. The default ("fixed") set is unchanged, byte for byte.
+
+Two knobs make a biased set for debiasing studies, each from a stream of its own and off by default (the default set
+stays byte-identical): `colour_weights` draws every group's colour from the given distribution (e.g. red 0.8, the rest
+uniform; the layout and shapes stay the default set's), and `caption_colour_dropout` removes the colour words from that
+fraction of captions ("two squares left of a triangle"), so colour-free prompts inherit the bias.
 """
 from __future__ import annotations
 
@@ -38,6 +43,31 @@ PROMPTED_BACKGROUNDS: dict[str, tuple[int, int, int]] = {"black": BACKGROUND, "g
 BACKGROUND_MODES = ("fixed", "prompted")
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 MAX_COUNT = 3
+
+
+def parse_colour_weights(text: str) -> dict[str, float] | None:
+    """"red=0.8" -> red 0.8, the other colours share the rest equally; "red=0.5,blue=0.3" likewise. Empty -> None
+    (uniform, the default set). ValueError names an unknown colour, a weight outside [0, 1] or a sum above 1."""
+    if not text.strip():
+        return None
+    given: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in COLOURS:
+            raise ValueError(f"{item.strip()!r} must be colour=weight with a colour of {', '.join(COLOURS)}")
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"{item.strip()!r}: {value.strip()!r} is not a number") from None
+        if not 0 <= w <= 1 or name in given:
+            raise ValueError(f"{item.strip()!r}: weights must be in [0, 1], each colour named once")
+        given[name] = w
+    rest = [c for c in COLOURS if c not in given]
+    left = 1.0 - sum(given.values())
+    if left < -1e-9 or (not rest and abs(left) > 1e-6):
+        raise ValueError(f"weights sum to {1 - left:.4g}; they must sum to at most 1 (exactly 1 when all are named)")
+    return {c: given.get(c, max(left, 0.0) / len(rest) if rest else 0.0) for c in COLOURS}
 
 
 @lru_cache(maxsize=None)
@@ -72,11 +102,14 @@ class SyntheticShapes:
         image_size: side H = W in pixels (>= 16); object sizes scale with it.
         seed: dataset seed; sample i depends only on (seed, i).
         backgrounds: "fixed" (the dark background) or "prompted" (black / grey / white, named in the caption).
+        colour_weights: None (uniform colours, the default set) or {colour: probability} for every group's colour.
+        caption_colour_dropout: fraction of captions written without colour words (0 = none, the default set).
 
     `ds[i]` gives (image float32 (3, H, W) in [-1, 1], caption str). `describe(i)` gives the facts behind it.
     """
 
-    def __init__(self, num_samples: int, image_size: int = 32, seed: int = 0, backgrounds: str = "fixed"):
+    def __init__(self, num_samples: int, image_size: int = 32, seed: int = 0, backgrounds: str = "fixed",
+                 colour_weights: dict[str, float] | None = None, caption_colour_dropout: float = 0.0):
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if int(image_size) < 16:
@@ -85,7 +118,13 @@ class SyntheticShapes:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if backgrounds not in BACKGROUND_MODES:
             raise ValueError(f"backgrounds must be one of {BACKGROUND_MODES}, got {backgrounds!r}")
+        if not 0 <= caption_colour_dropout <= 1:
+            raise ValueError(f"caption_colour_dropout must be in [0, 1], got {caption_colour_dropout}")
+        if colour_weights is not None and (set(colour_weights) != set(COLOURS)
+                                           or abs(sum(colour_weights.values()) - 1) > 1e-6):
+            raise ValueError(f"colour_weights must give every colour of {list(COLOURS)} a weight, summing to 1")
         self.backgrounds = backgrounds
+        self.colour_weights, self.caption_colour_dropout = colour_weights, float(caption_colour_dropout)
         self.num_samples, self.image_size, self.seed = int(num_samples), int(image_size), int(seed)
         self.min_size = max(5, round(0.18 * self.image_size))  # smallest object side that still reads as its shape
         self.max_size = round(0.45 * self.image_size)
@@ -126,6 +165,8 @@ class SyntheticShapes:
             axes = [relation == "above"] * 2
         else:
             relation, regions, axes = None, [(0, 0, s, s)], [bool(rng.integers(2))]
+        if self.colour_weights is not None:
+            kinds = self._biased_colours(i, kinds)
         groups = []
         for (colour, shape), region, horizontal in zip(kinds, regions, axes):
             count = int(rng.integers(1, MAX_COUNT + 1))
@@ -140,15 +181,30 @@ class SyntheticShapes:
         if self.backgrounds == "prompted":  # its own stream: the shapes stay those of the fixed set
             allowed = [b for b in PROMPTED_BACKGROUNDS if b != "white" or all(g["colour"] != "white" for g in groups)]
             facts["background"] = allowed[int(np.random.default_rng([self.seed, i, 1]).integers(len(allowed)))]
+        if self.caption_colour_dropout > 0:  # its own stream: images are those without the knob
+            u = np.random.default_rng([self.seed, i, 3]).random()
+            facts["caption_colours"] = bool(u >= self.caption_colour_dropout)
         return facts
 
+    def _biased_colours(self, i: int, kinds: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Group colours redrawn from colour_weights on a stream of their own (the layout keeps the default draws);
+        a second group never repeats the first group's (colour, shape)."""
+        rng = np.random.default_rng([self.seed, i, 2])
+        names, w = list(self.colour_weights), np.array(list(self.colour_weights.values()))
+        out = []
+        for _, shape in kinds:
+            p = w.copy()
+            if out and out[0][1] == shape:
+                p[names.index(out[0][0])] = 0.0
+            p = p / p.sum() if p.sum() > 0 else np.array([n != out[0][0] for n in names], float) / (len(names) - 1)
+            out.append((names[int(rng.choice(len(names), p=p))], shape))
+        return out
+
     def caption(self, i: int) -> str:
-        """Caption of sample i, e.g. "two red circles left of a blue square"."""
+        """Caption of sample i, e.g. "two red circles left of a blue square" (or "two circles ..." when its colour
+        words were dropped)."""
         facts = self.describe(i)
-        phrases = [f"{COUNT_WORDS[g['count']]} {g['colour']} {g['shape']}{'s' if g['count'] > 1 else ''}"
-                   for g in facts["groups"]]
-        text = f" {facts['relation']} ".join(phrases)
-        return f"{text} on a {facts['background']} background" if "background" in facts else text
+        return caption_of(facts, facts.get("caption_colours", True))
 
     def image_uint8(self, i: int) -> np.ndarray:
         """Sample i as uint8 (H, W, 3)."""
@@ -183,8 +239,25 @@ class SyntheticShapes:
 
     def __repr__(self) -> str:
         extra = f", backgrounds={self.backgrounds!r}" if self.backgrounds != "fixed" else ""
+        extra += f", colour_weights={self.colour_weights}" if self.colour_weights is not None else ""
+        extra += f", caption_colour_dropout={self.caption_colour_dropout}" if self.caption_colour_dropout else ""
         return (f"SyntheticShapes(num_samples={self.num_samples}, image_size={self.image_size}, seed={self.seed}"
                 f"{extra})")
+
+
+def caption_of(facts: dict, colours: bool = True) -> str:
+    """The caption of describe()'s facts; colours=False leaves out the colour words ("two circles above a square")."""
+    phrases = [f"{COUNT_WORDS[g['count']]} {g['colour'] + ' ' if colours else ''}{g['shape']}"
+               f"{'s' if g['count'] > 1 else ''}" for g in facts["groups"]]
+    text = f" {facts['relation']} ".join(phrases)
+    return f"{text} on a {facts['background']} background" if "background" in facts else text
+
+
+def synthetic_train_set(cfg) -> SyntheticShapes:
+    """The training set a config describes (data.* and run.seed), its colour knobs included."""
+    d = cfg.data
+    return SyntheticShapes(d.num_samples, d.image_size, cfg.run.seed, d.backgrounds,
+                           parse_colour_weights(d.colour_bias), d.caption_colour_dropout)
 
 
 def _as_list(indices) -> list:

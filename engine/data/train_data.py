@@ -77,10 +77,10 @@ def build_train_data(cfg: Config, device: torch.device, cache_dir: Path, rank: i
             encoder = None
         return build_precomputed(cfg, device, rank, world_size), encoder
     from engine.data.caption_cache import embed_unique
-    from engine.data.synthetic import SyntheticShapes
+    from engine.data.synthetic import synthetic_train_set
 
     encoder = load_text_encoder(cfg)
-    ds = SyntheticShapes(d.num_samples, d.image_size, cfg.run.seed, d.backgrounds)
+    ds = synthetic_train_set(cfg)
     everything = range(d.num_samples)
     ids, emb, mask = embed_unique(ds.captions(everything), encoder, cache_path=cache_dir / "synthetic_captions.safetensors")
     x = ds.images(everything)

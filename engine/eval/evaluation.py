@@ -73,9 +73,9 @@ def prompt_set(args, cfg) -> PromptSet:
 
 
 def training_captions(cfg) -> set[str]:
-    from engine.data.synthetic import SyntheticShapes
+    from engine.data.synthetic import synthetic_train_set
 
-    ds = SyntheticShapes(cfg.data.num_samples, cfg.data.image_size, cfg.run.seed, cfg.data.backgrounds)
+    ds = synthetic_train_set(cfg)
     return set(ds.captions(range(cfg.data.num_samples)))
 
 

@@ -47,10 +47,10 @@ def data_mean_image(cfg, num: int = 4096) -> torch.Tensor:
     if cfg.data.source != "synthetic":
         raise SamplerSettingsError(f"sample.init=data_mean (--init data_mean) needs a synthetic run; this one trained "
                                    f"on data.source={cfg.data.source}")
-    from engine.data.synthetic import SyntheticShapes
+    from engine.data.synthetic import synthetic_train_set
 
     d = cfg.data
-    ds = SyntheticShapes(d.num_samples, d.image_size, cfg.run.seed, d.backgrounds)
+    ds = synthetic_train_set(cfg)
     return ds.images(range(min(num, d.num_samples))).mean(0)
 
 
