@@ -81,7 +81,7 @@ def build(cfg: Config, d: Dist) -> Run:
     sadm = None
     if cfg.sadm.enabled:
         from engine.training.sadm import Sadm
-        sadm = Sadm(cfg.sadm, mcfg.patch_channels, mcfg.num_patches, d.device, cfg.run.seed)
+        sadm = Sadm(cfg.sadm, model.cfg.patch_channels, model.cfg.num_patches, d.device, cfg.run.seed)
     return Run(cfg, d, run_dir, model, ema, build_optimizer(model, cfg.optim), data, encoder, edm, ckpt, decoder, sadm)
 
 
