@@ -7,7 +7,7 @@ import kernels
 import kernels.norm as kn
 from kernels.residual_norm import (add_layernorm_modulate_launch, add_layernorm_modulate_ref,
                                    add_layernorm_modulate_triton)
-from test_kernels_norm import ATOL, DEV, SHAPES, close_as_torch, several_programs_per_sample
+from test_kernels_norm import DEV, SHAPES, close_as_torch, several_programs_per_sample
 
 # (gate, modulation): the block's two uses (gated + plain LN before cross-attention; ungated + adaLN before the MLP)
 # and the other two combinations.

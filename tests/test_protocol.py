@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
