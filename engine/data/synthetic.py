@@ -45,24 +45,33 @@ COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 MAX_COUNT = 3
 
 
+def parse_named_weights(text: str, names, kind: str = "colour") -> dict[str, float]:
+    """"a=0.5,b=0.3" -> {a: 0.5, b: 0.3} over known `names`. ValueError names an unknown name, a value that is not a
+    number, a negative weight or a name given twice. (Shared by data.colour_bias and debiasing targets.)"""
+    given: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in names:
+            raise ValueError(f"{item.strip()!r} must be {kind}=weight with a {kind} of {', '.join(names)}")
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"{item.strip()!r}: {value.strip()!r} is not a number") from None
+        if w < 0 or name in given:
+            raise ValueError(f"{item.strip()!r}: weights must be >= 0, each {kind} named once")
+        given[name] = w
+    return given
+
+
 def parse_colour_weights(text: str) -> dict[str, float] | None:
     """"red=0.8" -> red 0.8, the other colours share the rest equally; "red=0.5,blue=0.3" likewise. Empty -> None
     (uniform, the default set). ValueError names an unknown colour, a weight outside [0, 1] or a sum above 1."""
     if not text.strip():
         return None
-    given: dict[str, float] = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or name not in COLOURS:
-            raise ValueError(f"{item.strip()!r} must be colour=weight with a colour of {', '.join(COLOURS)}")
-        try:
-            w = float(value)
-        except ValueError:
-            raise ValueError(f"{item.strip()!r}: {value.strip()!r} is not a number") from None
-        if not 0 <= w <= 1 or name in given:
-            raise ValueError(f"{item.strip()!r}: weights must be in [0, 1], each colour named once")
-        given[name] = w
+    given = parse_named_weights(text, COLOURS)
+    if any(w > 1 for w in given.values()):
+        raise ValueError(f"{text.strip()!r}: weights must be in [0, 1]")
     rest = [c for c in COLOURS if c not in given]
     left = 1.0 - sum(given.values())
     if left < -1e-9 or (not rest and abs(left) > 1e-6):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.data.synthetic import COLOURS
+from engine.data.synthetic import COLOURS, parse_named_weights
 
 DIVERGENCES = ("chi2", "kl")
 CHI2_FLOOR = 0.01  # added to the target in chi-squared's denominator: a zero target class stays finite
@@ -29,18 +29,8 @@ def parse_target(text: str, classes: list[str] | None = None) -> torch.Tensor:
     if text.strip() == "uniform":
         return torch.full((len(classes),), 1.0 / len(classes))
     p = torch.zeros(len(classes))
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or name not in classes:
-            raise ValueError(f"{item.strip()!r} must be class=weight with a class of {', '.join(classes)}")
-        try:
-            w = float(value)
-        except ValueError:
-            raise ValueError(f"{item.strip()!r}: {value.strip()!r} is not a number") from None
-        if w < 0:
-            raise ValueError(f"{item.strip()!r}: weights must be >= 0")
-        p[classes.index(name)] += w
+    for name, w in parse_named_weights(text, classes, "class").items():
+        p[classes.index(name)] = w
     if abs(float(p.sum()) - 1) > 1e-6:
         raise ValueError(f"the weights sum to {float(p.sum()):.4g}, not 1")
     return p
