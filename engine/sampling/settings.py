@@ -1,6 +1,6 @@
 """Sampler settings: the run config's `sample` and `diffusion.sigma_*` keys, optionally overridden by command-line
 flags. One table maps each flag to its config key, so engine/sample.py and engine/evaluate.py share the flags, and the
-config's own checks (engine/config.py `sampling_checks`) validate flags and config files alike."""
+config's own checks (engine/config_rules.py `sampling_checks`) validate flags and config files alike."""
 from __future__ import annotations
 
 import argparse
