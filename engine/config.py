@@ -45,6 +45,10 @@ class ModelSection:
     patch_size: int = 0
     """Patch side in pixels (or latents) of model.name's network; 0 = the size's own (4 for MicroDiT_Nano_4). Luhman &
     Luhman's patched diffusion: p = 8 at 32 px gives 16 tokens of 192 values each."""
+    pixel_head: int = -1
+    """Width of a convolutional pixel head after the transformer's patch output (models/pixel_head.py): 3x3
+    convolutions at full resolution that join patches across their borders. -1 = the size's own, 0 = none. Needs
+    diffusion.mask_ratio=0 (it predicts every pixel)."""
     outer: str = ""
     """Nested (Matryoshka) model: the outer stream that denoises the highest of diffusion.resolutions around model.name
     at the lowest (models/sizes.py OUTER_SIZES); needed exactly when diffusion.resolutions holds two resolutions."""

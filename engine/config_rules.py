@@ -27,6 +27,13 @@ def patch_size(m: ModelSection) -> int:
     return m.patch_size or model_config(m.name).patch_size
 
 
+def pixel_head(m: ModelSection) -> int:
+    """The pixel-head width of model.name's network with model.pixel_head applied (0 = none)."""
+    from models.sizes import model_config
+
+    return m.pixel_head if m.pixel_head >= 0 else model_config(m.name).pixel_head
+
+
 def _folder_name(name: str) -> bool:
     return name not in ("", ".", "..") and not set(name) & set("/\\")
 
@@ -193,6 +200,14 @@ def config_checks(c: Config) -> list[tuple[str, typing.Callable[[], bool], str]]
          "and data.caption_colour_dropout apply to data.source=synthetic only"),
         ("data.image_size", lambda: dt.image_size >= 1, "must be >= 1"),
         ("model.patch_size", lambda: m.patch_size >= 0, "must be >= 0 (0 = the size's own)"),
+        ("model.pixel_head", lambda: m.pixel_head >= -1, "must be >= -1 (-1 = the size's own, 0 = none)"),
+        ("model.pixel_head", lambda: not pixel_head(m) or d.mask_ratio == 0,
+         "needs diffusion.mask_ratio=0: the pixel head predicts every pixel, deferred masking drops tokens"),
+        ("model.pixel_head", lambda: not pixel_head(m) or not m.outer,
+         "is for single-stream models; a nested model (model.outer) has none"),
+        ("model.pixel_head", lambda: not pixel_head(m) or c.sample.parallel in ("none", "cfg_split"),
+         f"cannot be sampled patch-parallel (sample.parallel={c.sample.parallel!r}): a band's convolutions would "
+         "miss the neighbouring band's pixels"),
         ("data.image_size", lambda: bool(d.resolutions) or dt.image_size % patch_size(m) == 0,
          f"must be a multiple of {m.name}'s patch size (model.patch_size)"),
         ("data.image_size", lambda: dt.source != "synthetic" or dt.image_size >= 16,

@@ -63,6 +63,11 @@ class ModelConfig:
     """'identity': the cross-attention output and the patch-embedding bias start at zero, so with the zero gates a
     fresh block is the identity. 'official': as the official code, which draws the cross-attention output like the
     other output projections and keeps PyTorch's default (uniform) patch-embedding bias."""
+    pixel_head: int = 0
+    """Width of a convolutional pixel head after the patch output (models/pixel_head.py); 0 = none. It needs every
+    token, so it trains unmasked."""
+    pixel_head_blocks: int = 2
+    """Residual blocks of two 3x3 convolutions in the pixel head."""
     time_free: bool = False
     """No timestep embedding: the adaLN condition is the pooled caption alone. SingDiffusion's initial-step model
     (a network that predicts x0 from pure noise and the caption) is such a model."""
@@ -80,6 +85,8 @@ class ModelConfig:
             ("mlp", self.mlp in ("swiglu", "gelu"), "must be 'swiglu' or 'gelu'"),
             ("init", self.init in ("identity", "official"), "must be 'identity' or 'official'"),
             ("depth", self.depth >= 1, "must be >= 1"),
+            ("pixel_head", self.pixel_head >= 0, "must be >= 0 (0 = no pixel head)"),
+            ("pixel_head_blocks", self.pixel_head_blocks >= 0, "must be >= 0"),
             ("num_experts", self.num_experts >= 1, "must be >= 1"),
             ("expert_capacity", self.expert_capacity > 0, "must be > 0"),
             ("qkv_ratio", len(self.qkv_ratio) == 2 and min(self.qkv_ratio) > 0, "must be two positive numbers"),

@@ -13,6 +13,7 @@ from models.blocks import DiTBlock
 from models.config import ModelConfig
 from models.layers import CaptionBlock, FinalLayer, Mlp, SwiGLU, TimestepEmbedder, layer_norm, sincos_pos_embed_2d
 from models.moe import ExpertChoiceMoE
+from models.pixel_head import PixelHead
 
 DEFAULT_KERNELS = {"gather": "auto", "moe": "auto", "norm": "auto", "attention": "auto"}
 
@@ -62,6 +63,8 @@ class MicroDiT(nn.Module):
             DiTBlock(cfg, dim, qkv, mlp, cfg.is_moe_block(i), ops) for i, (qkv, mlp) in enumerate(cfg.block_ratios())
         )
         self.final_layer = FinalLayer(dim, dim, cfg.patch_channels, eps, ops["norm"])
+        if cfg.pixel_head:
+            self.pixel_head = PixelHead(cfg.in_channels, cfg.pixel_head, cfg.pixel_head_blocks, dim)
         self.initialize_weights()
 
     def forward(
@@ -75,7 +78,12 @@ class MicroDiT(nn.Module):
         """x (B, C, H, W) preconditioned input; c_noise (B,); y (B, L, caption_channels); y_mask (B, L) bool, True =
         real token; keep_idx (B, K) tokens kept after the mixer (None = all). Returns (B, K or N, p²·C)."""
         h, y, c = self.embed(x, c_noise, y, y_mask)
-        return self.final_layer(self.trunk(h, y, y_mask, c, keep_idx), c)  # (B, K, p²·C)
+        out = self.final_layer(self.trunk(h, y, y_mask, c, keep_idx), c)  # (B, K, p²·C)
+        if self.cfg.pixel_head:
+            if keep_idx is not None:
+                raise ValueError("a model with a pixel head predicts every token: train it with diffusion.mask_ratio=0")
+            out = self.patchify(self.pixel_head(self.unpatchify(out), x, c))
+        return out
 
     def embed(self, x: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None):
         """Image tokens (B, N, dim), caption tokens (B, L, dim) and the adaLN condition (B, dim)."""
@@ -148,6 +156,8 @@ class MicroDiT(nn.Module):
             nn.init.zeros_(blk.mlp.w3.weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.linear.weight)
+        if self.cfg.pixel_head:
+            self.pixel_head.reset_parameters()
 
     def block_containers(self) -> list[nn.ModuleList]:
         """The lists of transformer blocks (patch-mixer, then backbone): the unit FSDP shards and compiles."""

@@ -162,3 +162,42 @@ def test_bad_model_config_names_the_key():
         MicroDiT(model_config("MicroDiT_Nano_4", input_size=30))
     with pytest.raises(ValueError, match="model.name: unknown size"):
         model_config("MicroDiT_Huge_9")
+
+
+def test_pixel_head_starts_as_the_identity_and_learns_from_the_first_step():
+    """A fresh pixel head leaves the transformer's output unchanged; its last convolution gets a gradient at once."""
+    plain, headed = small_model(), small_model(pixel_head=16)
+    missing, unexpected = headed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("pixel_head.") for k in missing)
+    with torch.no_grad():  # a trained transformer: non-zero output the head must pass through unchanged
+        for m in (plain, headed):
+            torch.manual_seed(1)
+            m.final_layer.linear.weight.normal_(0, 0.1)
+    x, t, y, mask = inputs(plain)
+    out = plain(x, t, y, mask)
+    assert out.abs().min() > 0
+    torch.testing.assert_close(headed(x, t, y, mask), out, rtol=0, atol=0)
+    headed(x, t, y, mask).square().sum().backward()
+    assert headed.pixel_head.conv_out.weight.grad.abs().sum() > 0
+
+
+def test_pixel_head_refuses_deferred_masking():
+    model = small_model(pixel_head=8)
+    x, t, y, mask = inputs(model)
+    with pytest.raises(ValueError, match="mask_ratio=0"):
+        model(x, t, y, mask, torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_pixel_head_sees_across_patch_borders():
+    """With trained (random) head weights, an output pixel depends on the input pixel just across its patch border
+    through the head alone (the transformer's path is cut by zeroing its output layer)."""
+    model = small_model(pixel_head=8)
+    with torch.no_grad():
+        for conv in (model.pixel_head.conv_out, *(b.conv2 for b in model.pixel_head.blocks)):
+            conv.weight.normal_(0, 0.1)
+    x, t, y, mask = inputs(model)
+    x.requires_grad_(True)
+    img = model.unpatchify(model(x, t, y, mask))
+    p = model.cfg.patch_size
+    img[:, :, p - 1, p - 1].sum().backward()  # the last pixel of patch (0, 0)
+    assert x.grad[:, :, p, p].abs().sum() > 0  # the first pixel of patch (1, 1)

@@ -172,3 +172,13 @@ def test_exchange_packs_mixed_dtypes_and_serves_the_previous_evaluation(results)
             for key, got in seen.items():
                 parts = [pw.exchange_value(key, j, e if (j == rank or e <= warmup) else e - 1) for j in range(WORLD)]
                 assert got.dtype == parts[0].dtype and torch.equal(got, torch.cat(parts, dim=1)), (rank, e, key)
+
+
+def test_a_pixel_head_model_is_refused_for_band_sampling():
+    """The pixel head's convolutions would read zeros at a band's edge instead of the neighbour's pixels."""
+    from engine.sampling.patch_parallel import BandModel
+    from models.sizes import build_model, model_config
+
+    model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8, pixel_head=8))
+    with pytest.raises(ValueError, match="pixel_head"):
+        BandModel(model, band=None, exchange=None, mode="patch", moe_routing="sync")

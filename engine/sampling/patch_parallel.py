@@ -104,6 +104,9 @@ class BandModel:
     def __init__(self, model, band: Band, exchange: Exchange, mode: str, moe_routing: str):
         if mode not in ("patch", "full_sync", "naive_patch"):
             raise ValueError(f"BandModel: mode {mode!r} is not a band mode")
+        if model.cfg.pixel_head:
+            raise ValueError("patch-parallel sampling does not support model.pixel_head: its convolutions would need "
+                             "the neighbouring bands' pixels (sample with sample.parallel=none or cfg_split)")
         self.model, self.band, self.exchange, self.mode, self.moe_routing = model, band, exchange, mode, moe_routing
         self.cfg = model.cfg
         self.swapped: list[tuple[nn.Module, str, object]] = []

@@ -13,6 +13,8 @@ from models.sizes import build_network, model_config, outer_config
 def network_config(cfg: Config) -> ModelConfig | NestedConfig:
     d, m, res = cfg.data, cfg.model, cfg.diffusion.resolutions
     extra = {"patch_size": m.patch_size} if m.patch_size else {}
+    if m.pixel_head >= 0:
+        extra["pixel_head"] = m.pixel_head
     inner = model_config(m.name, input_size=res[0] if res else d.image_size, in_channels=d.channels,
                          caption_channels=d.caption_channels, pos_interp_scale=m.pos_interp_scale, init=m.init,
                          time_free=cfg.diffusion.objective == "init_step", **extra)
