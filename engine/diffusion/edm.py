@@ -15,7 +15,7 @@ from engine.diffusion.targets import loss_weight, skip_and_out
 
 @dataclass(frozen=True)
 class EDM:
-    """Defaults are the config tree's (engine/config.py DiffusionConfig): one source of truth."""
+    """Defaults are the config tree's (engine/config/__init__.py DiffusionConfig): one source of truth."""
 
     sigma_data: float = DiffusionConfig.sigma_data
     p_mean: float = DiffusionConfig.p_mean

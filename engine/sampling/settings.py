@@ -1,6 +1,6 @@
 """Sampler settings: the run config's `sample` and `diffusion.sigma_*` keys, optionally overridden by command-line
 flags. One table maps each flag to its config key, so engine/sample.py and engine/evaluate.py share the flags, and the
-config's own checks (engine/config_rules.py `sampling_checks`) validate flags and config files alike."""
+config's own checks (engine/config/rules.py `sampling_checks`) validate flags and config files alike."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +36,7 @@ PARALLEL_FLAGS = [
 
 
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
-    """The sampler flags; each defaults to the run's config value (engine/config.py documents the keys)."""
+    """The sampler flags; each defaults to the run's config value (engine/config/__init__.py documents the keys)."""
     add_flags(parser.add_argument_group("sampler (default: the run's config)"), FLAGS)
 
 

@@ -1,5 +1,5 @@
 """How a config is checked: the allowed values of the keys that name a choice, and every rule (key, test, what is
-allowed), per key and across keys and sections, run in order by Config.validate in engine/config.py. The sampler's
+allowed), per key and across keys and sections, run in order by Config.validate in engine/config/__init__.py. The sampler's
 command-line flags are checked by the same rules."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typing
 if typing.TYPE_CHECKING:
     from engine.config import Config, DiffusionConfig, ModelSection, SadmConfig, SampleConfig, TrainConfig
 
-# The allowed values of the keys that name a choice (engine/config.py documents each key).
+# The allowed values of the keys that name a choice (engine/config/__init__.py documents each key).
 TARGETS = ("edm", "x0", "eps", "v")
 WEIGHTINGS = ("edm", "snr", "sqrt_snr", "uniform")
 SOLVERS = ("euler", "heun", "dpmpp", "unipc")
