@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--grid", type=int, default=64, help="images in grid.png")
     p.add_argument("--save-images", action="store_true", help="also write every image to <out>/images/")
     p.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint name>; --compare: ./compare)")
+    p.add_argument("--caption-use", action="store_true",
+                   help="also measure how much the denoiser relies on each caption attribute (synthetic runs): the "
+                        "MSE ratio when a word is changed, per noise level (engine/eval/caption_use.py)")
     p.add_argument("--x", default="step", choices=["step", "nfe"], help="--compare: x axis of the series plot")
     add_sampler_args(p)
     args = p.parse_args(argv)

@@ -229,6 +229,11 @@ def evaluate_run(args) -> dict:
     reference = args.reference or ("synthetic" if synthetic and extractors else None)
     ref_ds = check_reference(reference, extractors, synthetic, cfg, max(n, args.num_reference or 0),
                              prompts.data_seed if prompts.data_seed is not None else HELD_OUT_SEED)
+    if args.caption_use and not synthetic:
+        raise ConfigError("--caption-use changes the synthetic captions' attributes: the run must train on "
+                          f"data.source=synthetic, not {cfg.data.source}")
+    if args.caption_use and cfg.model.outer:
+        raise ConfigError("--caption-use: a nested run (model.outer) is not supported")
     clip = None
     if args.clip:
         from engine.eval.clip_score import CLIPScorer
@@ -253,6 +258,10 @@ def evaluate_run(args) -> dict:
         scores.update(i, to_uint8(x), prompts.prompts[i:i + len(x)], specs)
     gen_s = time.perf_counter() - t_gen
     metrics = scores.metrics(reference, ref_ds, prompts)
+    if args.caption_use:
+        from engine.eval.caption_use import caption_use, caption_use_table
+        metrics["caption_use"] = caption_use(model, edm, cfg, embed, num_images=min(n, 128), seed=args.seed)
+        print(caption_use_table(metrics["caption_use"]))
 
     if scores.grid:
         grid = np.concatenate(scores.grid)
