@@ -58,6 +58,8 @@ def caption_use(model, edm, cfg, embed, num_images: int = 128, sigmas=DEFAULT_SI
     of MSE(changed caption) / MSE(own caption); each image keeps its noise across captions (fixed by seed, image,
     level), so the ratio measures the caption alone. `embed(captions)` -> (y, y_mask) on the model's device (the
     run's text encoder and key mask: engine/training/run_folder.embed_captions)."""
+    from engine.sampling.experts import ExpertSwitch
+
     if edm.nested:
         raise ValueError("caption use is measured on single-stream models; a nested model is not supported")
     device = next(model.parameters()).device
@@ -70,7 +72,8 @@ def caption_use(model, edm, cfg, embed, num_images: int = 128, sigmas=DEFAULT_SI
 
     def mse(x0, noisy, sigma, captions):
         y, y_mask = embed(captions)
-        d = edm.denoise(model, noisy, sigma, y, y_mask)
+        net = model.at(float(sigma[0])) if isinstance(model, ExpertSwitch) else model  # split runs: that level's expert
+        d = edm.denoise(net, noisy, sigma, y, y_mask)
         return ((d.float() - x0) ** 2).flatten(1).mean(1).cpu()
 
     own_mse = np.zeros((len(sigmas), num_images))
