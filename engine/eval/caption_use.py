@@ -57,7 +57,8 @@ def caption_use(model, edm, cfg, embed, num_images: int = 128, sigmas=DEFAULT_SI
     "images": n}}, "mse": [mean_ci of the true caption's MSE per sigma]}. A ratio is the per-image mean over images
     of MSE(changed caption) / MSE(own caption); each image keeps its noise across captions (fixed by seed, image,
     level), so the ratio measures the caption alone. `embed(captions)` -> (y, y_mask) on the model's device (the
-    run's text encoder and key mask: engine/training/run_folder.embed_captions)."""
+    run's text encoder and key mask: engine/training/run_folder.embed_captions); called once, with every distinct
+    caption."""
     from engine.sampling.experts import ExpertSwitch
 
     if edm.nested:
@@ -70,10 +71,18 @@ def caption_use(model, edm, cfg, embed, num_images: int = 128, sigmas=DEFAULT_SI
     was_training = model.training
     model.eval()
 
+    # every caption, own and changed, embedded in one call (the text encoder is loaded once)
+    alts = {a: [changed_facts(f, a) for f in facts] for a in ATTRIBUTES}
+    texts = own + [caption_of(f) for a in ATTRIBUTES for f in alts[a] if f is not None]
+    distinct = list(dict.fromkeys(texts))
+    row = {t: k for k, t in enumerate(distinct)}
+    y_all, mask_all = embed(distinct)
+
     def mse(x0, noisy, sigma, captions):
-        y, y_mask = embed(captions)
+        rows = torch.tensor([row[t] for t in captions], device=y_all.device)
+        y_mask = None if mask_all is None else mask_all[rows]
         net = model.at(float(sigma[0])) if isinstance(model, ExpertSwitch) else model  # split runs: that level's expert
-        d = edm.denoise(net, noisy, sigma, y, y_mask)
+        d = edm.denoise(net, noisy, sigma, y_all[rows], y_mask)
         return ((d.float() - x0) ** 2).flatten(1).mean(1).cpu()
 
     own_mse = np.zeros((len(sigmas), num_images))
@@ -86,10 +95,9 @@ def caption_use(model, edm, cfg, embed, num_images: int = 128, sigmas=DEFAULT_SI
             noisy, sigma = x0 + s * noise, torch.full((len(idx),), float(s), device=device)
             own_mse[j, idx] = mse(x0, noisy, sigma, [own[i] for i in idx]).numpy()
             for a in ATTRIBUTES:
-                alt = [(k, changed_facts(facts[i], a)) for k, i in enumerate(idx)]
-                keep = [k for k, f in alt if f is not None]
+                keep = [k for k, i in enumerate(idx) if alts[a][i] is not None]
                 if keep:
-                    err = mse(x0[keep], noisy[keep], sigma[keep], [caption_of(alt[k][1]) for k in keep])
+                    err = mse(x0[keep], noisy[keep], sigma[keep], [caption_of(alts[a][idx[k]]) for k in keep])
                     changed[a][j, [idx[k] for k in keep]] = err.numpy()
     model.train(was_training)
     attributes = {}
