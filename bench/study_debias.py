@@ -23,9 +23,9 @@ import torch  # noqa: E402
 
 from engine.eval.attributes import fairness_discrepancy, read_images, summarise  # noqa: E402
 from engine.sampling.debias_predictor import load_predictor  # noqa: E402
-from engine.sampling.debias_sample import GuidanceSettings, generate, make_embedder  # noqa: E402
+from engine.sampling.debias_sample import GuidanceSettings, generate  # noqa: E402
 from engine.sampling.distribution_guidance import parse_target  # noqa: E402
-from engine.training.run_folder import load_run_model  # noqa: E402
+from engine.training.run_folder import load_run_model, make_embedder  # noqa: E402
 
 
 def parse_method(text: str, temperature: float, max_ratio: float) -> GuidanceSettings:

@@ -68,7 +68,7 @@ def load(args):
 
 def train(args) -> Path:
     from engine.sampling.debias_predictor import train_predictor
-    from engine.sampling.debias_sample import make_embedder
+    from engine.training.run_folder import make_embedder
 
     if args.per_class < 4 or args.steps < 1:
         raise ConfigError("--per-class must be >= 4 and --steps >= 1")
@@ -113,7 +113,8 @@ def sample_cmd(args) -> Path:
     from engine.eval.attributes import read_images, summarise
     from engine.outputs.images import save_grid_with_captions
     from engine.sampling.debias_predictor import load_predictor
-    from engine.sampling.debias_sample import generate, make_embedder
+    from engine.sampling.debias_sample import generate
+    from engine.training.run_folder import make_embedder
     from engine.sampling.distribution_guidance import parse_target
 
     g = guidance_settings(args)

@@ -91,8 +91,7 @@ def main(argv=None) -> Path:
     from engine.data.synthetic import synthetic_train_set
     from engine.diffusion.edm import EDM
     from engine.sampling.debias_predictor import weights_hash
-    from engine.sampling.debias_sample import make_embedder
-    from engine.training.run_folder import load_run_model
+    from engine.training.run_folder import load_run_model, make_embedder
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():

@@ -198,7 +198,7 @@ def evaluate_run(args) -> dict:
     from engine.outputs.images import save_grid_with_captions, to_uint8
     from engine.sampling.sampler import build_sampler
     from engine.sampling.settings import SamplerSettings
-    from engine.training.run_folder import embed_captions, load_run_model
+    from engine.training.run_folder import load_run_model, make_embedder
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
@@ -244,7 +244,7 @@ def evaluate_run(args) -> dict:
         from engine.eval.geneval import GenEvalScorer, ShapeDetector
         geneval = GenEvalScorer(ShapeDetector(background="fixed" if cfg.data.backgrounds == "fixed" else "estimate"))
         attributes = cached_attribute_net(cfg.data.image_size, Path(cfg.run.out_dir) / ".cache")
-    embed = lambda captions: embed_captions(cfg, captions, device)  # noqa: E731
+    embed = make_embedder(cfg, device)
     embed(prompts.prompts[:1])  # loads the text encoder now: a missing one fails before anything is written
     out = Path(args.out) if args.out else run / "eval" / Path(ckpt).name
     out.mkdir(parents=True, exist_ok=True)

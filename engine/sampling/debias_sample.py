@@ -39,21 +39,6 @@ class GuidanceSettings:
                 "temperature": self.temperature, "max_ratio": self.max_ratio}
 
 
-def make_embedder(cfg, device):
-    """captions -> (y, y_mask) on `device` through the run's text encoder; each distinct caption is embedded once."""
-    from engine.data.caption_cache import embed_unique
-    from engine.data.train_data import key_padding_mask, load_text_encoder
-
-    encoder = load_text_encoder(cfg)
-
-    def embed(captions: list[str]):
-        ids, emb, mask = embed_unique(captions, encoder)
-        m = key_padding_mask(cfg, mask[ids])
-        return emb[ids].to(device), None if m is None else m.to(device)
-
-    return embed
-
-
 def with_colour(prompt: str, colour: str) -> str:
     """'a circle' -> 'a blue circle' (prompts that already name a colour keep theirs)."""
     spec = parse_single_group(prompt)

@@ -30,12 +30,25 @@ def load_run_model(run: Path, checkpoint: str | None, use_ema: bool = True, text
 
 
 def embed_captions(cfg: Config, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Captions through the run's text encoder: embeddings (B, L, D) and the key mask attention gets, on `device`."""
+    """Captions through the run's text encoder: embeddings (B, L, D) and the key mask attention gets, on `device`. It
+    loads the encoder for this one call; a caller that embeds batch after batch keeps a make_embedder."""
+    return make_embedder(cfg, device)(captions)
+
+
+def make_embedder(cfg: Config, device):
+    """captions -> (y, y_mask) on `device`, as embed_captions, through the run's text encoder loaded once; each
+    distinct caption of a call is embedded once."""
+    from engine.data.caption_cache import embed_unique
     from engine.data.train_data import key_padding_mask, load_text_encoder
 
-    y, y_mask = load_text_encoder(cfg).encode(captions)
-    y_mask = key_padding_mask(cfg, y_mask)
-    return y.to(device), None if y_mask is None else y_mask.to(device)
+    encoder = load_text_encoder(cfg)
+
+    def embed(captions: list[str]):
+        ids, emb, mask = embed_unique(captions, encoder)
+        m = key_padding_mask(cfg, mask[ids])
+        return emb[ids].to(device), None if m is None else m.to(device)
+
+    return embed
 
 
 def load_experts(run: Path, cfg: Config, checkpoint: str | None, use_ema: bool):
