@@ -17,8 +17,12 @@ EXIT_USAGE = 2
 
 
 def run_cli(main: Callable[[], T]) -> T:
-    """Call `main()`; a ConfigError ends the process with its message and status 2."""
+    """Call `main()`; a ConfigError ends the process with its message and status 2. A process that joined a gloo
+    group ends, on success or status 2, without finalizing the interpreter (parallel.exit_skipping_finalization says
+    why); a bug's exception is raised as usual."""
     from torch.distributed.elastic.multiprocessing.errors import record
+
+    from engine.training.parallel import exit_skipping_finalization, joined_gloo
 
     def guarded() -> T:
         try:
@@ -28,7 +32,15 @@ def run_cli(main: Callable[[], T]) -> T:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_USAGE) from None
 
-    return record(guarded)()
+    try:
+        result = record(guarded)()
+    except SystemExit as e:
+        if joined_gloo() and e.code == EXIT_USAGE:
+            exit_skipping_finalization(EXIT_USAGE)
+        raise
+    if joined_gloo():
+        exit_skipping_finalization(0)
+    return result
 
 
 def write_error_file(message: str) -> None:
