@@ -82,7 +82,8 @@ class MicroDiT(nn.Module):
         if self.cfg.pixel_head:
             if keep_idx is not None:
                 raise ValueError("a model with a pixel head predicts every token: train it with diffusion.mask_ratio=0")
-            out = self.patchify(self.pixel_head(self.unpatchify(out), x, c))
+            rows = x.shape[-2] // self.cfg.patch_size  # the whole grid, or one band of it in patch-parallel sampling
+            out = self.patchify(self.pixel_head(self.unpatchify(out, rows), x, c))
         return out
 
     def embed(self, x: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None):

@@ -26,13 +26,15 @@ CAPTION_WIDTH = 16
 EDM_PIXELS = EDM(sigma_data=0.5)
 
 
-def random_model(seed: int = 0):
+def random_model(seed: int = 0, pixel_head: int = 0):
     """MicroDiT_Nano_4 at 32 px (8 token rows, MoE in two blocks) with every weight random: the zero-initialised
-    gates and outputs are drawn too, so no block is the identity and every band depends on the others."""
+    gates and outputs are drawn too, so no block is the identity and every band depends on the others. pixel_head:
+    the width of a convolutional pixel head after the patch output (0 = none)."""
     from models.sizes import build_model, model_config
 
     torch.manual_seed(seed)
-    model = build_model(model_config("MicroDiT_Nano_4", input_size=32, in_channels=3, caption_channels=CAPTION_WIDTH))
+    model = build_model(model_config("MicroDiT_Nano_4", input_size=32, in_channels=3, caption_channels=CAPTION_WIDTH,
+                                     pixel_head=pixel_head))
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():
@@ -71,9 +73,10 @@ def one_process(model, edm, y, mask, noise, **settings_kw) -> torch.Tensor:
 
 
 def load(source):
-    """(model, edm, base config) of a job's model source: {"random": seed} or {"run": run folder}."""
+    """(model, edm, base config) of a job's model source: {"random": seed, optional "pixel_head": width} or {"run":
+    run folder}."""
     if "random" in source:
-        return random_model(source["random"]), EDM_PIXELS, None
+        return random_model(source["random"], source.get("pixel_head", 0)), EDM_PIXELS, None
     from engine.training.run_folder import load_run_model
 
     cfg, model, _ = load_run_model(Path(source["run"]), None)

@@ -186,7 +186,6 @@ NESTED = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4"]
     (["model.experts=[hi, lo]", "sample.expert_sigmas=[1.0]", "diffusion.sigma_range=[1.0, null]"],
      "diffusion.sigma_range=[1.0, None] is set for each expert from sample.expert_sigmas"),
     (["model.pixel_head=16", "diffusion.mask_ratio=0.5"], "model.pixel_head=16 needs diffusion.mask_ratio=0"),
-    (["model.pixel_head=16", "sample.parallel=patch"], "model.pixel_head=16 cannot be sampled patch-parallel"),
     (NESTED + ["model.pixel_head=16"], "model.pixel_head=16 is for single-stream models"),
     (["train.init_prefix=inner"], "train.init_prefix='inner' must be empty or a submodule name ending in '.'"),
     (["train.init_prefix=inner."], "train.init_prefix='inner.' needs train.init_from"),

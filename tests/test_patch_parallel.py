@@ -50,12 +50,21 @@ class Simulated:
         for i, m in enumerate(self.layers):
             fn = self.moe if isinstance(m, ExpertChoiceMoE) else self.attention
             m.forward = types.MethodType(lambda mod, x, fn=fn, i=i: fn(mod, x, i), m)
+        if self.model.cfg.pixel_head and self.kv == "none":  # with no exchange, the head sees its band alone
+            head = self.model.pixel_head
+            self.layers.append(head)
+            head.forward = types.MethodType(lambda mod, out, x, c: self.head_by_band(mod, out, x, c), head)
         return self
 
     def __exit__(self, *exc):
         self.hook.remove()
         for m in self.layers:
             del m.forward
+
+    def head_by_band(self, head, out, x, c):
+        bands = len(self.slices)
+        parts = [type(head).forward(head, o, xb, c) for o, xb in zip(out.chunk(bands, dim=2), x.chunk(bands, dim=2))]
+        return torch.cat(parts, dim=2)
 
     def next_eval(self):
         self.evals, self.prev, self.fresh = self.evals + 1, self.fresh, {}
@@ -98,6 +107,7 @@ class Simulated:
 # ---------------------------------------------------------------- one launch for the sampling tests
 
 RANDOM = {"random": 0}
+HEADED = {"random": 0, "pixel_head": 8}  # the same with a convolutional pixel head (cases named *_head)
 # name -> (settings of the parallel run, what the one-process reference is)
 CASES = {
     **{f"full_sync_{s}": (dict(parallel="full_sync", routing="displaced", **kw), "exact") for s, kw in SOLVERS.items()},
@@ -108,7 +118,14 @@ CASES = {
     "patch_moe_sync": (dict(parallel="patch", routing="sync", nfe=9), ("displaced", "sync", 1)),
     "patch_moe_local": (dict(parallel="patch", routing="local", nfe=9), ("displaced", "local", 1)),
     "naive_patch": (dict(parallel="naive_patch", routing="local", nfe=9), ("none", "local", 1)),
+    "full_sync_heun_head": (dict(parallel="full_sync", routing="displaced", **SOLVERS["heun"]), "exact"),
+    "patch_head": (dict(parallel="patch", routing="displaced", nfe=9), ("displaced", "displaced", 1)),
+    "naive_patch_head": (dict(parallel="naive_patch", routing="local", nfe=9), ("none", "local", 1)),
 }
+
+
+def model_of(case: str):
+    return pw.random_model(**({"pixel_head": HEADED["pixel_head"]} if case.endswith("_head") else {}))
 
 
 def reference_kwargs(kw: dict) -> dict:
@@ -118,30 +135,31 @@ def reference_kwargs(kw: dict) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     y, mask, noise = pw.inputs()
-    jobs = {name: {"kind": "sample", "model": RANDOM, "settings": kw, "inputs": (y, mask, noise)}
-            for name, (kw, _) in CASES.items()}
+    jobs = {name: {"kind": "sample", "model": HEADED if name.endswith("_head") else RANDOM, "settings": kw,
+                   "inputs": (y, mask, noise)} for name, (kw, _) in CASES.items()}
     jobs["exchange"] = {"kind": "exchange", "warmup": 2, "evals": 4}
     return pw.launch(tmp_path_factory.mktemp("pp"), jobs)
 
 
-@pytest.mark.parametrize("solver", list(SOLVERS))
-@pytest.mark.parametrize("mode", ["full_sync", "cfg_split"])
-def test_exact_modes_equal_one_process(results, mode, solver):
-    model, (y, mask, noise) = pw.random_model(), pw.inputs()
-    ref = pw.one_process(model, pw.EDM_PIXELS, y, mask, noise, **SOLVERS[solver])
+@pytest.mark.parametrize("case", [c for c, (_, ref) in CASES.items() if ref == "exact"])
+def test_exact_modes_equal_one_process(results, case):
+    """full_sync and cfg_split give the one-process image; with a pixel head too (it runs on the gathered bands)."""
+    model, (y, mask, noise) = model_of(case), pw.inputs()
+    ref = pw.one_process(model, pw.EDM_PIXELS, y, mask, noise, **reference_kwargs(CASES[case][0]))
     assert ref.abs().max() > 0.5  # the images carry signal at the tolerance's scale
     for rank in range(WORLD):  # every process ends with the whole image
-        got = results[rank][f"{mode}_{solver}"]["images"]
+        got = results[rank][case]["images"]
         assert got.shape == ref.shape
-        assert (got - ref).abs().max() <= tolerance(ref), (mode, solver, rank)
+        assert (got - ref).abs().max() <= tolerance(ref), (case, rank)
 
 
 @pytest.mark.parametrize("case", [c for c, (_, ref) in CASES.items() if ref != "exact"])
 def test_band_modes_equal_the_simulated_schedule(results, case):
     """patch (displaced keys/values, each MoE routing, more warm-up) and naive_patch equal the one-process
-    simulation of the same schedule, and differ from the exact image by far more than round-off."""
+    simulation of the same schedule, and differ from the exact image by far more than round-off. With a pixel head,
+    patch runs it on the whole image, naive_patch on each band alone (the simulation does the same)."""
     kw, (kv, routing, warmup) = CASES[case]
-    model, (y, mask, noise) = pw.random_model(), pw.inputs()
+    model, (y, mask, noise) = model_of(case), pw.inputs()
     with Simulated(model, WORLD, warmup, kv, routing):
         sim = pw.one_process(model, pw.EDM_PIXELS, y, mask, noise, **reference_kwargs(kw))
     exact = pw.one_process(model, pw.EDM_PIXELS, y, mask, noise, **reference_kwargs(kw))
@@ -163,6 +181,10 @@ def test_patch_overlaps_and_sends_less_synchronously(results):
     naive = results[0]["naive_patch"]["stats"]["sent_bytes"]
     assert naive == 2 * 3 * 16 * 32 * 4  # the band of the final image: (B, C, 16 rows, 32) fp32
     assert results[0]["patch"]["stats"]["sent_bytes"] > 50 * naive
+    assert results[0]["naive_patch_head"]["stats"]["sent_bytes"] == naive  # the head alone on its band
+    # the gathered head input, (2B guided, 2C, 16 rows, 32) fp32, in each of 9 evaluations, on top of the keys/values
+    head = results[0]["patch_head"]["stats"]["sent_bytes"] - results[0]["patch"]["stats"]["sent_bytes"]
+    assert head == 9 * (2 * 2) * (2 * 3) * 16 * 32 * 4
 
 
 def test_exchange_packs_mixed_dtypes_and_serves_the_previous_evaluation(results):
@@ -172,13 +194,3 @@ def test_exchange_packs_mixed_dtypes_and_serves_the_previous_evaluation(results)
             for key, got in seen.items():
                 parts = [pw.exchange_value(key, j, e if (j == rank or e <= warmup) else e - 1) for j in range(WORLD)]
                 assert got.dtype == parts[0].dtype and torch.equal(got, torch.cat(parts, dim=1)), (rank, e, key)
-
-
-def test_a_pixel_head_model_is_refused_for_band_sampling():
-    """The pixel head's convolutions would read zeros at a band's edge instead of the neighbour's pixels."""
-    from engine.sampling.patch_parallel import BandModel
-    from models.sizes import build_model, model_config
-
-    model = build_model(model_config("MicroDiT_Nano_4", in_channels=3, caption_channels=8, pixel_head=8))
-    with pytest.raises(ValueError, match="pixel_head"):
-        BandModel(model, band=None, exchange=None, mode="patch", moe_routing="sync")

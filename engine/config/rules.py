@@ -205,9 +205,6 @@ def config_checks(c: Config) -> list[tuple[str, typing.Callable[[], bool], str]]
          "needs diffusion.mask_ratio=0: the pixel head predicts every pixel, deferred masking drops tokens"),
         ("model.pixel_head", lambda: not pixel_head(m) or not m.outer,
          "is for single-stream models; a nested model (model.outer) has none"),
-        ("model.pixel_head", lambda: not pixel_head(m) or c.sample.parallel in ("none", "cfg_split"),
-         f"cannot be sampled patch-parallel (sample.parallel={c.sample.parallel!r}): a band's convolutions would "
-         "miss the neighbouring band's pixels"),
         ("data.image_size", lambda: bool(d.resolutions) or dt.image_size % patch_size(m) == 0,
          f"must be a multiple of {m.name}'s patch size (model.patch_size)"),
         ("data.image_size", lambda: dt.source != "synthetic" or dt.image_size >= 16,

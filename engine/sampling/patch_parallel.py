@@ -9,6 +9,7 @@ contiguous token rows. The model's code is unchanged; `BandModel` swaps a few of
   self-attention    queries of the band's tokens; keys/values of all tokens: the band's fresh ones, the others' from
                     the exchange (engine/sampling/exchange.py), in every patch-mixer and backbone block
   expert choice     routed across the bands (engine/sampling/band_moe.py)
+  pixel head        run on the whole image from the gathered bands (BandPixelHead)
 
 Modes: 'full_sync' and 'patch' exchange keys/values (patch: displaced after the warm-up); 'naive_patch' never does:
 the band attends to its own tokens only.
@@ -95,6 +96,25 @@ class DisplacedSelfAttention(nn.Module):
         return attn.proj(attend(attn, q, k, v, None))  # (B, n, dim)
 
 
+class BandPixelHead(nn.Module):
+    """A built PixelHead for one band. Its 3x3 convolutions read the neighbouring rows and its group norms take
+    statistics over the whole image, so in the exchanging modes the bands' patch outputs and inputs are gathered
+    (blocking: they are the evaluation's own output, never displaced) and every process runs the head on the whole
+    image, keeping its band's rows: exact, at the price of the head's FLOPs on every process. naive_patch runs it on
+    the band alone, zero-padded at the band's edges, as DistriFusion's naive baseline does its convolutions."""
+
+    def __init__(self, inner: nn.Module, band: Band, exchange: Exchange, mode: str):
+        super().__init__()
+        self.inner, self.band, self.exchange, self.mode = inner, band, exchange, mode
+
+    def forward(self, out: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """out, x (B, C, band rows·p, W) -> (B, C, band rows·p, W)."""
+        if self.mode == "naive_patch":
+            return self.inner(out, x, c)
+        whole = self.exchange.gather_now(torch.cat([out, x.to(out.dtype)], dim=1), dim=2)  # (B, 2C, H, W)
+        return self.inner(*whole.chunk(2, dim=1), c)[:, :, self.band.pixels]
+
+
 class BandModel:
     """What engine/diffusion/edm.py calls as the model while entered: forward, patchify and unpatchify of one band.
 
@@ -104,9 +124,6 @@ class BandModel:
     def __init__(self, model, band: Band, exchange: Exchange, mode: str, moe_routing: str):
         if mode not in ("patch", "full_sync", "naive_patch"):
             raise ValueError(f"BandModel: mode {mode!r} is not a band mode")
-        if model.cfg.pixel_head:
-            raise ValueError("patch-parallel sampling does not support model.pixel_head: its convolutions would need "
-                             "the neighbouring bands' pixels (sample with sample.parallel=none or cfg_split)")
         self.model, self.band, self.exchange, self.mode, self.moe_routing = model, band, exchange, mode, moe_routing
         self.cfg = model.cfg
         self.swapped: list[tuple[nn.Module, str, object]] = []
@@ -119,6 +136,8 @@ class BandModel:
             self._swap(m, "y_emb_preprocess", CachedByInput(m.y_emb_preprocess))
         if cfg.mixer_depth > 0:
             self._swap(m, "patch_mixer_map_y", CachedByInput(m.patch_mixer_map_y))
+        if cfg.pixel_head:
+            self._swap(m, "pixel_head", BandPixelHead(m.pixel_head, self.band, self.exchange, self.mode))
         for key, block in self.blocks():
             if cfg.cross_attention:
                 self._swap(block.cross_attn, "kv_linear", CachedByInput(block.cross_attn.kv_linear))
