@@ -101,6 +101,18 @@ def test_statistic_ci_brackets_the_statistic():
     assert r["ci"][0] <= r["value"] <= r["ci"][1] and r["n"] == 300
 
 
+def test_statistic_ci_brackets_a_frechet_distance():
+    """Resamples repeat images, which raises a Fréchet distance above the value itself: the interval must still hold
+    the value, keep the resamples' width and stay at or above the floor."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(128, 16)), rng.normal(size=(128, 16)) + 0.3
+    r = statistic_ci(lambda idx: frechet_of_features(a[idx], b[idx]), 128, floor=0.0)
+    assert r["resample_shift"] > 0  # the bias this interval corrects is there
+    assert 0.0 <= r["ci"][0] < r["value"] < r["ci"][1], r
+    tight = statistic_ci(lambda idx: frechet_of_features(a[idx], a[idx]), 128, floor=0.0)  # identical sets: 0
+    assert tight["value"] < 1e-6 and tight["ci"][0] == 0.0, tight
+
+
 # ---------------------------------------------------------------- paired comparison
 
 

@@ -71,7 +71,8 @@ def summarise(records: list[dict], target, classes: list[str] | None = None, see
     return {
         "n": n,
         "histogram": dict(zip(classes, histogram(colours, classes).round(4).tolist())),
-        "fd": statistic_ci(lambda idx: fairness_discrepancy([colours[i] for i in idx], target, classes), n, seed=seed),
+        "fd": statistic_ci(lambda idx: fairness_discrepancy([colours[i] for i in idx], target, classes), n, seed=seed,
+                           floor=0.0),
         "red_fraction": mean_ci([None if c is None else c == "red" for c in colours], seed=seed),
         "no_detection": mean_ci([not r["detected"] for r in records], seed=seed),
         "shape": mean_ci([r["shape"] for r in records], seed=seed),

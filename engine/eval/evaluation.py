@@ -174,7 +174,7 @@ def attribute_fd(extractor, features: np.ndarray, prompts: PromptSet, out: Path)
     ref = np.concatenate([extractor(ds.images(range(i, min(n, i + 256)))).numpy() for i in range(0, n, 256)])
     np.save(out / "features_attr.npy", features.astype(np.float32))
     np.save(out / "reference_attr.npy", ref.astype(np.float32))
-    ci = statistic_ci(lambda idx: frechet_of_features(features[idx], ref[idx]), n)
+    ci = statistic_ci(lambda idx: frechet_of_features(features[idx], ref[idx]), n, floor=0.0)
     return {**ci, "extractor": extractor.name, "reference": f"SyntheticShapes(seed={prompts.data_seed}), paired"}
 
 
@@ -182,7 +182,7 @@ def structure_gaps(features: np.ndarray, reference: np.ndarray) -> dict:
     """engine/eval/structure_gap.py's statistics of the generated vs the paired reference features, with CIs."""
     from engine.eval.structure_gap import STATISTICS
 
-    return {name: {**statistic_ci(lambda idx, f=f: f(features[idx], reference[idx]), len(features)),
+    return {name: {**statistic_ci(lambda idx, f=f: f(features[idx], reference[idx]), len(features), floor=0.0),
                    "space": "attribute features"} for name, f in STATISTICS.items()}
 
 

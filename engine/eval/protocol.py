@@ -130,9 +130,19 @@ def mean_ci(values, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, s
     return {"mean": float(v.mean()), "ci": list(percentile_ci(means, level)), "n": int(len(v))}
 
 
-def statistic_ci(stat, n: int, level: float = 0.95, resamples: int = 200, seed: int = 0) -> dict:
+def statistic_ci(stat, n: int, level: float = 0.95, resamples: int = 200, seed: int = 0,
+                 floor: float | None = None) -> dict:
     """A statistic of a set of n images (e.g. a Fréchet distance) with a bootstrap CI: `stat(indices)` is called on
-    all indices and on each resample. Fewer resamples than for means: each call may cost milliseconds."""
-    value = stat(np.arange(n))
-    boot = np.array([stat(idx) for idx in bootstrap_indices(n, resamples, seed)])
-    return {"value": float(value), "ci": list(percentile_ci(boot, level)), "n": n, "resamples": resamples}
+    all indices and on each resample. Fewer resamples than for means: each call may cost milliseconds.
+
+    The interval is the resamples' spread around the statistic (their quantiles minus their mean, added to it). A
+    resample repeats images, which a fresh evaluation never does, and that alone moves a set statistic: a Fréchet
+    distance of 256 images rises by more than its own spread, so a plain percentile interval can miss the value it is
+    given for. `floor` clips the interval of a statistic that cannot go below it (a distance: 0)."""
+    value = float(stat(np.arange(n)))
+    boot = np.array([stat(idx) for idx in bootstrap_indices(n, resamples, seed)], dtype=np.float64)
+    lo, hi = (value + q - float(boot.mean()) for q in percentile_ci(boot, level))
+    if floor is not None:
+        lo, hi = max(lo, floor), max(hi, floor)
+    return {"value": value, "ci": [lo, hi], "n": n, "resamples": resamples,
+            "resample_shift": float(boot.mean()) - value}
