@@ -12,13 +12,14 @@ _SIZES: dict[str, dict] = {
     "MicroDiT_XL_2": dict(dim=1024, depth=28, head_dim=64, mixer_depth=6, mixer_dim=768),
     # The official code's small model.
     "MicroDiT_Tiny_2": dict(dim=512, depth=16, head_dim=32, mixer_depth=4, mixer_dim=512),
-    # CPU-sized: trains in minutes on two cores (pixel space, patch 4 on 32×32 images). Used by configs/tiny.yaml.
+    # CPU-sized: trains in minutes on two cores (pixel space, patch 4 on 32×32 images). Used by configs/tiny.yaml and,
+    # with a pixel head (model.pixel_head), by the CPU reference configs/tiny_reference.yaml.
     "MicroDiT_Nano_4": dict(
         patch_size=4, dim=128, depth=4, head_dim=32, multiple_of=32, mixer_depth=2, mixer_dim=96,
         num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
     ),
-    # The CPU reference (configs/tiny_reference.yaml): Nano's backbone on 2x2 patches (256 tokens at 32 px, 12 values
-    # each), one narrow mixer block. 4x4 patches paint each 48-value patch flat and lose shapes; 2x2 keeps them.
+    # Nano's backbone on 2x2 patches (256 tokens at 32 px, 12 values each), one narrow mixer block: 4x4 patches paint
+    # each 48-value patch flat, 2x2 keep shapes but blobs merge (the earlier CPU reference; README: Configs).
     "MicroDiT_Nano_2": dict(
         patch_size=2, dim=128, depth=4, head_dim=32, multiple_of=32, mixer_depth=1, mixer_dim=64,
         num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
