@@ -19,6 +19,8 @@ Scores, each with a bootstrap 95% confidence interval over images:
   * FID against --reference with each extractor given (--inception TorchScript file and/or --features transformers
     vision model; engine/eval/reference.py), comparable only with the same extractor, image count and reference;
   * CLIP score with --clip (engine/eval/clip_score.py).
+With --caption-use and --train-gap, two denoising checks that need no sampling: how much each caption word is relied on
+(engine/eval/caption_use.py) and the training vs held-out error (engine/eval/train_gap.py).
 
 Writes <out>/eval.json (everything a number depends on), grid.png, geneval.jsonl and the attribute features (per
 image, for --compare), reference_<extractor>.npz (pass one back as --reference to skip recomputing it) and, with
@@ -78,6 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--caption-use", action="store_true",
                    help="also measure how much the denoiser relies on each caption attribute (synthetic runs): the "
                         "MSE ratio when a word is changed, per noise level (engine/eval/caption_use.py)")
+    p.add_argument("--train-gap", action="store_true",
+                   help="also compare the denoising error on the run's first --num-images training images with as "
+                        "many held-out ones, per noise level (synthetic runs): has it memorised its training set? "
+                        "(engine/eval/train_gap.py)")
     p.add_argument("--x", default="step", choices=["step", "nfe"], help="--compare: x axis of the series plot")
     add_sampler_args(p)
     args = p.parse_args(argv)

@@ -467,7 +467,7 @@ def test_evaluate_cli_end_to_end(tiny_run, inception_file, tiny_clip, tmp_path):
     cmd = [sys.executable, str(ROOT / "engine" / "evaluate.py"), "--run", str(tiny_run), "--num-images", "8",
            "--steps", "2", "--cfg", "2.0", "--seed", "3", "--batch-size", "5", "--inception", str(inception_file),
            "--features", str(tiny_clip[0]), "--clip", str(tiny_clip[0]), "--out", str(out), "--save-images",
-           "--caption-use"]
+           "--caption-use", "--train-gap"]
     proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -490,6 +490,8 @@ def test_evaluate_cli_end_to_end(tiny_run, inception_file, tiny_clip, tmp_path):
     use = r["metrics"]["caption_use"]
     assert use["num_images"] == 8 and set(use["attributes"]) == {"colour", "shape", "count", "relation"}
     assert all(len(a["ratio"]) == len(use["sigmas"]) and a["ratio"][0]["mean"] > 0 for a in use["attributes"].values())
+    gap = r["metrics"]["train_gap"]
+    assert 0 < gap["num_images"] <= 8 and len(gap["ratio"]) == len(gap["sigmas"]) and all(x > 0 for x in gap["ratio"])
 
     # in-process, same images: the reference statistics reused from the .npz give the same FID
     from engine.evaluate import main

@@ -234,6 +234,11 @@ def evaluate_run(args) -> dict:
                           f"data.source=synthetic, not {cfg.data.source}")
     if args.caption_use and cfg.model.outer:
         raise ConfigError("--caption-use: a nested run (model.outer) is not supported")
+    if args.train_gap and not synthetic:
+        raise ConfigError("--train-gap regenerates the synthetic training images: the run must train on "
+                          f"data.source=synthetic, not {cfg.data.source}")
+    if args.train_gap and cfg.model.outer:
+        raise ConfigError("--train-gap: a nested run (model.outer) is not supported")
     clip = None
     if args.clip:
         from engine.eval.clip_score import CLIPScorer
@@ -262,6 +267,10 @@ def evaluate_run(args) -> dict:
         from engine.eval.caption_use import caption_use, caption_use_table
         metrics["caption_use"] = caption_use(model, edm, cfg, embed, num_images=min(n, 128), seed=args.seed)
         print(caption_use_table(metrics["caption_use"]))
+    if args.train_gap:
+        from engine.eval.train_gap import train_gap, train_gap_table
+        metrics["train_gap"] = train_gap(model, edm, cfg, embed, num_images=n, seed=args.seed)
+        print(train_gap_table(metrics["train_gap"]))
 
     if scores.grid:
         grid = np.concatenate(scores.grid)

@@ -1,0 +1,72 @@
+"""Train gap: does a denoiser do better on the images it trained on than on new ones of the same distribution?
+
+The first N images of the run's synthetic training set and N held-out images (the same generator and knobs, the
+protocol's held-out seed) are noised with the same fixed noise (image i of either set gets unit_noise(seed, i, level))
+and denoised with their own captions, without guidance. Per noise level: the mean squared error against x0 of each
+set and their ratio, held-out / train. A ratio near 1 says the model has not memorised its training images, so more
+of them will not help; a ratio well above 1 at a noise level says it has, there. A small training set
+(`data.num_samples`) seen for many epochs is where this matters.
+
+Like caption use it needs no sampling (one forward per image and level): cheap enough for every checkpoint.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.data.synthetic import SyntheticShapes, parse_colour_weights, synthetic_train_set
+from engine.eval.denoising import unit_noise
+from engine.eval.protocol import HELD_OUT_SEED, mean_ci
+
+DEFAULT_SIGMAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def held_out_twin(cfg, num_images: int, seed: int = HELD_OUT_SEED) -> SyntheticShapes:
+    """num_images images from the training set's distribution (its backgrounds and colour knobs) under `seed`."""
+    d = cfg.data
+    return SyntheticShapes(num_images, d.image_size, seed, d.backgrounds, parse_colour_weights(d.colour_bias),
+                           d.caption_colour_dropout)
+
+
+@torch.no_grad()
+def train_gap(model, edm, cfg, embed, num_images: int = 256, sigmas=DEFAULT_SIGMAS, batch_size: int = 64,
+              seed: int = 0) -> dict:
+    """{"sigmas", "num_images", "seed", "train": [mean_ci of MSE per sigma], "held_out": [likewise],
+    "ratio": [held-out mean / train mean per sigma]}. `embed(captions)` -> (y, y_mask) on the model's device (the
+    run's text encoder and key mask: engine/training/run_folder.make_embedder)."""
+    from engine.sampling.experts import ExpertSwitch
+
+    if edm.nested:
+        raise ValueError("the train gap is measured on single-stream models; a nested model is not supported")
+    train = synthetic_train_set(cfg)
+    n = min(num_images, len(train))  # a training set smaller than asked: all of it, and as many held-out images
+    sets = {"train": train, "held_out": held_out_twin(cfg, n)}
+    device = next(model.parameters()).device
+    size = cfg.data.image_size
+    was_training = model.training
+    model.eval()
+    mse = {name: np.zeros((len(sigmas), n)) for name in sets}
+    for name, ds in sets.items():
+        for lo in range(0, n, batch_size):
+            idx = list(range(lo, min(n, lo + batch_size)))
+            x0 = ds.images(idx).to(device)
+            y, y_mask = embed(ds.captions(idx))
+            for j, s in enumerate(sigmas):
+                noise = torch.stack([unit_noise(seed, i, j, size, x0.shape[1]) for i in idx]).to(device)
+                net = model.at(float(s)) if isinstance(model, ExpertSwitch) else model  # split runs: that level's expert
+                d = edm.denoise(net, x0 + s * noise, torch.full((len(idx),), float(s), device=device), y, y_mask)
+                mse[name][j, idx] = ((d.float() - x0) ** 2).flatten(1).mean(1).cpu().numpy()
+    model.train(was_training)
+    return {"sigmas": [float(s) for s in sigmas], "num_images": n, "seed": seed,
+            "train": [mean_ci(m.tolist()) for m in mse["train"]],
+            "held_out": [mean_ci(m.tolist()) for m in mse["held_out"]],
+            "ratio": [float(h.mean() / max(t.mean(), 1e-12)) for h, t in zip(mse["held_out"], mse["train"])]}
+
+
+def train_gap_table(result: dict) -> str:
+    """A small text table: MSE of each set and their ratio per noise level."""
+    head = "train gap  " + " ".join(f"s={s:<6g}" for s in result["sigmas"])
+    rows = [f"{name:<10} " + " ".join(f"{c['mean']:<8.4f}" for c in result[name]) for name in ("train", "held_out")]
+    rows.append(f"{'ratio':<10} " + " ".join(f"{r:<8.3f}" for r in result["ratio"]) +
+                f"  ({result['num_images']} images each)")
+    return "\n".join([head, *rows])
