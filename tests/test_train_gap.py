@@ -9,7 +9,7 @@ import torch
 from engine.config import load_config
 from engine.data.synthetic import synthetic_train_set
 from engine.eval.protocol import HELD_OUT_SEED
-from engine.eval.train_gap import held_out_twin, train_gap, train_gap_table
+from engine.eval.train_gap import train_gap, train_gap_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,10 +62,10 @@ def test_a_training_set_drawn_with_the_held_out_seed_has_a_ratio_of_exactly_one(
     assert [c["mean"] for c in res["train"]] == [c["mean"] for c in res["held_out"]]
 
 
-def test_the_held_out_twin_follows_the_training_sets_colour_knobs_under_another_seed():
+def test_the_held_out_set_follows_the_training_sets_colour_knobs_under_another_seed():
     cfg = config(num_samples=64)
     cfg.data.colour_bias, cfg.data.caption_colour_dropout = "red=0.8", 0.5
-    twin, train = held_out_twin(cfg, 64), synthetic_train_set(cfg)
+    twin, train = synthetic_train_set(cfg, seed=HELD_OUT_SEED), synthetic_train_set(cfg)
     assert (twin.colour_weights, twin.caption_colour_dropout) == (train.colour_weights, train.caption_colour_dropout)
     assert twin.seed == HELD_OUT_SEED != train.seed and twin.captions(range(8)) != train.captions(range(8))
 

@@ -262,10 +262,11 @@ def caption_of(facts: dict, colours: bool = True) -> str:
     return f"{text} on a {facts['background']} background" if "background" in facts else text
 
 
-def synthetic_train_set(cfg) -> SyntheticShapes:
-    """The training set a config describes (data.* and run.seed), its colour knobs included."""
+def synthetic_train_set(cfg, seed: int | None = None) -> SyntheticShapes:
+    """The training set a config describes (data.* and run.seed), its colour knobs included; with `seed`, the same
+    distribution under another seed (e.g. held-out images of it)."""
     d = cfg.data
-    return SyntheticShapes(d.num_samples, d.image_size, cfg.run.seed, d.backgrounds,
+    return SyntheticShapes(d.num_samples, d.image_size, cfg.run.seed if seed is None else seed, d.backgrounds,
                            parse_colour_weights(d.colour_bias), d.caption_colour_dropout)
 
 

@@ -14,18 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.data.synthetic import SyntheticShapes, parse_colour_weights, synthetic_train_set
+from engine.data.synthetic import synthetic_train_set
 from engine.eval.denoising import unit_noise
 from engine.eval.protocol import HELD_OUT_SEED, mean_ci
 
 DEFAULT_SIGMAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-
-
-def held_out_twin(cfg, num_images: int, seed: int = HELD_OUT_SEED) -> SyntheticShapes:
-    """num_images images from the training set's distribution (its backgrounds and colour knobs) under `seed`."""
-    d = cfg.data
-    return SyntheticShapes(num_images, d.image_size, seed, d.backgrounds, parse_colour_weights(d.colour_bias),
-                           d.caption_colour_dropout)
 
 
 @torch.no_grad()
@@ -40,21 +33,22 @@ def train_gap(model, edm, cfg, embed, num_images: int = 256, sigmas=DEFAULT_SIGM
         raise ValueError("the train gap is measured on single-stream models; a nested model is not supported")
     train = synthetic_train_set(cfg)
     n = min(num_images, len(train))  # a training set smaller than asked: all of it, and as many held-out images
-    sets = {"train": train, "held_out": held_out_twin(cfg, n)}
+    sets = {"train": train, "held_out": synthetic_train_set(cfg, seed=HELD_OUT_SEED)}
     device = next(model.parameters()).device
     size = cfg.data.image_size
     was_training = model.training
     model.eval()
     mse = {name: np.zeros((len(sigmas), n)) for name in sets}
-    for name, ds in sets.items():
-        for lo in range(0, n, batch_size):
-            idx = list(range(lo, min(n, lo + batch_size)))
-            x0 = ds.images(idx).to(device)
-            y, y_mask = embed(ds.captions(idx))
-            for j, s in enumerate(sigmas):
-                noise = torch.stack([unit_noise(seed, i, j, size, x0.shape[1]) for i in idx]).to(device)
-                net = model.at(float(s)) if isinstance(model, ExpertSwitch) else model  # split runs: that level's expert
-                d = edm.denoise(net, x0 + s * noise, torch.full((len(idx),), float(s), device=device), y, y_mask)
+    for lo in range(0, n, batch_size):
+        idx = list(range(lo, min(n, lo + batch_size)))
+        batches = {name: (ds.images(idx).to(device), *embed(ds.captions(idx))) for name, ds in sets.items()}
+        channels = batches["train"][0].shape[1]
+        for j, s in enumerate(sigmas):
+            noise = torch.stack([unit_noise(seed, i, j, size, channels) for i in idx]).to(device)
+            sigma = torch.full((len(idx),), float(s), device=device)
+            net = model.at(float(s)) if isinstance(model, ExpertSwitch) else model  # split runs: that level's expert
+            for name, (x0, y, y_mask) in batches.items():  # both sets get the same noise
+                d = edm.denoise(net, x0 + s * noise, sigma, y, y_mask)
                 mse[name][j, idx] = ((d.float() - x0) ** 2).flatten(1).mean(1).cpu().numpy()
     model.train(was_training)
     return {"sigmas": [float(s) for s in sigmas], "num_images": n, "seed": seed,
