@@ -75,3 +75,24 @@ def test_the_table_names_both_sets_and_the_ratio():
     res = train_gap(torch.nn.Linear(1, 1), Blur(), cfg, embed, num_images=4, sigmas=(1.0,), batch_size=4)
     table = train_gap_table(res)
     assert "train" in table and "held_out" in table and f"{res['ratio'][0]:.3f}" in table
+
+
+def test_a_split_run_is_measured_with_each_noise_levels_expert():
+    """per_image_mse (shared by train gap and caption use): an ExpertSwitch answers with the expert of the level."""
+    from engine.eval.denoising import per_image_mse
+    from engine.sampling.experts import ExpertSwitch
+
+    class Constant(torch.nn.Module):
+        def __init__(self, value: float):
+            super().__init__()
+            self.value, self.cfg = value, None
+
+    class ByExpert:  # D(x) = the expert's constant everywhere
+        def denoise(self, net, x, sigma, y, y_mask):
+            return torch.full_like(x, net.value)
+
+    switch = ExpertSwitch([Constant(1.0), Constant(0.5)], [2.0])
+    x0 = torch.zeros(3, 3, 4, 4)
+    for s, want in ((4.0, 1.0), (0.5, 0.25)):
+        mse = per_image_mse(switch, ByExpert(), x0, x0, torch.full((3,), s), None, None)
+        assert mse.tolist() == [want] * 3

@@ -17,11 +17,10 @@ import numpy as np
 import torch
 
 from engine.data.synthetic import COLOURS, MAX_COUNT, RELATIONS, SHAPES, SyntheticShapes, caption_of
-from engine.eval.denoising import unit_noise
+from engine.eval.denoising import CHECK_SIGMAS, per_image_mse, unit_noise
 from engine.eval.protocol import HELD_OUT_SEED, mean_ci
 
 ATTRIBUTES = ("colour", "shape", "count", "relation")
-DEFAULT_SIGMAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def _next(values, value):
@@ -51,7 +50,7 @@ def changed_facts(facts: dict, attribute: str) -> dict | None:
 
 
 @torch.no_grad()
-def caption_use(model, edm, cfg, embed, num_images: int = 128, sigmas=DEFAULT_SIGMAS, batch_size: int = 64,
+def caption_use(model, edm, cfg, embed, num_images: int = 128, sigmas=CHECK_SIGMAS, batch_size: int = 64,
                 seed: int = 0) -> dict:
     """{"sigmas", "num_images", "attributes": {attribute: {"ratio": [mean_ci of per-image MSE ratio per sigma],
     "images": n}}, "mse": [mean_ci of the true caption's MSE per sigma]}. A ratio is the per-image mean over images
@@ -59,8 +58,6 @@ def caption_use(model, edm, cfg, embed, num_images: int = 128, sigmas=DEFAULT_SI
     level), so the ratio measures the caption alone. `embed(captions)` -> (y, y_mask) on the model's device (the
     run's text encoder and key mask: engine/training/run_folder.embed_captions); called once, with every distinct
     caption."""
-    from engine.sampling.experts import ExpertSwitch
-
     if edm.nested:
         raise ValueError("caption use is measured on single-stream models; a nested model is not supported")
     device = next(model.parameters()).device
@@ -81,9 +78,7 @@ def caption_use(model, edm, cfg, embed, num_images: int = 128, sigmas=DEFAULT_SI
     def mse(x0, noisy, sigma, captions):
         rows = torch.tensor([row[t] for t in captions], device=y_all.device)
         y_mask = None if mask_all is None else mask_all[rows]
-        net = model.at(float(sigma[0])) if isinstance(model, ExpertSwitch) else model  # split runs: that level's expert
-        d = edm.denoise(net, noisy, sigma, y_all[rows], y_mask)
-        return ((d.float() - x0) ** 2).flatten(1).mean(1).cpu()
+        return per_image_mse(model, edm, x0, noisy, sigma, y_all[rows], y_mask)
 
     own_mse = np.zeros((len(sigmas), num_images))
     changed = {a: np.full((len(sigmas), num_images), np.nan) for a in ATTRIBUTES}

@@ -72,6 +72,21 @@ def heldout_denoising_loss(model, edm, cfg, encoder, num_images: int = 128, num_
             "shifts": shifts(edm) if edm.nested else [1.0]}
 
 
+# Noise levels of the denoising checks that compare two conditions image by image (caption use, train gap): from
+# where samples keep their layout (0.25) to where it is decided (4-8).
+CHECK_SIGMAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def per_image_mse(model, edm, x0, noisy, sigma, y, y_mask) -> torch.Tensor:
+    """(B,) MSE of D(noisy; sigma) against x0 per image, on the CPU. All images share one noise level; a split run
+    (ExpertSwitch) answers with that level's expert."""
+    from engine.sampling.experts import ExpertSwitch
+
+    net = model.at(float(sigma[0])) if isinstance(model, ExpertSwitch) else model
+    d = edm.denoise(net, noisy, sigma, y, y_mask)
+    return ((d.float() - x0) ** 2).flatten(1).mean(1).cpu()
+
+
 def unit_noise(seed: int, image: int, level: int, size: int, channels: int) -> torch.Tensor:
     """Image `image`'s unit noise at noise level `level` for a stream of side `size`: fixed by those numbers."""
     g = torch.Generator().manual_seed(derive_seed(seed, "heldout-denoising", image, level, size))

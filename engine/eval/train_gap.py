@@ -15,20 +15,16 @@ import numpy as np
 import torch
 
 from engine.data.synthetic import synthetic_train_set
-from engine.eval.denoising import unit_noise
+from engine.eval.denoising import CHECK_SIGMAS, per_image_mse, unit_noise
 from engine.eval.protocol import HELD_OUT_SEED, mean_ci
-
-DEFAULT_SIGMAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 @torch.no_grad()
-def train_gap(model, edm, cfg, embed, num_images: int = 256, sigmas=DEFAULT_SIGMAS, batch_size: int = 64,
+def train_gap(model, edm, cfg, embed, num_images: int = 256, sigmas=CHECK_SIGMAS, batch_size: int = 64,
               seed: int = 0) -> dict:
     """{"sigmas", "num_images", "seed", "train": [mean_ci of MSE per sigma], "held_out": [likewise],
     "ratio": [held-out mean / train mean per sigma]}. `embed(captions)` -> (y, y_mask) on the model's device (the
     run's text encoder and key mask: engine/training/run_folder.make_embedder)."""
-    from engine.sampling.experts import ExpertSwitch
-
     if edm.nested:
         raise ValueError("the train gap is measured on single-stream models; a nested model is not supported")
     train = synthetic_train_set(cfg)
@@ -46,10 +42,8 @@ def train_gap(model, edm, cfg, embed, num_images: int = 256, sigmas=DEFAULT_SIGM
         for j, s in enumerate(sigmas):
             noise = torch.stack([unit_noise(seed, i, j, size, channels) for i in idx]).to(device)
             sigma = torch.full((len(idx),), float(s), device=device)
-            net = model.at(float(s)) if isinstance(model, ExpertSwitch) else model  # split runs: that level's expert
             for name, (x0, y, y_mask) in batches.items():  # both sets get the same noise
-                d = edm.denoise(net, x0 + s * noise, sigma, y, y_mask)
-                mse[name][j, idx] = ((d.float() - x0) ** 2).flatten(1).mean(1).cpu().numpy()
+                mse[name][j, idx] = per_image_mse(model, edm, x0, x0 + s * noise, sigma, y, y_mask).numpy()
     model.train(was_training)
     return {"sigmas": [float(s) for s in sigmas], "num_images": n, "seed": seed,
             "train": [mean_ci(m.tolist()) for m in mse["train"]],
