@@ -3,6 +3,7 @@
     python engine/evaluate.py --run-dir runs/tiny [--step 300] [--inception inception-2015-12-05.pt] [--clip ...]
     python engine/evaluate.py --compare runs/a runs/b [--out DIR]            # two runs on identical inputs
     python engine/evaluate.py --compare runs/a/eval/x runs/a/eval/y ...      # evaluation folders (e.g. two samplers)
+    python engine/evaluate.py --caption-value 100000 [--out DIR]           # the synthetic set's own ceiling, no run
 
 Generates --num-images images with the run's EMA weights and sampler settings (default EDM Heun + CFG; the sampler
 flags --solver, --schedule, --nfe, --init, ... override them; eval.json records them). Image i is made for prompt i of
@@ -19,18 +20,22 @@ Scores, each with a bootstrap 95% confidence interval over images:
   * FID against --reference with each extractor given (--inception TorchScript file and/or --features transformers
     vision model; engine/eval/reference.py), comparable only with the same extractor, image count and reference;
   * CLIP score with --clip (engine/eval/clip_score.py).
+--caption-value N needs no run: on N SyntheticShapes images, the lowest x0 error any denoiser can reach at sigma -> inf
+knowing nothing, the colours, ... the whole caption (engine/eval/caption_value.py): what reading each word can earn.
 With --caption-use and --train-gap, two denoising checks that need no sampling: how much each caption word is relied on
 (engine/eval/caption_use.py) and the training vs held-out error (engine/eval/train_gap.py).
 
 Writes <out>/eval.json (everything a number depends on), grid.png, geneval.jsonl and the attribute features (per
 image, for --compare), reference_<extractor>.npz (pass one back as --reference to skip recomputing it) and, with
 --save-images, every image. --compare writes compare.json, compare.md (a table of paired differences with CIs) and,
-for a series, compare.png (metric against --x step|nfe). A run folder given to --compare is evaluated first with
+for a series, compare.png (metric against --x step|nfe); --caption-value writes caption_value.json (default folder
+./caption_value). A run folder given to --compare is evaluated first with
 this command's settings.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -50,6 +55,9 @@ def parse_args(argv=None):
     what.add_argument("--compare", nargs="+", metavar="RUN_OR_EVAL",
                       help="two or more run folders or evaluation folders (holding eval.json); each is compared with "
                            "the first")
+    what.add_argument("--caption-value", type=int, metavar="SAMPLES",
+                      help="no run: the synthetic set's lowest possible x0 error at sigma -> inf for each level of "
+                           "caption knowledge, on SAMPLES images (200000: about two minutes, 3.3 GB)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the run's newest complete one)")
     p.add_argument("--step", type=int, help="evaluate the run's checkpoint of this step")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
@@ -84,23 +92,54 @@ def parse_args(argv=None):
                    help="also compare the denoising error on the run's first --num-images training images with as "
                         "many held-out ones, per noise level (synthetic runs): has it memorised its training set? "
                         "(engine/eval/train_gap.py)")
+    p.add_argument("--check-sigmas", type=noise_levels, metavar="S1,S2,...",
+                   help="noise levels of --caption-use and --train-gap (default 0.25,0.5,1,2,4,8; e.g. 80 to compare "
+                        "with --caption-value's ceiling)")
     p.add_argument("--x", default="step", choices=["step", "nfe"], help="--compare: x axis of the series plot")
     add_sampler_args(p)
     args = p.parse_args(argv)
     for name in ("num_images", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.caption_value is not None and args.caption_value < 2:
+        p.error("--caption-value needs at least 2 samples")
     if args.compare is not None and len(args.compare) < 2:
         p.error("--compare needs at least two run or evaluation folders")
     return args
 
 
+def noise_levels(text: str) -> tuple[float, ...]:
+    """"0.5,2,80" -> (0.5, 2.0, 80.0); each must be a positive number."""
+    try:
+        levels = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated numbers") from None
+    if not all(math.isfinite(v) and v > 0 for v in levels):
+        raise argparse.ArgumentTypeError(f"{text!r}: noise levels must be finite and > 0")
+    return levels
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.caption_value is not None:
+        return write_caption_value(args)
     if args.compare:
         from engine.eval.compare import compare_folders
         return compare_folders(args, evaluate_run)
     return evaluate_run(args)
+
+
+def write_caption_value(args) -> dict:
+    import json
+
+    from engine.eval.caption_value import caption_value, caption_value_table
+    result = caption_value(args.caption_value)
+    out = Path(args.out or "caption_value")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "caption_value.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(caption_value_table(result))
+    print(f"-> {out / 'caption_value.json'}")
+    return result
 
 
 if __name__ == "__main__":

@@ -467,7 +467,7 @@ def test_evaluate_cli_end_to_end(tiny_run, inception_file, tiny_clip, tmp_path):
     cmd = [sys.executable, str(ROOT / "engine" / "evaluate.py"), "--run", str(tiny_run), "--num-images", "8",
            "--steps", "2", "--cfg", "2.0", "--seed", "3", "--batch-size", "5", "--inception", str(inception_file),
            "--features", str(tiny_clip[0]), "--clip", str(tiny_clip[0]), "--out", str(out), "--save-images",
-           "--caption-use", "--train-gap"]
+           "--caption-use", "--train-gap", "--check-sigmas", "0.5,80"]
     proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -488,6 +488,7 @@ def test_evaluate_cli_end_to_end(tiny_run, inception_file, tiny_clip, tmp_path):
     assert (out / "grid.png").stat().st_size > 0 and len(list((out / "images").glob("*.png"))) == 8
     assert len((out / "geneval.jsonl").read_text().splitlines()) == 8
     use = r["metrics"]["caption_use"]
+    assert use["sigmas"] == [0.5, 80.0] and r["metrics"]["train_gap"]["sigmas"] == [0.5, 80.0]
     assert use["num_images"] == 8 and set(use["attributes"]) == {"colour", "shape", "count", "relation"}
     assert all(len(a["ratio"]) == len(use["sigmas"]) and a["ratio"][0]["mean"] > 0 for a in use["attributes"].values())
     gap = r["metrics"]["train_gap"]

@@ -106,9 +106,10 @@ def caption_use(model, edm, cfg, embed, num_images: int = 128, sigmas=CHECK_SIGM
 
 
 def caption_use_table(result: dict) -> str:
-    """A small text table: one row per attribute, the mean ratio per noise level."""
+    """A small text table: the held-out MSE with the own captions, then one row per attribute with the mean ratio,
+    per noise level."""
     head = "attribute  " + " ".join(f"s={s:<6g}" for s in result["sigmas"])
-    rows = [head]
+    rows = [head, f"{'MSE':<10} " + " ".join(f"{c['mean']:<8.4f}" for c in result["mse"])]
     for a, r in result["attributes"].items():
         cells = [f"{c['mean']:<8.3f}" if c else f"{'-':<8}" for c in r["ratio"]]
         rows.append(f"{a:<10} " + " ".join(cells) + f"  ({r['images']} images)")

@@ -189,6 +189,12 @@ def structure_gaps(features: np.ndarray, reference: np.ndarray) -> dict:
 # ---------------------------------------------------------------- main
 
 
+def check_sigmas(args) -> dict:
+    """The noise levels asked for by --check-sigmas, as keyword arguments (none: the checks' own defaults)."""
+    levels = getattr(args, "check_sigmas", None)
+    return {} if levels is None else {"sigmas": levels}
+
+
 def evaluate_run(args) -> dict:
     """Generate, score and write eval.json for the run and settings in `args` (engine/evaluate.py's options)."""
     t_start = time.perf_counter()
@@ -265,11 +271,12 @@ def evaluate_run(args) -> dict:
     metrics = scores.metrics(reference, ref_ds, prompts)
     if args.caption_use:
         from engine.eval.caption_use import caption_use, caption_use_table
-        metrics["caption_use"] = caption_use(model, edm, cfg, embed, num_images=min(n, 128), seed=args.seed)
+        metrics["caption_use"] = caption_use(model, edm, cfg, embed, num_images=min(n, 128), seed=args.seed,
+                                             **check_sigmas(args))
         print(caption_use_table(metrics["caption_use"]))
     if args.train_gap:
         from engine.eval.train_gap import train_gap, train_gap_table
-        metrics["train_gap"] = train_gap(model, edm, cfg, embed, num_images=n, seed=args.seed)
+        metrics["train_gap"] = train_gap(model, edm, cfg, embed, num_images=n, seed=args.seed, **check_sigmas(args))
         print(train_gap_table(metrics["train_gap"]))
 
     if scores.grid:
