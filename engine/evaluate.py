@@ -3,7 +3,7 @@
     python engine/evaluate.py --run-dir runs/tiny [--step 300] [--inception inception-2015-12-05.pt] [--clip ...]
     python engine/evaluate.py --compare runs/a runs/b [--out DIR]            # two runs on identical inputs
     python engine/evaluate.py --compare runs/a/eval/x runs/a/eval/y ...      # evaluation folders (e.g. two samplers)
-    python engine/evaluate.py --caption-value 100000 [--out DIR]           # the synthetic set's own ceiling, no run
+    python engine/evaluate.py --caption-value 200000 [--out DIR]           # the synthetic set's own ceiling, no run
 
 Generates --num-images images with the run's EMA weights and sampler settings (default EDM Heun + CFG; the sampler
 flags --solver, --schedule, --nfe, --init, ... override them; eval.json records them). Image i is made for prompt i of
@@ -29,8 +29,7 @@ Writes <out>/eval.json (everything a number depends on), grid.png, geneval.jsonl
 image, for --compare), reference_<extractor>.npz (pass one back as --reference to skip recomputing it) and, with
 --save-images, every image. --compare writes compare.json, compare.md (a table of paired differences with CIs) and,
 for a series, compare.png (metric against --x step|nfe); --caption-value writes caption_value.json (default folder
-./caption_value). A run folder given to --compare is evaluated first with
-this command's settings.
+./caption_value). A run folder given to --compare is evaluated first with this command's settings.
 """
 from __future__ import annotations
 
@@ -57,7 +56,7 @@ def parse_args(argv=None):
                            "the first")
     what.add_argument("--caption-value", type=int, metavar="SAMPLES",
                       help="no run: the synthetic set's lowest possible x0 error at sigma -> inf for each level of "
-                           "caption knowledge, on SAMPLES images (200000: about two minutes, 3.3 GB)")
+                           "caption knowledge, on SAMPLES 32-px images (200000: about two minutes, 3.3 GB)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the run's newest complete one)")
     p.add_argument("--step", type=int, help="evaluate the run's checkpoint of this step")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
