@@ -5,21 +5,22 @@ import numpy as np
 import pytest
 
 from engine.data.synthetic import SyntheticShapes
-from engine.eval.caption_value import LEVELS, caption_value, group_mean_errors, knowledge_keys, within_group_mse
+from engine.eval.caption_value import (LEVELS, caption_value, group_mean_errors, group_stats, knowledge_keys,
+                                       within_group_mse)
 from engine.eval.protocol import HELD_OUT_SEED
 
 
 def test_within_group_mse_is_the_pooled_unbiased_variance():
     values = np.array([[0.0], [2.0], [1.0], [1.0], [4.0], [9.0]])
     # group a: mean 1, squares 2 -> variance 2; group b: mean 2, squares 6 -> variance 3; c is a single sample
-    mse, used = within_group_mse(values, ["a", "a", "b", "b", "b", "c"])
+    mse, used = within_group_mse(group_stats(values, ["a", "a", "b", "b", "b", "c"]))
     assert used == 5
     assert mse == pytest.approx((2 * 2 + 3 * 3) / 5)
 
 
 def test_within_group_mse_refuses_only_singletons():
     with pytest.raises(ValueError, match="single sample"):
-        within_group_mse(np.zeros((3, 2)), [1, 2, 3])
+        within_group_mse(group_stats(np.zeros((3, 2)), [1, 2, 3]))
 
 
 def _facts(shape_b: str, relation: str = "left of") -> dict:
@@ -54,7 +55,7 @@ def test_knowing_nothing_is_the_plain_variance_and_colours_lower_it():
 
 def test_group_mean_errors_skip_unknown_groups():
     values = np.array([[0.0, 0.0], [2.0, 2.0], [5.0, 5.0]])
-    errors = group_mean_errors(values, ["a", "a", "b"], np.array([[1.0, 3.0], [0.0, 0.0]]), ["a", "z"])
+    errors = group_mean_errors(group_stats(values, ["a", "a", "b"]), np.array([[1.0, 3.0], [0.0, 0.0]]), ["a", "z"])
     assert errors == [pytest.approx((0.0 + 4.0) / 2)]
 
 

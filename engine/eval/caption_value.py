@@ -39,47 +39,42 @@ def knowledge_keys(facts: dict) -> dict[str, tuple]:
     return dict(zip(LEVELS, keys))
 
 
-def group_rows(keys: list) -> dict:
-    """key -> the rows holding it, in order."""
+def group_stats(values: np.ndarray, keys: list, chunk: int = 8192) -> dict:
+    """key -> (rows, mean row, sum of squares about it) of the rows of `values` (n, d) holding that key, in float64,
+    a chunk of rows at a time (a group can hold every row of a large pool)."""
     members: dict = {}
     for row, key in enumerate(keys):
         members.setdefault(key, []).append(row)
-    return members
+    stats = {}
+    for key, rows in members.items():
+        total, squares = np.zeros(values.shape[1]), 0.0
+        for lo in range(0, len(rows), chunk):
+            x = values[rows[lo:lo + chunk]].astype(np.float64)
+            total += x.sum(0)
+            squares += float((x * x).sum())
+        mean = total / len(rows)
+        stats[key] = (len(rows), mean, squares - len(rows) * float(mean @ mean))
+    return stats
 
 
-def group_moments(values: np.ndarray, rows: list, chunk: int = 8192) -> tuple[np.ndarray, float]:
-    """(mean row, sum of squares about it) of values[rows], in float64, a chunk of rows at a time (a group can hold
-    every row of a large pool)."""
-    total, squares = np.zeros(values.shape[1]), 0.0
-    for lo in range(0, len(rows), chunk):
-        x = values[rows[lo:lo + chunk]].astype(np.float64)
-        total += x.sum(0)
-        squares += float((x * x).sum())
-    mean = total / len(rows)
-    return mean, squares - len(rows) * float(mean @ mean)
-
-
-def within_group_mse(values: np.ndarray, keys: list) -> tuple[float, int]:
-    """Mean squared error per element of predicting each row of `values` (n, d) by its group's mean, with each group's
+def within_group_mse(stats: dict) -> tuple[float, int]:
+    """Mean squared error per element of predicting each row by its group's mean (`group_stats`), with each group's
     variance estimated without bias (n_g - 1). Returns (mse, rows used); groups of one row are left out."""
-    total, used = 0.0, 0
-    for rows in group_rows(keys).values():
-        if len(rows) < 2:
-            continue
-        n = len(rows)
-        total += group_moments(values, rows)[1] / (n - 1) * n  # n rows, each with the group's unbiased variance
-        used += n
+    total, used, width = 0.0, 0, 1
+    for n, mean, squares in stats.values():
+        width = len(mean)
+        if n >= 2:
+            total += squares / (n - 1) * n  # n rows, each with the group's unbiased variance
+            used += n
     if used == 0:
         raise ValueError("every group holds a single sample: nothing to estimate; use more samples")
-    return total / used / values.shape[1], used
+    return total / used / width, used
 
 
-def group_mean_errors(values: np.ndarray, keys: list, images: np.ndarray, image_keys: list) -> list[float]:
-    """Per image of `images` (m, d): the MSE of predicting it by the mean of the rows of `values` that share its key;
-    an image whose key no row holds is left out."""
-    members = group_rows(keys)
-    means = {key: group_moments(values, members[key])[0] for key in set(image_keys) if key in members}
-    return [float(((x - means[key]) ** 2).mean()) for x, key in zip(images, image_keys) if key in means]
+def group_mean_errors(stats: dict, images: np.ndarray, image_keys: list) -> list[float]:
+    """Per image of `images` (m, d): the MSE of predicting it by the mean of its key's group (`group_stats`); an image
+    whose key no group holds is left out."""
+    return [float(((x - stats[key][1]) ** 2).mean()) for x, key in zip(images, image_keys) if key in stats]
 
 
 def synthetic_pixels(ds: SyntheticShapes, chunk: int = 1000) -> np.ndarray:
@@ -106,10 +101,10 @@ def caption_value(num_samples: int, image_size: int = 32, seed: int = POOL_SEED,
     test_keys = [knowledge_keys(test.describe(i)) for i in range(held_out)]
     levels = {}
     for level in LEVELS:
-        level_keys = [k[level] for k in keys]
-        mse, used = within_group_mse(values, level_keys)
-        errors = group_mean_errors(values, level_keys, test_values, [k[level] for k in test_keys])
-        levels[level] = {"mse": mse, "groups": len(set(level_keys)), "samples_used": used,
+        stats = group_stats(values, [k[level] for k in keys])  # one pass over the pool per level
+        mse, used = within_group_mse(stats)
+        errors = group_mean_errors(stats, test_values, [k[level] for k in test_keys])
+        levels[level] = {"mse": mse, "groups": len(stats), "samples_used": used,
                          "held_out": mean_ci(errors)}
     return {"num_samples": num_samples, "image_size": image_size, "seed": seed, "held_out_seed": HELD_OUT_SEED,
             "held_out_images": held_out, "levels": levels}

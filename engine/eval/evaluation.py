@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from engine.config import ConfigError
+from engine.eval.denoising import CHECK_SIGMAS
 from engine.eval.protocol import HELD_OUT_SEED, PromptSet, mean_ci, start_noise, statistic_ci, to_size
 
 GENEVAL_METRICS = ("colour", "shape", "count", "position", "all")
@@ -189,12 +190,6 @@ def structure_gaps(features: np.ndarray, reference: np.ndarray) -> dict:
 # ---------------------------------------------------------------- main
 
 
-def check_sigmas(args) -> dict:
-    """The noise levels asked for by --check-sigmas, as keyword arguments (none: the checks' own defaults)."""
-    levels = getattr(args, "check_sigmas", None)
-    return {} if levels is None else {"sigmas": levels}
-
-
 def evaluate_run(args) -> dict:
     """Generate, score and write eval.json for the run and settings in `args` (engine/evaluate.py's options)."""
     t_start = time.perf_counter()
@@ -269,14 +264,15 @@ def evaluate_run(args) -> dict:
         scores.update(i, to_uint8(x), prompts.prompts[i:i + len(x)], specs)
     gen_s = time.perf_counter() - t_gen
     metrics = scores.metrics(reference, ref_ds, prompts)
+    check_sigmas = args.check_sigmas or CHECK_SIGMAS  # the noise levels of the two denoising checks
     if args.caption_use:
         from engine.eval.caption_use import caption_use, caption_use_table
         metrics["caption_use"] = caption_use(model, edm, cfg, embed, num_images=min(n, 128), seed=args.seed,
-                                             **check_sigmas(args))
+                                             sigmas=check_sigmas)
         print(caption_use_table(metrics["caption_use"]))
     if args.train_gap:
         from engine.eval.train_gap import train_gap, train_gap_table
-        metrics["train_gap"] = train_gap(model, edm, cfg, embed, num_images=n, seed=args.seed, **check_sigmas(args))
+        metrics["train_gap"] = train_gap(model, edm, cfg, embed, num_images=n, seed=args.seed, sigmas=check_sigmas)
         print(train_gap_table(metrics["train_gap"]))
 
     if scores.grid:
