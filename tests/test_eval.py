@@ -3,7 +3,6 @@ random transformers vision models), CLIP score arithmetic, the GenEval-style det
 end on a tiny trained run. Everything offline; tiny models are built from configs."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import deque
@@ -445,16 +444,13 @@ def test_eval_modules_import_without_heavy_deps():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, attribute_net_file):
-    from engine.eval.attribute_net import cache_path
-
+def tiny_run(tmp_path_factory, install_attribute_net):
     out = tmp_path_factory.mktemp("runs")
-    cache_path(32, out / ".cache").parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(attribute_net_file, cache_path(32, out / ".cache"))  # evaluations use it instead of training one
+    install_attribute_net(out)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            str(ROOT / "engine" / "train.py"), f"run.out_dir={out}", "run.name=t", "train.steps=4",
            "train.ckpt_every=4", "train.progress_bar=false", "data.num_samples=128", "sample.steps=2",
-           "sample.per_prompt=1"]
+           "sample.per_prompt=1", "sample.final_eval_images=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

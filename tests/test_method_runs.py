@@ -70,10 +70,7 @@ def test_progressive_phase_two_starts_from_phase_one_and_refuses_a_wrong_file(di
         torch.testing.assert_close(phase2.inner.state_dict()[name], p, rtol=0, atol=1e-9)
 
 
-def test_an_expert_pair_trains_in_turn_and_evaluates_as_one(dist_env, tmp_path, attribute_net_file):
-    import shutil
-
-    from engine.eval.attribute_net import cache_path
+def test_an_expert_pair_trains_in_turn_and_evaluates_as_one(dist_env, tmp_path, install_attribute_net):
     from engine.evaluate import main as evaluate
 
     pair = loop.train(config(tmp_path, "pair", "model.experts=[hi, lo]", "sample.expert_sigmas=[0.3]",
@@ -83,8 +80,7 @@ def test_an_expert_pair_trains_in_turn_and_evaluates_as_one(dist_env, tmp_path, 
         sub = load_config(tmp_path / name / "config.yaml")
         assert sub.diffusion.sigma_range == rng and (tmp_path / name / "checkpoints" / "step_00000002").is_dir()
     assert load_config(tmp_path / "lo" / "config.yaml").train.init_from_ema
-    cache_path(32, tmp_path / ".cache").parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(attribute_net_file, cache_path(32, tmp_path / ".cache"))
+    install_attribute_net(tmp_path)
     result = evaluate(["--run", str(pair), "--num-images", "4", "--steps", "2", "--batch-size", "4"])
     assert result["folder"] == str(pair / "eval" / "experts") and result["metrics"]["geneval"]["all"] is not None
     with pytest.raises(ConfigError, match="--checkpoint/--step: .* samples with its experts"):

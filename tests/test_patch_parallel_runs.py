@@ -27,7 +27,8 @@ def trained(tmp_path_factory) -> Path:
            "train.global_batch=16", "train.micro_batch=16", "data.num_samples=512", "diffusion.mask_ratio=0",
            "diffusion.p_mean=-0.4", "diffusion.p_std=1.4", "sample.final_eval_images=0", "train.ckpt_every=150",
            "sample.steps=2", "sample.per_prompt=1", "train.progress_bar=false"]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    env = {**ENV, "OMP_NUM_THREADS": "2"}  # training alone: both cores
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out / "t"
 

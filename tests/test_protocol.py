@@ -14,7 +14,7 @@ import torch
 
 from engine.config import ConfigError
 from engine.data.synthetic import COLOURS, SyntheticShapes
-from engine.eval.attribute_net import AttributeFeatures, AttributeNet, cache_path, frechet_of_features
+from engine.eval.attribute_net import AttributeFeatures, AttributeNet, frechet_of_features
 from engine.eval.compare import METRICS, compare, compare_pair, load_evaluation
 from engine.eval.protocol import mean_ci, paired_noise, statistic_ci, synthetic_prompt_set
 
@@ -179,17 +179,14 @@ def test_evaluations_of_different_prompt_sets_are_not_compared(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, attribute_net_file):
+def two_runs(tmp_path_factory, install_attribute_net, run_concurrently):
     """Two 2-step runs (seeds 0 and 1) at 32 px and one at 16 px, with the test attribute net in their cache."""
     out = tmp_path_factory.mktemp("runs")
-    cache_path(32, out / ".cache").parent.mkdir(parents=True)
-    shutil.copy(attribute_net_file, cache_path(32, out / ".cache"))
+    install_attribute_net(out)
     common = ["train.steps=2", "train.ckpt_every=2", "train.progress_bar=false", "data.num_samples=64",
               "sample.steps=2", "sample.per_prompt=1", f"run.out_dir={out}"]
-    for name, extra in (("a", []), ("b", ["run.seed=1"]), ("small", ["data.image_size=16"])):
-        proc = subprocess.run([sys.executable, str(ROOT / "engine" / "train.py"), f"run.name={name}", *common, *extra],
-                              capture_output=True, text=True, timeout=600, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    run_concurrently([[sys.executable, str(ROOT / "engine" / "train.py"), f"run.name={name}", *common, *extra]
+                      for name, extra in (("a", []), ("b", ["run.seed=1"]), ("small", ["data.image_size=16"]))], ROOT)
     return out
 
 
