@@ -48,12 +48,14 @@ def word_embedder(words, channels: int = 384, length: int = 4):
     return embed
 
 
-def network(trained: bool):
+def network(trained: bool, pooled_to: int | None = None):
     from engine.config import load_config
     from engine.diffusion.edm import EDM
     from engine.training.network import build_run_network
 
     cfg = load_config(ROOT / "configs/tiny.yaml")
+    if pooled_to:  # trained on the 32-px set pooled to pooled_to px
+        cfg.diffusion.resolutions, cfg.model.pos_interp_scale = [pooled_to], pooled_to / cfg.data.image_size
     torch.manual_seed(0)
     model = build_run_network(cfg, {})
     if trained:  # random weights everywhere: the output now depends on the caption
@@ -76,6 +78,13 @@ def test_only_the_word_the_network_can_see_moves_the_ratio(words, used):
     assert res["attributes"]["relation"]["images"] == sum(
         SyntheticShapes(12, 32, 1_000_000).describe(i)["relation"] is not None for i in range(12))
     assert used in caption_use_table(res)
+
+
+def test_a_model_trained_on_pooled_data_is_checked_on_pooled_images():
+    cfg, model, edm = network(trained=True, pooled_to=16)
+    res = caption_use(model, edm, cfg, word_embedder(list(COLOURS)), num_images=6, sigmas=(1.0,), batch_size=6)
+    assert abs(res["attributes"]["colour"]["ratio"][0]["mean"] - 1.0) > 1e-4
+    assert res["attributes"]["shape"]["ratio"][0]["mean"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_a_fresh_network_ignores_its_caption():

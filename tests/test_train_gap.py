@@ -26,11 +26,15 @@ def embed(captions):
 
 
 class Memoriser:
-    """The empirical optimum at low noise: D(x) is the training image nearest to x."""
+    """The empirical optimum at low noise: D(x) is the training image nearest to x (of side `size`: a model trained
+    on data pooled to it)."""
     nested = False
 
-    def __init__(self, images: torch.Tensor):
-        self.images = images.flatten(1)
+    def __init__(self, images: torch.Tensor, size: int | None = None):
+        self.images, self.size = images.flatten(1), size
+
+    def stream_sizes(self, image_size: int) -> list[int]:
+        return [self.size or image_size]
 
     def denoise(self, model, x, sigma, y, y_mask):
         nearest = torch.cdist(x.flatten(1), self.images).argmin(1)
@@ -40,6 +44,9 @@ class Memoriser:
 class Blur:
     """A denoiser that knows nothing of any training set: the noisy input, average-pooled."""
     nested = False
+
+    def stream_sizes(self, image_size: int) -> list[int]:
+        return [image_size]
 
     def denoise(self, model, x, sigma, y, y_mask):
         return torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1)
@@ -53,6 +60,16 @@ def test_a_memoriser_has_no_error_on_its_training_images_and_a_large_one_on_new_
     assert res["num_images"] == 12  # the whole training set, and as many held-out images
     for t, h, r in zip(res["train"], res["held_out"], res["ratio"]):
         assert t["mean"] == 0.0 and h["mean"] > 0.05 and r > 1e6
+
+
+def test_a_model_trained_on_pooled_data_is_checked_on_pooled_images():
+    from engine.diffusion.nested import pool_to
+
+    cfg = config(num_samples=12)
+    train = pool_to(synthetic_train_set(cfg).images(range(12)), 16)
+    res = train_gap(torch.nn.Linear(1, 1), Memoriser(train, size=16), cfg, embed, num_images=12, sigmas=(0.05,),
+                    batch_size=5)
+    assert res["train"][0]["mean"] == 0.0 and res["held_out"][0]["mean"] > 0.05
 
 
 def test_a_training_set_drawn_with_the_held_out_seed_has_a_ratio_of_exactly_one():

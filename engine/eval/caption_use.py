@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from engine.data.synthetic import COLOURS, MAX_COUNT, RELATIONS, SHAPES, SyntheticShapes, caption_of
+from engine.diffusion.nested import pool_to
 from engine.eval.denoising import CHECK_SIGMAS, per_image_mse, unit_noise
 from engine.eval.protocol import HELD_OUT_SEED, mean_ci
 
@@ -61,8 +62,8 @@ def caption_use(model, edm, cfg, embed, num_images: int = 128, sigmas=CHECK_SIGM
     if edm.nested:
         raise ValueError("caption use is measured on single-stream models; a nested model is not supported")
     device = next(model.parameters()).device
-    size = cfg.data.image_size
-    ds = SyntheticShapes(num_images, size, HELD_OUT_SEED, cfg.data.backgrounds)
+    size = edm.stream_sizes(cfg.data.image_size)[-1]  # a model trained on pooled data is checked on pooled images
+    ds = SyntheticShapes(num_images, cfg.data.image_size, HELD_OUT_SEED, cfg.data.backgrounds)
     facts = [ds.describe(i) for i in range(num_images)]
     own = [caption_of(f) for f in facts]
     was_training = model.training
@@ -84,7 +85,7 @@ def caption_use(model, edm, cfg, embed, num_images: int = 128, sigmas=CHECK_SIGM
     changed = {a: np.full((len(sigmas), num_images), np.nan) for a in ATTRIBUTES}
     for lo in range(0, num_images, batch_size):
         idx = list(range(lo, min(num_images, lo + batch_size)))
-        x0 = ds.images(idx).to(device)
+        x0 = pool_to(ds.images(idx), size).to(device)
         for j, s in enumerate(sigmas):
             noise = torch.stack([unit_noise(seed, i, j, size, x0.shape[1]) for i in idx]).to(device)
             noisy, sigma = x0 + s * noise, torch.full((len(idx),), float(s), device=device)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.data.synthetic import synthetic_train_set
+from engine.diffusion.nested import pool_to
 from engine.eval.denoising import CHECK_SIGMAS, per_image_mse, unit_noise
 from engine.eval.protocol import HELD_OUT_SEED, mean_ci
 
@@ -31,13 +32,14 @@ def train_gap(model, edm, cfg, embed, num_images: int = 256, sigmas=CHECK_SIGMAS
     n = min(num_images, len(train))  # a training set smaller than asked: all of it, and as many held-out images
     sets = {"train": train, "held_out": synthetic_train_set(cfg, seed=HELD_OUT_SEED)}
     device = next(model.parameters()).device
-    size = cfg.data.image_size
+    size = edm.stream_sizes(cfg.data.image_size)[-1]  # a model trained on pooled data is checked on pooled images
     was_training = model.training
     model.eval()
     mse = {name: np.zeros((len(sigmas), n)) for name in sets}
     for lo in range(0, n, batch_size):
         idx = list(range(lo, min(n, lo + batch_size)))
-        batches = {name: (ds.images(idx).to(device), *embed(ds.captions(idx))) for name, ds in sets.items()}
+        batches = {name: (pool_to(ds.images(idx), size).to(device), *embed(ds.captions(idx)))
+                   for name, ds in sets.items()}
         channels = batches["train"][0].shape[1]
         for j, s in enumerate(sigmas):
             noise = torch.stack([unit_noise(seed, i, j, size, channels) for i in idx]).to(device)
