@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from engine.config import ConfigError, KernelsConfig, config_diff, field_docs, load_config, save_config, to_dict
@@ -43,6 +44,19 @@ def test_paper_phases_match_the_design_table():
     assert (p1.diffusion.p_mean, p1.diffusion.p_std, p1.optim.grad_clip, p1.optim.warmup_steps) == (-0.6, 1.2, 0.25, 2500)
     assert (p3.data.image_size, p3.model.pos_interp_scale, p3.diffusion.p_mean, p3.diffusion.p_std) == (64, 2.0, 0.0, 0.6)
     assert p3.train.init_from.endswith("microdit_xl_256/checkpoints/step_00030000")
+
+
+def test_the_reference_phases_chain_and_phase_one_sees_phase_twos_positions():
+    """Phase 2 starts from phase 1's last checkpoint with the same network; phase 1's 4x4 tokens (the set pooled to
+    16 px) carry the position codes of every other row and column of phase 2's 8x8 grid."""
+    from engine.training.network import build_run_network
+
+    p1, p2 = load_config(ROOT / "configs/tiny_reference_16px.yaml"), load_config(ROOT / "configs/tiny_reference.yaml")
+    assert p2.train.init_from == f"{p1.run.out_dir}/{p1.run.name}/checkpoints/step_{p1.train.steps:08d}"
+    assert (p1.diffusion.resolutions, p2.diffusion.resolutions) == ([16], [])
+    assert (p1.model.name, p1.model.pixel_head, p1.data) == (p2.model.name, p2.model.pixel_head, p2.data)
+    low, high = (build_run_network(c, {}).pos_embed[0].view(g, g, -1) for c, g in ((p1, 4), (p2, 8)))
+    torch.testing.assert_close(low, high[::2, ::2], rtol=0, atol=1e-6)
 
 
 def test_overrides_are_typed_and_applied():
