@@ -1,4 +1,5 @@
-"""Fixtures shared by several test files: a test attribute net, and concurrent runs of short training jobs."""
+"""Fixtures shared by several test files: a test attribute net, concurrent runs of short training jobs, and three
+short runs that the evaluation tests read."""
 from __future__ import annotations
 
 import pytest
@@ -61,3 +62,20 @@ def run_concurrently():
             assert proc.returncode == 0, f"{cmd}:\n" + log.read().decode(errors="replace")[-3000:]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def short_runs(tmp_path_factory, install_attribute_net, run_concurrently):
+    """Two 2-step runs (seeds 0 and 1) at 32 px and one at 16 px, with the test attribute net in their cache, for the
+    tests that evaluate a real run folder (evaluate.py's protocol, compare, bad input, every metric end to end)."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("runs")
+    install_attribute_net(out)
+    common = ["train.steps=2", "train.ckpt_every=2", "train.progress_bar=false", "data.num_samples=64",
+              "sample.steps=2", "sample.per_prompt=1", f"run.out_dir={out}"]
+    run_concurrently([[sys.executable, str(root / "engine" / "train.py"), f"run.name={name}", *common, *extra]
+                      for name, extra in (("a", []), ("b", ["run.seed=1"]), ("small", ["data.image_size=16"]))], root)
+    return out

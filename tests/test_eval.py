@@ -443,22 +443,9 @@ def test_eval_modules_import_without_heavy_deps():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, install_attribute_net):
-    out = tmp_path_factory.mktemp("runs")
-    install_attribute_net(out)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           str(ROOT / "engine" / "train.py"), f"run.out_dir={out}", "run.name=t", "train.steps=4",
-           "train.ckpt_every=4", "train.progress_bar=false", "data.num_samples=128", "sample.steps=2",
-           "sample.per_prompt=1", "sample.final_eval_images=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out / "t"
-
-
 @pytest.mark.slow
-def test_evaluate_cli_end_to_end(tiny_run, inception_file, tiny_clip, tmp_path):
+def test_evaluate_cli_end_to_end(short_runs, inception_file, tiny_clip, tmp_path):
+    tiny_run = short_runs / "a"
     out = tmp_path / "eval"
     cmd = [sys.executable, str(ROOT / "engine" / "evaluate.py"), "--run", str(tiny_run), "--num-images", "8",
            "--steps", "2", "--cfg", "2.0", "--seed", "3", "--batch-size", "5", "--inception", str(inception_file),
@@ -468,7 +455,7 @@ def test_evaluate_cli_end_to_end(tiny_run, inception_file, tiny_clip, tmp_path):
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((out / "eval.json").read_text())
-    assert r["checkpoint"].endswith("step_00000004") and r["step"] == 4 and r["weights"] == "ema"
+    assert r["checkpoint"].endswith("step_00000002") and r["step"] == 2 and r["weights"] == "ema"
     assert (r["num_images"], r["steps"], r["cfg_scale"], r["seed"]) == (8, 2, 2.0, 3)
     assert r["prompts"]["source"] == "synthetic" and r["prompts"]["data_seed"] == 1_000_000 and r["date"]
     g = r["metrics"]["geneval"]

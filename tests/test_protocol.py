@@ -178,26 +178,14 @@ def test_evaluations_of_different_prompt_sets_are_not_compared(tmp_path):
 # ---------------------------------------------------------------- engine/evaluate.py on a real run
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, install_attribute_net, run_concurrently):
-    """Two 2-step runs (seeds 0 and 1) at 32 px and one at 16 px, with the test attribute net in their cache."""
-    out = tmp_path_factory.mktemp("runs")
-    install_attribute_net(out)
-    common = ["train.steps=2", "train.ckpt_every=2", "train.progress_bar=false", "data.num_samples=64",
-              "sample.steps=2", "sample.per_prompt=1", f"run.out_dir={out}"]
-    run_concurrently([[sys.executable, str(ROOT / "engine" / "train.py"), f"run.name={name}", *common, *extra]
-                      for name, extra in (("a", []), ("b", ["run.seed=1"]), ("small", ["data.image_size=16"]))], ROOT)
-    return out
-
-
 def evaluate(*argv: str) -> dict:
     from engine.evaluate import main
 
     return main([*argv, "--num-images", "12", "--steps", "2", "--batch-size", "5", "--grid", "4"])
 
 
-def test_eval_json_records_the_protocol_and_round_trips(two_runs, tmp_path):
-    r = evaluate("--run", str(two_runs / "a"), "--out", str(tmp_path / "e"))
+def test_eval_json_records_the_protocol_and_round_trips(short_runs, tmp_path):
+    r = evaluate("--run", str(short_runs / "a"), "--out", str(tmp_path / "e"))
     e = load_evaluation(tmp_path / "e")
     assert e.record["num_images"] == 12 and e.record["step"] == 2 and e.record["sampler"]["nfe"] == 3
     assert e.record["prompts"]["count"] == 12 and e.record["noise"]["seed"] == 0
@@ -209,15 +197,15 @@ def test_eval_json_records_the_protocol_and_round_trips(two_runs, tmp_path):
         lo, hi = g["ci"][m]
         assert lo <= g[m] <= hi
     # batch size does not change images: the same evaluation with another batch size gives identical features
-    evaluate("--run", str(two_runs / "a"), "--out", str(tmp_path / "f"), "--batch-size", "12")
+    evaluate("--run", str(short_runs / "a"), "--out", str(tmp_path / "f"), "--batch-size", "12")
     assert np.array_equal(np.load(tmp_path / "f" / "features_attr.npy"), e.features)
 
 
-def test_compare_two_runs_and_a_run_with_itself(two_runs, tmp_path):
-    res = evaluate("--compare", str(two_runs / "a"), str(two_runs / "a"), "--out", str(tmp_path / "same"))
+def test_compare_two_runs_and_a_run_with_itself(short_runs, tmp_path):
+    res = evaluate("--compare", str(short_runs / "a"), str(short_runs / "a"), "--out", str(tmp_path / "same"))
     d = res["comparisons"][0]["vs_first"]
     assert all(d[m]["diff"] in (0, None) for m in METRICS) and d["fd_attr"]["diff"] == 0
-    res = evaluate("--compare", str(two_runs / "a"), str(two_runs / "b"), "--out", str(tmp_path / "ab"))
+    res = evaluate("--compare", str(short_runs / "a"), str(short_runs / "b"), "--out", str(tmp_path / "ab"))
     assert res["comparisons"][0]["vs_first"]["fd_attr"]["diff"] != 0  # other weights, same inputs
     assert (tmp_path / "ab" / "compare.json").is_file()
 
@@ -227,18 +215,18 @@ def run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300, cwd=cwd)
 
 
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(two_runs, tmp_path):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(short_runs, tmp_path):
     empty_run = tmp_path / "norun"
-    shutil.copytree(two_runs / "a", empty_run, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(short_runs / "a", empty_run, ignore=shutil.ignore_patterns("checkpoints"))
     (tmp_path / "empty.txt").write_text("# only a comment\n\n")
     cases = [
         (["--run", str(empty_run)], "no complete checkpoint"),
-        (["--run", str(two_runs / "a"), "--step", "7"], "no checkpoint of that step; it has 2"),
-        (["--compare", str(two_runs / "a"), str(two_runs / "small")], "cannot be compared"),
-        (["--run", str(two_runs / "a"), "--prompts-from", str(tmp_path / "empty.txt")], "no prompts"),
+        (["--run", str(short_runs / "a"), "--step", "7"], "no checkpoint of that step; it has 2"),
+        (["--compare", str(short_runs / "a"), str(short_runs / "small")], "cannot be compared"),
+        (["--run", str(short_runs / "a"), "--prompts-from", str(tmp_path / "empty.txt")], "no prompts"),
     ]
     def tree():
-        return sorted(p for root in (tmp_path, two_runs) for p in root.rglob("*"))
+        return sorted(p for root in (tmp_path, short_runs) for p in root.rglob("*"))
 
     before = tree()
     for argv, message in cases:
