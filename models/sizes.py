@@ -18,6 +18,12 @@ _SIZES: dict[str, dict] = {
         patch_size=4, dim=128, depth=4, head_dim=32, multiple_of=32, mixer_depth=2, mixer_dim=96,
         num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
     ),
+    # Nano twice as wide and 1.5x as deep (12.0M parameters with a 32-wide pixel head, 4.6x Nano_4's), same patches:
+    # on the 16-px reference phase it reads the relation words after half the images Nano_4 needs (README: Configs).
+    "MicroDiT_Micro_4": dict(
+        patch_size=4, dim=256, depth=6, head_dim=32, multiple_of=32, mixer_depth=2, mixer_dim=128,
+        num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
+    ),
     # Nano's backbone on 2x2 patches (256 tokens at 32 px, 12 values each), one narrow mixer block: 4x4 patches paint
     # each 48-value patch flat, 2x2 keep shapes but blobs merge (the earlier CPU reference; README: Configs).
     "MicroDiT_Nano_2": dict(

@@ -25,6 +25,29 @@ def test_dit_xl_has_about_675m_parameters_and_118_6_gflops():
     assert abs(macs / 118.6e9 - 1) < 0.01
 
 
+@pytest.mark.parametrize("name", ["MicroDiT_Nano_4", "MicroDiT_Nano_2", "MicroDiT_Micro_4"])
+@pytest.mark.parametrize("size", [16, 32])
+def test_cpu_sizes_denoise_a_batch_at_both_reference_resolutions_with_a_pixel_head(name, size):
+    """The CPU sizes run where the reference runs them: 16 px (phase 1) and 32 px (phase 2), with a pixel head, and
+    every weight gets a gradient (a head width or depth that does not divide would fail to build or leave one out)."""
+    torch.manual_seed(0)
+    model = build_model(model_config(name, input_size=size, pixel_head=32, **NANO))
+    for p in model.parameters():  # off the identity init, so every weight is on the gradient's path
+        p.data.normal_(0, 0.05)
+    x, y = torch.randn(2, 3, size, size), torch.randn(2, 5, 24)
+    out = model(x, torch.rand(2), y, torch.ones(2, 5, dtype=torch.bool))  # (B, tokens, p * p * C)
+    patch = model.cfg.patch_size
+    assert out.shape == (2, (size // patch) ** 2, patch * patch * 3) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_micro_has_more_parameters_than_nano_and_the_same_tokens():
+    nano, micro = (meta_model(n, pixel_head=32, **NANO) for n in ("MicroDiT_Nano_4", "MicroDiT_Micro_4"))
+    assert micro.cfg.patch_size == nano.cfg.patch_size
+    assert 4 * nano.num_params() < micro.num_params() < 5 * nano.num_params()
+
+
 def token_path_flops(model, tokens: int, caption_len: int) -> int:
     """FLOPs of what runs after the mask on `tokens` tokens: mixer->backbone projection, backbone, final layer."""
     from torch.utils.flop_counter import FlopCounterMode
