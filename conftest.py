@@ -1,5 +1,7 @@
-"""Shared by tests/ and bench/: offline Hugging Face, skipping `gpu` tests without CUDA, a one-process group."""
+"""Shared by tests/ and bench/: offline Hugging Face, skipping `gpu` tests without CUDA, a one-process group, and
+the test suite spread over the machine's cores when pytest-xdist is installed."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +9,39 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
+MAX_TEST_WORKERS = 4  # each worker builds its own session fixtures (a test attribute net, short runs): bound that cost
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # an xdist worker: its share of the cores, for it and its subprocesses
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(_threads)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """With pytest-xdist installed and no -n given, run the test suite (not the benchmarks, which must run alone) on
+    one worker per core, a whole file per worker so module fixtures are built once. Most of the suite is
+    single-threaded (the Triton interpreter, process start-up, the text encoder), so it gains from a second core even
+    where torch would use both. `pytest -n 0` runs it in one process. Registered after xdist, this runs before xdist
+    reads -n."""
+    if not config.pluginmanager.hasplugin("xdist") or "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    if config.option.numprocesses is not None or config.getoption("benchmark_only", False) or config.option.usepdb:
+        return
+    bench = Path(__file__).resolve().parent / "bench"
+    if any(Path(arg.split("::")[0]).resolve().is_relative_to(bench) for arg in config.args):
+        return
+    workers = min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS)
+    if workers > 1:
+        config.option.numprocesses = workers
+        config.option.dist = "loadfile" if config.option.dist == "no" else config.option.dist
+        config.option.benchmark_disable = True  # tests/ times nothing; this silences pytest-benchmark's xdist warning
+
+
+def pytest_configure(config):
+    if "PYTEST_XDIST_WORKER" in os.environ:  # each worker would repeat the controller's warning; nothing here is timed
+        config.option.benchmark_disable = True
 
 
 def pytest_collection_modifyitems(config, items):

