@@ -18,6 +18,13 @@ _SIZES: dict[str, dict] = {
         patch_size=4, dim=128, depth=4, head_dim=32, multiple_of=32, mixer_depth=2, mixer_dim=96,
         num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
     ),
+    # Nano at width 192 (4.9M parameters with a 32-wide pixel head, 1.9x Nano_4's; 6 heads of 32), same patches: on the
+    # 16-px phase it reads the relation words after fewer images than Nano_4, at 1.33x its cost per image. The CPU
+    # reference's network (configs/tiny_reference*.yaml; README: Configs).
+    "MicroDiT_Mini_4": dict(
+        patch_size=4, dim=192, depth=4, head_dim=32, multiple_of=32, mixer_depth=2, mixer_dim=96,
+        num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
+    ),
     # Nano twice as wide and 1.5x as deep (12.0M parameters with a 32-wide pixel head, 4.6x Nano_4's), same patches:
     # on the 16-px reference phase it reads the relation words after half the images Nano_4 needs (README: Configs).
     "MicroDiT_Micro_4": dict(

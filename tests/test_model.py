@@ -25,7 +25,7 @@ def test_dit_xl_has_about_675m_parameters_and_118_6_gflops():
     assert abs(macs / 118.6e9 - 1) < 0.01
 
 
-@pytest.mark.parametrize("name", ["MicroDiT_Nano_4", "MicroDiT_Nano_2", "MicroDiT_Micro_4"])
+@pytest.mark.parametrize("name", ["MicroDiT_Nano_4", "MicroDiT_Nano_2", "MicroDiT_Mini_4", "MicroDiT_Micro_4"])
 @pytest.mark.parametrize("size", [16, 32])
 def test_cpu_sizes_denoise_a_batch_at_both_reference_resolutions_with_a_pixel_head(name, size):
     """The CPU sizes run where the reference runs them: 16 px (phase 1) and 32 px (phase 2), with a pixel head, and
@@ -42,9 +42,12 @@ def test_cpu_sizes_denoise_a_batch_at_both_reference_resolutions_with_a_pixel_he
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_micro_has_more_parameters_than_nano_and_the_same_tokens():
-    nano, micro = (meta_model(n, pixel_head=32, **NANO) for n in ("MicroDiT_Nano_4", "MicroDiT_Micro_4"))
-    assert micro.cfg.patch_size == nano.cfg.patch_size
+def test_mini_and_micro_have_more_parameters_than_nano_and_the_same_tokens():
+    nano, mini, micro = (meta_model(n, pixel_head=32, **NANO)
+                         for n in ("MicroDiT_Nano_4", "MicroDiT_Mini_4", "MicroDiT_Micro_4"))
+    assert micro.cfg.patch_size == mini.cfg.patch_size == nano.cfg.patch_size
+    assert (mini.cfg.dim, mini.cfg.depth) == (192, nano.cfg.depth)  # Nano widened only
+    assert 1.5 * nano.num_params() < mini.num_params() < 2 * nano.num_params()
     assert 4 * nano.num_params() < micro.num_params() < 5 * nano.num_params()
 
 
