@@ -7,36 +7,30 @@ from models.config import ModelConfig
 from models.microdit import MicroDiT
 from models.nested import NestedConfig, NestedMicroDiT, OuterConfig
 
+# CPU-sized: trains in minutes on two cores (pixel space, patch 4 on 32×32 images). The other CPU sizes change only
+# what their names say.
+_NANO_4 = dict(
+    patch_size=4, dim=128, depth=4, head_dim=32, multiple_of=32, mixer_depth=2, mixer_dim=96,
+    num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
+)
+
 _SIZES: dict[str, dict] = {
     # The paper's 1.16B model: 6 mixer blocks at 768 wide, 28 backbone blocks at 1024, MoE every second block.
     "MicroDiT_XL_2": dict(dim=1024, depth=28, head_dim=64, mixer_depth=6, mixer_dim=768),
     # The official code's small model.
     "MicroDiT_Tiny_2": dict(dim=512, depth=16, head_dim=32, mixer_depth=4, mixer_dim=512),
-    # CPU-sized: trains in minutes on two cores (pixel space, patch 4 on 32×32 images). Used by configs/tiny.yaml and,
-    # with a pixel head (model.pixel_head), by the CPU reference configs/tiny_reference.yaml.
-    "MicroDiT_Nano_4": dict(
-        patch_size=4, dim=128, depth=4, head_dim=32, multiple_of=32, mixer_depth=2, mixer_dim=96,
-        num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
-    ),
+    # Used by configs/tiny.yaml.
+    "MicroDiT_Nano_4": _NANO_4,
     # Nano at width 192 (4.9M parameters with a 32-wide pixel head, 1.9x Nano_4's; 6 heads of 32), same patches: on the
     # 16-px phase it reads the relation words after fewer images than Nano_4, at 1.33x its cost per image. The CPU
-    # reference's network (configs/tiny_reference*.yaml; README: Configs).
-    "MicroDiT_Mini_4": dict(
-        patch_size=4, dim=192, depth=4, head_dim=32, multiple_of=32, mixer_depth=2, mixer_dim=96,
-        num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
-    ),
+    # reference's network (configs/tiny_reference*.yaml, with a pixel head; README: Configs).
+    "MicroDiT_Mini_4": dict(_NANO_4, dim=192),
     # Nano twice as wide and 1.5x as deep (12.0M parameters with a 32-wide pixel head, 4.6x Nano_4's), same patches:
     # on the 16-px reference phase it reads the relation words after half the images Nano_4 needs (README: Configs).
-    "MicroDiT_Micro_4": dict(
-        patch_size=4, dim=256, depth=6, head_dim=32, multiple_of=32, mixer_depth=2, mixer_dim=128,
-        num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
-    ),
+    "MicroDiT_Micro_4": dict(_NANO_4, dim=256, depth=6, mixer_dim=128),
     # Nano's backbone on 2x2 patches (256 tokens at 32 px, 12 values each), one narrow mixer block: 4x4 patches paint
     # each 48-value patch flat, 2x2 keep shapes but blobs merge (the earlier CPU reference; README: Configs).
-    "MicroDiT_Nano_2": dict(
-        patch_size=2, dim=128, depth=4, head_dim=32, multiple_of=32, mixer_depth=1, mixer_dim=64,
-        num_experts=4, qkv_ratio=(0.5, 1.0), mlp_ratio=(1.0, 4.0),
-    ),
+    "MicroDiT_Nano_2": dict(_NANO_4, patch_size=2, mixer_depth=1, mixer_dim=64),
     # Plain DiT-XL/2 (Peebles & Xie) conditioned through adaLN on the pooled caption: no mixer, no MoE,
     # constant width, GELU MLP, no cross-attention or QK-norm.
     "DiT_XL_2": dict(
