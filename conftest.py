@@ -13,9 +13,9 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 MAX_TEST_WORKERS = 4  # each worker builds its own session fixtures (a test attribute net, short runs): bound that cost
 
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # an xdist worker: its share of the cores, for it and its subprocesses
-    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
-    torch.set_num_threads(_threads)
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))  # a user's own setting wins, here and in torch alike
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.hookimpl(tryfirst=True)
