@@ -12,8 +12,14 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 
 MAX_TEST_WORKERS = 4  # each worker builds its own session fixtures (a test attribute net, short runs): bound that cost
 
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS reports one: Linux; else every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # an xdist worker: its share of the cores, for it and its subprocesses
-    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    _share = max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))  # a user's own setting wins, here and in torch alike
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -32,7 +38,7 @@ def pytest_cmdline_main(config):
     bench = Path(__file__).resolve().parent / "bench"
     if any(Path(arg.split("::")[0]).resolve().is_relative_to(bench) for arg in config.args):
         return
-    workers = min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS)
+    workers = min(usable_cores(), MAX_TEST_WORKERS)
     if workers > 1:
         config.option.numprocesses = workers
         config.option.dist = "loadfile" if config.option.dist == "no" else config.option.dist
