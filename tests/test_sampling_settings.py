@@ -23,7 +23,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
     ("sample.order=4", "sample.order=4 must be 1, 2 or 3"),
     ("sample.lower_order_final=below:ten", "sample.lower_order_final='below:ten' must be 'always', 'never' or"),
     ("sample.init=sing", "sample.sing_run='' must name a trained initial-step run"),
-    ("sample.init=zeros", "sample.init='zeros' must be one of: noise, sing, data_mean"),
+    ("sample.init=zeros", "sample.init='zeros' must be one of: noise, sing, data_mean, cascade"),
     ("sample.sing_guidance=cfg", "sample.sing_guidance='cfg' must be one of: normalized, plain, none"),
     ("sample.stepopt_power=3", "sample.stepopt_power=3 must be 1 or 2"),
     ("diffusion.sigma_min=80", "diffusion.sigma_min=80.0 must be < diffusion.sigma_max=80.0"),

@@ -13,7 +13,7 @@ TARGETS = ("edm", "x0", "eps", "v")
 WEIGHTINGS = ("edm", "snr", "sqrt_snr", "uniform")
 SOLVERS = ("euler", "heun", "dpmpp", "unipc")
 SCHEDULES = ("karras", "logsnr", "uniform", "optimized")
-INITS = ("noise", "sing", "data_mean")
+INITS = ("noise", "sing", "data_mean", "cascade")
 SING_GUIDANCE = ("normalized", "plain", "none")
 DPMPP_VARIANTS = ("midpoint", "heun", "lagrange")
 PARALLEL_MODES = ("none", "patch", "full_sync", "naive_patch", "cfg_split")
@@ -162,6 +162,12 @@ def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, typi
         ("sample.sing_run", lambda: s.init != "sing" or bool(s.sing_run),
          "must name a trained initial-step run (diffusion.objective=init_step) when sample.init=sing"),
         ("sample.sing_guidance", lambda: s.sing_guidance in SING_GUIDANCE, from_(SING_GUIDANCE)),
+        ("sample.cascade_run", lambda: s.init != "cascade" or bool(s.cascade_run),
+         "must name the run folder of a lower-resolution model when sample.init=cascade"),
+        ("sample.cascade_until", lambda: s.init != "cascade" or d.sigma_min < s.cascade_until < d.sigma_max,
+         f"must lie between diffusion.sigma_min={d.sigma_min} and diffusion.sigma_max={d.sigma_max}"),
+        ("sample.cascade_restart", lambda: s.init != "cascade" or d.sigma_min < s.cascade_restart <= s.cascade_until,
+         f"must be > diffusion.sigma_min={d.sigma_min} and <= sample.cascade_until={s.cascade_until}"),
         ("sample.parallel", lambda: s.parallel in PARALLEL_MODES, from_(PARALLEL_MODES)),
         ("sample.warmup_evals", lambda: s.warmup_evals >= 1,
          "must be >= 1 (the first evaluation has no earlier keys/values to use)"),

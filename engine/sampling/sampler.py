@@ -32,16 +32,25 @@ class Sampler:
     last_nfe: int = 0  # model evaluations of the last call, as counted
 
     def record(self) -> dict:
-        return {**self.settings.record(), **self.plan.record(), "measured_nfe": self.last_nfe}
+        rec = {**self.settings.record(), **self.plan.record(), "measured_nfe": self.last_nfe}
+        if hasattr(self.start, "record"):  # a cascade's low model: its checkpoint, noise levels and evaluations
+            rec |= self.start.record()
+        return rec
 
 
 def build_sampler(settings: SamplerSettings, cfg=None, device=None) -> Sampler:
     """Plan (optimized schedules solved or read from the cache) and start (the initial-step model loaded; `cfg` is
-    the config of the run being sampled, needed for init=sing and init=data_mean)."""
+    the config of the run being sampled, needed for init=sing, data_mean and cascade; a cascade gets the high part of
+    the plan, its low model the rest: engine/sampling/cascade.py)."""
     from engine.sampling.start import build_start
 
+    plan = make_plan(settings)
+    if settings.sample.init == "cascade":  # the low model takes the schedule's top, this run's model the rest
+        from engine.sampling.cascade import load_cascade, split_plan
+
+        return Sampler(settings, split_plan(settings, plan)[1], load_cascade(settings, plan, cfg, device))
     start = build_start(settings, cfg, device) if settings.sample.init != "noise" else None
-    return Sampler(settings, make_plan(settings), start)
+    return Sampler(settings, plan, start)
 
 
 def null_caption(y: torch.Tensor, y_mask: torch.Tensor | None):
@@ -79,11 +88,14 @@ def initial_noise(cfg, batch: int, generator: torch.Generator | None, device) ->
 
 
 def start_state(sampler: Sampler, noise: torch.Tensor, y, y_mask) -> torch.Tensor:
-    """The solver's state at sigmas[0] (float64): sigma_max · noise, plus the start's x0 estimate if it has one."""
-    x_start = noise.double() * sampler.plan.sigmas[0]
-    if sampler.start is not None:
-        x_start = sampler.start(noise, y, y_mask, sampler.settings.cfg_scale).double() + x_start
-    return x_start
+    """The solver's state at sigmas[0] (float64): sigmas[0] · noise, plus the start's x0 estimate if it has one. A
+    cascade's solver starts below sigma_max, from noise of its own (engine/sampling/cascade.py)."""
+    if sampler.start is None:
+        return noise.double() * sampler.plan.sigmas[0]
+    x0_hat = sampler.start(noise, y, y_mask, sampler.settings.cfg_scale).double()
+    if hasattr(sampler.start, "restart_noise"):
+        noise = sampler.start.restart_noise(noise)
+    return x0_hat + noise.double() * sampler.plan.sigmas[0]
 
 
 def run_solver(sampler: Sampler, denoise, x_start: torch.Tensor) -> torch.Tensor:

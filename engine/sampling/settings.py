@@ -24,6 +24,9 @@ FLAGS = [
     ("--init", "sample.init", str, INITS, "initial state"),
     ("--sing-run", "sample.sing_run", str, None, "run folder of the initial-step model (--init sing)"),
     ("--sing-guidance", "sample.sing_guidance", str, SING_GUIDANCE, "guidance of the initial-step model"),
+    ("--cascade-run", "sample.cascade_run", str, None, "run folder of the lower-resolution model (--init cascade)"),
+    ("--cascade-until", "sample.cascade_until", float, None, "cascade: where the low model stops"),
+    ("--cascade-restart", "sample.cascade_restart", float, None, "cascade: where this run's model takes over"),
     ("--sigma-min", "diffusion.sigma_min", float, None, "where the solver stops"),
     ("--sigma-max", "diffusion.sigma_max", float, None, "where sampling starts"),
 ]
@@ -105,6 +108,9 @@ class SamplerSettings:
             rec |= {"stepopt_power": s.stepopt_power, "stepopt_init": s.stepopt_init}
         if s.init == "sing":
             rec |= {"sing_run": s.sing_run, "sing_guidance": s.sing_guidance}
+        if s.init == "cascade":
+            rec |= {"cascade_run": s.cascade_run, "cascade_until": s.cascade_until,
+                    "cascade_restart": s.cascade_restart}
         return rec
 
 
