@@ -68,7 +68,7 @@ def cascade_sampler(low_model, until: float, restart: float) -> Sampler:
     s = settings_of(init="cascade", cascade_run="low", cascade_until=until, cascade_restart=restart, steps=8,
                     cfg_scale=2.0)
     low, high = split_plan(s, make_plan(s))
-    return Sampler(s, high, CascadeStart(low_model, EDM(), low, "low", "step_1"))
+    return Sampler(s, high, CascadeStart(low_model, EDM(), low, "low", "step_1", guided_denoiser))
 
 
 def test_the_low_models_layout_reaches_the_image_and_images_stay_paired():
@@ -141,7 +141,7 @@ def test_load_cascade_checks_the_low_run_against_the_sampled_run(tmp_path):
 
     def load(folder):
         s = settings_of(init="cascade", cascade_run=str(folder))
-        return load_cascade(s, make_plan(s), run, torch.device("cpu"))
+        return load_cascade(s, make_plan(s), run, torch.device("cpu"), guided_denoiser)
 
     start = load(make_run(tmp_path / "low", image_size=16))
     assert start.model.cfg.input_size == 16 and start.record()["cascade_checkpoint"].endswith("step_00000001")
@@ -174,11 +174,19 @@ def test_cascade_flags_are_checked(flags, message):
         SamplerSettings.from_args(p.parse_args(flags), Config().validate())
 
 
-def test_evaluate_a_run_through_the_cascade(short_runs, tmp_path):
+def test_evaluate_and_sample_a_run_through_the_cascade(short_runs, tmp_path, capsys):
     from engine.evaluate import main
+    from engine.sample import main as sample_main
+
+    out = sample_main(["--run", str(short_runs / "a"), "--prompt", "a red circle", "--num", "2", "--steps", "3",
+                       "--init", "cascade", "--cascade-run", str(short_runs / "small"), "--cascade-until", "2",
+                       "--out", str(tmp_path / "g.png")])
+    said = capsys.readouterr().out
+    assert out.is_file() and f"NFE after 5 at 16 px from {short_runs / 'small'}, init cascade" in said
 
     res = main(["--run", str(short_runs / "a"), "--init", "cascade", "--cascade-run", str(short_runs / "small"),
-                "--cascade-until", "2", "--num-images", "6", "--steps", "3", "--batch-size", "4", "--grid", "0", "--out", str(tmp_path / "e")])
+                "--cascade-until", "2", "--num-images", "6", "--steps", "3", "--batch-size", "4", "--grid", "0",
+                "--out", str(tmp_path / "e")])
     rec = json.loads((tmp_path / "e" / "eval.json").read_text())["sampler"]
     assert rec == res["sampler"]
     assert rec["init"] == "cascade" and rec["cascade_run"] == str(short_runs / "small") and rec["cascade_size"] == 16

@@ -60,18 +60,17 @@ class CascadeStart:
     """The low model's part of the cascade: __call__ gives the upsampled clean-image estimate at cascade_until, and
     restart_noise the noise it is brought back to cascade_restart with (engine/sampling/sampler.py start_state)."""
 
-    def __init__(self, model, edm, plan: Plan, run: str, checkpoint: str):
+    def __init__(self, model, edm, plan: Plan, run: str, checkpoint: str, guided_denoiser):
         self.model, self.edm, self.plan, self.run, self.checkpoint = model, edm, plan, run, checkpoint
+        self.guided_denoiser = guided_denoiser  # engine/sampling/sampler.py's, handed in: it imports this module
         self.last_nfe = 0
 
     def __call__(self, noise: torch.Tensor, y, y_mask, cfg_scale: float) -> torch.Tensor:
-        from engine.sampling.sampler import guided_denoiser
-
         low, high = self.model.cfg.input_size, noise.shape[-1]
         factor = high // low
         # the mean of factor^2 unit Gaussians has variance 1/factor^2
         n_low = F.avg_pool2d(noise.double(), factor) * factor
-        denoise = Counted(guided_denoiser(self.model, self.edm, y, y_mask, cfg_scale))
+        denoise = Counted(self.guided_denoiser(self.model, self.edm, y, y_mask, cfg_scale))
         p = self.plan
         x = SOLVERS[p.solver].fn(denoise, n_low * p.sigmas[0], p.sigmas, p.orders, p.variant)
         x0 = denoise(x, p.sigmas[-1])
@@ -85,9 +84,10 @@ class CascadeStart:
                 "cascade_nfe": self.last_nfe, "cascade_size": self.model.cfg.input_size}
 
 
-def load_cascade(settings: SamplerSettings, plan: Plan, cfg, device) -> CascadeStart:
+def load_cascade(settings: SamplerSettings, plan: Plan, cfg, device, guided_denoiser) -> CascadeStart:
     """The low model of sample.cascade_run (its latest checkpoint, EMA weights), checked against the sampled run:
-    the same captions, and an image size that divides the run's."""
+    the same captions, and an image size that divides the run's. `guided_denoiser`: the sampler's (guidance lives
+    in one place)."""
     from engine.diffusion.edm import EDM
     from engine.training.network import network_config
     from engine.training.run_folder import load_run_model
@@ -113,4 +113,4 @@ def load_cascade(settings: SamplerSettings, plan: Plan, cfg, device) -> CascadeS
         raise SamplerSettingsError(f"{where}: makes {low}x{low} images; the run makes {high}x{high}, which must be a "
                                    f"whole multiple (2x, 4x ...) of it")
     low_plan, _ = split_plan(settings, plan)
-    return CascadeStart(model.to(device), edm, low_plan, str(run), str(ckpt))
+    return CascadeStart(model.to(device), edm, low_plan, str(run), str(ckpt), guided_denoiser)

@@ -48,7 +48,8 @@ def build_sampler(settings: SamplerSettings, cfg=None, device=None) -> Sampler:
     if settings.sample.init == "cascade":  # the low model takes the schedule's top, this run's model the rest
         from engine.sampling.cascade import load_cascade, split_plan
 
-        return Sampler(settings, split_plan(settings, plan)[1], load_cascade(settings, plan, cfg, device))
+        low = load_cascade(settings, plan, cfg, device, guided_denoiser)
+        return Sampler(settings, split_plan(settings, plan)[1], low)
     start = build_start(settings, cfg, device) if settings.sample.init != "noise" else None
     return Sampler(settings, plan, start)
 
