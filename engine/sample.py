@@ -90,8 +90,9 @@ def write(args, run: Path, cfg, sampler, ckpt, captions, images: torch.Tensor, d
             print(f"latent run without --vae: the PNG shows 3 raw latent channels; latents in {out.with_suffix('.latents.pt')}")
     from engine.outputs.images import save_grid_with_captions
     save_grid_with_captions(out, images, captions, nrow=args.num)
-    s = sampler.settings.sample
-    print(f"wrote {out} ({len(captions)} images, {s.solver} on {s.schedule} steps, {sampler.plan.nfe} NFE, "
+    s, rec = sampler.settings.sample, sampler.record()
+    low = f" after {rec['cascade_nfe']} at {rec['cascade_size']} px from {s.cascade_run}" if s.init == "cascade" else ""
+    print(f"wrote {out} ({len(captions)} images, {s.solver} on {s.schedule} steps, {sampler.plan.nfe} NFE{low}, "
           f"init {s.init}, cfg {scale}, from {ckpt})")
     return out
 
