@@ -79,3 +79,22 @@ def short_runs(tmp_path_factory, install_attribute_net, run_concurrently):
     run_concurrently([[sys.executable, str(root / "engine" / "train.py"), f"run.name={name}", *common, *extra]
                       for name, extra in (("a", []), ("b", ["run.seed=1"]), ("small", ["data.image_size=16"]))], root)
     return out
+
+
+@pytest.fixture
+def solver_spy(monkeypatch):
+    """spy(name) replaces solver `name` for this test by one that records its start state and noise levels (in the
+    dict it returns, keys "x" and "sigmas") and returns the state unchanged: what a start hands the solver."""
+    from engine.sampling.solvers import SOLVERS, Solver
+
+    def spy(name: str) -> dict:
+        seen = {}
+
+        def record(denoise, x, sigmas, orders, variant):
+            seen["x"], seen["sigmas"] = x, sigmas
+            return x
+
+        monkeypatch.setitem(SOLVERS, name, Solver(record, SOLVERS[name].multistep, SOLVERS[name].max_order))
+        return seen
+
+    return spy

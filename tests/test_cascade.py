@@ -98,17 +98,8 @@ def test_the_low_models_layout_reaches_the_image_and_images_stay_paired():
     torch.testing.assert_close(alone, out[1:2], atol=1e-4, rtol=1e-4)
 
 
-def test_the_run_model_starts_from_the_estimate_noised_with_fresh_noise(monkeypatch):
-    import engine.sampling.sampler as sampler_module
-    from engine.sampling.solvers import Solver
-
-    seen = {}
-
-    def record(denoise, x, sigmas, orders, variant):
-        seen["x"], seen["sigmas"] = x, sigmas
-        return x
-
-    monkeypatch.setitem(sampler_module.SOLVERS, "heun", Solver(record, False, 2))
+def test_the_run_model_starts_from_the_estimate_noised_with_fresh_noise(solver_spy):
+    seen = solver_spy("heun")  # the low part's Heun is the spy too: the estimate below is computed the same way
     y, mask = torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool)
     noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     sampler = cascade_sampler(nano(16, 0), until=2.0, restart=1.0)

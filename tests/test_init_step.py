@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine.sampling.sampler as sampler_module
 from engine.config import Config
 from engine.diffusion.edm import EDM
 from engine.diffusion.init_step import init_step_loss, predict
@@ -15,7 +14,6 @@ from engine.diffusion.noise import draw_step_noise
 from engine.sampling.plan import make_plan
 from engine.sampling.sampler import Sampler, sample
 from engine.sampling.settings import SamplerSettings
-from engine.sampling.solvers import Solver
 from engine.sampling.start import InitStepStart, MeanImageStart
 from models.sizes import build_model, model_config
 
@@ -64,14 +62,8 @@ def test_initial_step_guidance_rules(guidance):
     torch.testing.assert_close(out, InitStepStart(model, edm, "plain")(n1, y, mask, w))
 
 
-def test_start_state_is_x0_hat_plus_sigma_max_noise(monkeypatch):
-    seen = {}
-
-    def record(denoise, x, sigmas, orders, variant):
-        seen["x"], seen["sigmas"] = x, sigmas
-        return x
-
-    monkeypatch.setitem(sampler_module.SOLVERS, "euler", Solver(record, True, 1))
+def test_start_state_is_x0_hat_plus_sigma_max_noise(solver_spy):
+    seen = solver_spy("euler")
     cfg = Config()
     cfg.sample.solver, cfg.sample.nfe, cfg.diffusion.sigma_max = "euler", 3, 20.0
     settings = SamplerSettings.from_config(cfg.validate())
