@@ -61,9 +61,13 @@ def load(args):
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"--run {run}: no config.yaml there (not a run folder)")
     try:
-        return load_run_model(run, args.checkpoint)
+        cfg, model, ckpt = load_run_model(run, args.checkpoint)
     except FileNotFoundError as e:
         raise ConfigError(f"--run {run}: {e}") from None
+    if cfg.diffusion.lowres_condition:
+        raise ConfigError(f"--run {run}: a super-resolution stage (diffusion.lowres_condition) is not supported: its "
+                          "condition comes from the cascade's low model")
+    return cfg, model, ckpt
 
 
 def train(args) -> Path:

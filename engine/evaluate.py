@@ -95,6 +95,10 @@ def parse_args(argv=None):
                    help="noise levels of --caption-use and --train-gap (default 0.25,0.5,1,2,4,8; e.g. 80 to compare "
                         "with --caption-value's ceiling)")
     p.add_argument("--x", default="step", choices=["step", "nfe"], help="--compare: x axis of the series plot")
+    p.add_argument("--cascade-from-data", type=int, metavar="SIZE",
+                   help="sample through the cascade with an ideal first stage: each prompt's own held-out image, "
+                        "average-pooled to SIZE px (synthetic runs; --cascade-until/--cascade-restart as usual): "
+                        "what this run's model keeps of a right layout")
     add_sampler_args(p)
     args = p.parse_args(argv)
     for name in ("num_images", "batch_size"):

@@ -102,6 +102,9 @@ def main(argv=None) -> Path:
         raise ConfigError(f"--run {run}: {e}") from None
     if cfg.data.source != "synthetic" or cfg.data.channels != 3:
         raise ConfigError(f"--run {run}: few-shot tasks are rendered in pixels; this run trained on {cfg.data.source}")
+    if cfg.diffusion.lowres_condition:
+        raise ConfigError(f"--run {run}: a super-resolution stage (diffusion.lowres_condition) is not supported: its "
+                          "condition comes from the cascade's low model")
     edm = EDM.from_config(cfg.diffusion)
     embed = make_embedder(cfg, next(model.parameters()).device)
     ds = synthetic_train_set(cfg)

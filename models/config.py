@@ -68,6 +68,10 @@ class ModelConfig:
     token, so it trains unmasked."""
     pixel_head_blocks: int = 2
     """Residual blocks of two 3x3 convolutions in the pixel head."""
+    cond_channels: int = 0
+    """Channels of an image the network is conditioned on, concatenated to its input: a cascade's super-resolution
+    stage sees the low-resolution image, upsampled (engine/diffusion/lowres.py). 0 = none; the output keeps
+    in_channels."""
     time_free: bool = False
     """No timestep embedding: the adaLN condition is the pooled caption alone. SingDiffusion's initial-step model
     (a network that predicts x0 from pure noise and the caption) is such a model."""
@@ -87,6 +91,7 @@ class ModelConfig:
             ("depth", self.depth >= 1, "must be >= 1"),
             ("pixel_head", self.pixel_head >= 0, "must be >= 0 (0 = no pixel head)"),
             ("pixel_head_blocks", self.pixel_head_blocks >= 0, "must be >= 0"),
+            ("cond_channels", self.cond_channels >= 0, "must be >= 0 (0 = no conditioning image)"),
             ("num_experts", self.num_experts >= 1, "must be >= 1"),
             ("expert_capacity", self.expert_capacity > 0, "must be > 0"),
             ("qkv_ratio", len(self.qkv_ratio) == 2 and min(self.qkv_ratio) > 0, "must be two positive numbers"),

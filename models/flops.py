@@ -20,7 +20,8 @@ def forward_flops_per_image(cfg: ModelConfig | NestedConfig, caption_len: int, m
         # the math reference attention: counted as its two bmm's
         model = NestedMicroDiT(cfg, {"attention": "torch"}) if nested else MicroDiT(cfg, {"attention": "torch"})
         sizes = cfg.resolutions if nested else [cfg.input_size]
-        xs = [torch.empty(1, cfg.in_channels, r, r) for r in sizes]
+        channels = cfg.in_channels + (0 if nested else cfg.cond_channels)  # a conditioning image is part of the input
+        xs = [torch.empty(1, channels, r, r) for r in sizes]
         y = torch.empty(1, caption_len, (cfg.inner if nested else cfg).caption_channels)
         keep = kept_tokens(cfg.num_patches, mask_ratio)
         keep_idx = torch.zeros(1, keep, dtype=torch.long) if keep < cfg.num_patches else None

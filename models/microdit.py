@@ -39,7 +39,7 @@ class MicroDiT(nn.Module):
         self.gather_fn = ops["gather"]
         dim, eps = cfg.dim, cfg.norm_eps
 
-        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, dim)
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels + cfg.cond_channels, dim)
         grid = cfg.input_size // cfg.patch_size
         pos = sincos_pos_embed_2d(dim, grid, cfg.pos_interp_scale).to(self.x_embedder.proj.weight.device)
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)  # (1, N, dim); rebuilt per resolution
@@ -64,7 +64,7 @@ class MicroDiT(nn.Module):
         )
         self.final_layer = FinalLayer(dim, dim, cfg.patch_channels, eps, ops["norm"])
         if cfg.pixel_head:
-            self.pixel_head = PixelHead(cfg.in_channels, cfg.pixel_head, cfg.pixel_head_blocks, dim)
+            self.pixel_head = PixelHead(cfg.in_channels, cfg.pixel_head, cfg.pixel_head_blocks, dim, cfg.cond_channels)
         self.initialize_weights()
 
     def forward(
@@ -75,8 +75,9 @@ class MicroDiT(nn.Module):
         y_mask: torch.Tensor | None = None,
         keep_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, H, W) preconditioned input; c_noise (B,); y (B, L, caption_channels); y_mask (B, L) bool, True =
-        real token; keep_idx (B, K) tokens kept after the mixer (None = all). Returns (B, K or N, p²·C)."""
+        """x (B, C + cond_channels, H, W) preconditioned input, then the conditioning image if any; c_noise (B,); y
+        (B, L, caption_channels); y_mask (B, L) bool, True = real token; keep_idx (B, K) tokens kept after the mixer
+        (None = all). Returns (B, K or N, p²·C)."""
         h, y, c = self.embed(x, c_noise, y, y_mask)
         out = self.final_layer(self.trunk(h, y, y_mask, c, keep_idx), c)  # (B, K, p²·C)
         if self.cfg.pixel_head:

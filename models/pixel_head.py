@@ -36,9 +36,10 @@ class ConvBlock(nn.Module):
 class PixelHead(nn.Module):
     """(transformer output image, network input, condition) -> refined output image, all (B, C, H, W)."""
 
-    def __init__(self, channels: int, width: int, blocks: int, cond_dim: int):
+    def __init__(self, channels: int, width: int, blocks: int, cond_dim: int, extra_in: int = 0):
         super().__init__()
-        self.conv_in = nn.Conv2d(2 * channels, width, 3, padding=1)
+        # the output image, and the network input: the noisy image and `extra_in` channels of a conditioning image
+        self.conv_in = nn.Conv2d(2 * channels + extra_in, width, 3, padding=1)
         self.blocks = nn.ModuleList(ConvBlock(width, cond_dim) for _ in range(blocks))
         self.norm_out = group_norm(width)
         self.conv_out = nn.Conv2d(width, channels, 3, padding=1)

@@ -184,3 +184,28 @@ def test_evaluate_and_sample_a_run_through_the_cascade(short_runs, tmp_path, cap
     assert rec["cascade_sigmas"][-1] == 2.0 and rec["sigmas"][0] == 1.0
     assert rec["cascade_nfe"] == 2 * (len(rec["cascade_sigmas"]) - 1) + 1 and rec["measured_nfe"] == rec["nfe"]
     assert res["metrics"]["geneval"]["num_images"] == 6
+
+
+def test_cascade_from_data_starts_the_run_model_from_each_prompts_pooled_held_out_image(short_runs, tmp_path):
+    """An ideal first stage: restarted at a tiny noise level, the run's model hands back the held-out images as
+    pooled to 16 px and replicated, image for image, whatever the batch."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.data.synthetic import SyntheticShapes
+    from engine.evaluate import main
+    from engine.outputs.images import to_uint8
+
+    res = main(["--run", str(short_runs / "a"), "--cascade-from-data", "16", "--cascade-until", "0.01",
+                "--cascade-restart", "0.01", "--num-images", "5", "--steps", "3", "--batch-size", "2", "--grid", "0",
+                "--save-images", "--out", str(tmp_path / "e")])
+    rec = res["sampler"]
+    assert rec["init"] == "cascade" and rec["cascade_from_data"] == 16 and rec["cascade_data_seed"] == 1000000
+    real = SyntheticShapes(5, 32, 1000000).images(range(5))
+    want = to_uint8(F.interpolate(F.avg_pool2d(real, 2), scale_factor=2, mode="nearest")).astype(int)
+    got = np.stack([np.asarray(Image.open(tmp_path / "e" / "images" / f"{i:05d}.png")) for i in range(5)]).astype(int)
+    assert np.abs(got - want).mean() < 3 and np.abs(got - np.roll(want, 1, axis=0)).mean() > 10
+    with pytest.raises(SamplerSettingsError, match="--cascade-from-data 24: must be a side that divides"):
+        main(["--run", str(short_runs / "a"), "--cascade-from-data", "24", "--cascade-until", "0.01",
+              "--cascade-restart", "0.01", "--num-images", "2", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()

@@ -223,3 +223,12 @@ def test_a_wrong_value_in_an_optional_field_is_named():
     """int | None: a value of neither type is a ConfigError naming the key (it was a TypeError)."""
     with pytest.raises(ConfigError, match=re.escape("sample.nfe expects")):
         load_config(ROOT / "configs/tiny.yaml", ["sample.nfe=abc"])
+
+
+def test_the_super_resolution_stage_samples_on_phase_one():
+    """The conditioned 32-px stage takes phase 1's run as its cascade's first stage, at phase 1's resolution, on the
+    same data and captions."""
+    p1, sr = load_config(ROOT / "configs/tiny_reference_16px.yaml"), load_config(ROOT / "configs/tiny_reference_sr.yaml")
+    assert sr.sample.init == "cascade" and sr.sample.cascade_run == f"{p1.run.out_dir}/{p1.run.name}"
+    assert sr.diffusion.lowres_condition == p1.diffusion.resolutions[0] and not sr.diffusion.resolutions
+    assert sr.data == p1.data and not sr.train.init_from

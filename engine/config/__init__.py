@@ -141,6 +141,14 @@ class DiffusionConfig:
     schedule_shift_power: float = 1.0
     """Nested model: resolution r sees the noise level sigma_r = sigma · s_r^(p/2), s_r = r / the lowest resolution
     (Matryoshka Diffusion's SNR_r = SNR / s_r^p); sigma is drawn and sampled for the lowest resolution."""
+    lowres_condition: int = 0
+    """Side of the average-pooled copy of each image the model is conditioned on (upsampled by pixel replication and
+    concatenated to its input): a cascade's super-resolution stage (engine/diffusion/lowres.py), sampled with
+    sample.init=cascade from a run at that size. 0 = off."""
+    lowres_aug: float = 0.0
+    """diffusion.lowres_condition: the largest level of the Gaussian noise added to the condition in training (drawn
+    uniformly in [0, lowres_aug] per image, at the low resolution), so that the stage does not copy a first stage's
+    flaws. 0 = none."""
 
 
 @dataclass
@@ -293,7 +301,8 @@ class SampleConfig:
     the lowest attribute FD on both models tried, and all-correct within 0.01 of the best."""
     cascade_restart: float = 1.0
     """sample.init=cascade: the noise level (<= cascade_until) the upsampled estimate is noised to with fresh noise,
-    where this run's model takes over (engine/sampling/cascade.py)."""
+    where this run's model takes over (engine/sampling/cascade.py). A run conditioned on the low model's image
+    (diffusion.lowres_condition) may restart above cascade_until, up to diffusion.sigma_max (from pure noise)."""
     parallel: str = "none"
     """Sampling across the processes of a torchrun launch (engine/sampling/parallel_sample.py): 'none' (one process),
     'patch' (DistriFusion: each process owns a band of token rows; self-attention uses the other bands' keys/values

@@ -87,6 +87,17 @@ def method_checks(c: "Config") -> list[tuple[str, typing.Callable[[], bool], str
         ("diffusion.schedule_shift_power", lambda: d.schedule_shift_power >= 0, "must be >= 0"),
         ("diffusion.objective", lambda: d.objective == "edm" or not res,
          "must be 'edm' with diffusion.resolutions (the initial-step model trains at data.image_size)"),
+        ("diffusion.lowres_condition", lambda: d.lowres_condition == 0 or (
+            0 < d.lowres_condition < dt.image_size and dt.image_size % d.lowres_condition == 0),
+         f"must be 0 (off) or a side that divides data.image_size={dt.image_size} and is smaller"),
+        ("diffusion.lowres_condition", lambda: d.lowres_condition == 0 or (not res and d.objective == "edm"),
+         "needs a plain denoiser at data.image_size (no diffusion.resolutions, diffusion.objective=edm)"),
+        ("diffusion.lowres_aug", lambda: d.lowres_aug >= 0, "must be >= 0 (0 = no noise on the condition)"),
+        ("sample.init", lambda: d.lowres_condition == 0 or s.init == "cascade",
+         "must be 'cascade' for a run conditioned on a low-resolution image (diffusion.lowres_condition): its "
+         "condition is the low model's sample"),
+        ("sample.parallel", lambda: d.lowres_condition == 0 or s.parallel == "none",
+         "must be 'none' for a run conditioned on a low-resolution image (its condition is not split)"),
         ("train.init_prefix", lambda: not t.init_prefix or t.init_prefix.endswith("."),
          "must be empty or a submodule name ending in '.', e.g. 'inner.'"),
         ("train.init_prefix", lambda: not t.init_prefix or bool(t.init_from), "needs train.init_from"),
@@ -166,8 +177,10 @@ def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, typi
          "must name the run folder of a lower-resolution model when sample.init=cascade"),
         ("sample.cascade_until", lambda: s.init != "cascade" or d.sigma_min < s.cascade_until < d.sigma_max,
          f"must lie between diffusion.sigma_min={d.sigma_min} and diffusion.sigma_max={d.sigma_max}"),
-        ("sample.cascade_restart", lambda: s.init != "cascade" or d.sigma_min < s.cascade_restart <= s.cascade_until,
-         f"must be > diffusion.sigma_min={d.sigma_min} and <= sample.cascade_until={s.cascade_until}"),
+        ("sample.cascade_restart", lambda: s.init != "cascade" or d.sigma_min < s.cascade_restart <= (
+            d.sigma_max if d.lowres_condition else s.cascade_until),
+         f"must be > diffusion.sigma_min={d.sigma_min} and <= sample.cascade_until={s.cascade_until} (<= "
+         f"diffusion.sigma_max={d.sigma_max} for a run conditioned on the low model's image)"),
         ("sample.parallel", lambda: s.parallel in PARALLEL_MODES, from_(PARALLEL_MODES)),
         ("sample.warmup_evals", lambda: s.warmup_evals >= 1,
          "must be >= 1 (the first evaluation has no earlier keys/values to use)"),

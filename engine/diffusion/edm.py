@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import DiffusionConfig
+from engine.diffusion.lowres import Conditioned, lowres_image
 from engine.diffusion.noise import StepNoise
 from engine.diffusion.targets import loss_weight, skip_and_out
 
@@ -29,6 +30,8 @@ class EDM:
     resolutions: tuple = ()  # low to high; () = the data's own size
     resolution_loss_weights: tuple = ()  # () = 1 each
     schedule_shift_power: float = DiffusionConfig.schedule_shift_power
+    lowres_condition: int = DiffusionConfig.lowres_condition  # conditioned on the image pooled to this side; 0 = off
+    lowres_aug: float = DiffusionConfig.lowres_aug  # largest noise level added to that condition in training
 
     @classmethod
     def from_config(cls, d: DiffusionConfig) -> "EDM":
@@ -36,7 +39,8 @@ class EDM:
                    sigma_max=d.sigma_max, objective=d.objective, target=d.target, weighting=d.weighting,
                    sigma_range=tuple(d.sigma_range), resolutions=tuple(d.resolutions),
                    resolution_loss_weights=tuple(d.resolution_loss_weights),
-                   schedule_shift_power=d.schedule_shift_power)
+                   schedule_shift_power=d.schedule_shift_power, lowres_condition=d.lowres_condition,
+                   lowres_aug=d.lowres_aug)
 
     @property
     def nested(self) -> bool:
@@ -98,6 +102,8 @@ class EDM:
         """(loss, denoised, target) of one stream: the EDM loss and the (B, K, P) predicted and true values of the kept
         patches it compares, for losses over the same predictions (SADM's batch structure)."""
         sigma = noise.sigma
+        if self.lowres_condition:  # a super-resolution stage: conditioned on x0's own pooled copy
+            model = Conditioned(model, lowres_image(x0, self.lowres_condition, noise.cond_noise, noise.cond_level))
         x_noisy = x0 + noise.noise * sigma.view(-1, 1, 1, 1)
         denoised = self.denoise_tokens(model, x_noisy, sigma, y, y_mask, noise.keep_idx)  # (B, K, P)
         target = model.patchify(x0)

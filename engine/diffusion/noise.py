@@ -24,11 +24,14 @@ class StepNoise:
     keep_idx: torch.Tensor | None  # (B, K) sorted token indices, None when nothing is masked
     drop_caption: torch.Tensor  # (B,) bool
     stream_noise: tuple[torch.Tensor, ...] = ()  # a nested model's lower streams, low first: fresh, not pooled
+    cond_noise: torch.Tensor | None = None  # (B, C, r, r) unit noise of a low-resolution condition (lowres_aug)
+    cond_level: torch.Tensor | None = None  # (B,) its level, uniform in [0, lowres_aug]
 
     def slice(self, lo: int, hi: int) -> "StepNoise":
-        keep = None if self.keep_idx is None else self.keep_idx[lo:hi]
+        part = lambda t: None if t is None else t[lo:hi]
         streams = tuple(n[lo:hi] for n in self.stream_noise)
-        return StepNoise(self.sigma[lo:hi], self.noise[lo:hi], keep, self.drop_caption[lo:hi], streams)
+        return StepNoise(self.sigma[lo:hi], self.noise[lo:hi], part(self.keep_idx), self.drop_caption[lo:hi], streams,
+                         part(self.cond_noise), part(self.cond_level))
 
 
 def draw_step_noise(
@@ -49,7 +52,12 @@ def draw_step_noise(
         keep_idx = scores.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, K): exactly K distinct tokens each
     drop = torch.rand(batch, generator=gen, device=device) < caption_dropout
     streams = tuple(torch.randn(batch, *s, generator=gen, device=device) for s in stream_shapes)
-    return StepNoise(sigma, noise, keep_idx, drop, streams)
+    cond_noise = cond_level = None
+    if edm.lowres_condition and edm.lowres_aug > 0:  # drawn last: the other draws are those of an unconditioned run
+        r = edm.lowres_condition
+        cond_level = torch.rand(batch, generator=gen, device=device) * edm.lowres_aug
+        cond_noise = torch.randn(batch, shape[0], r, r, generator=gen, device=device)
+    return StepNoise(sigma, noise, keep_idx, drop, streams, cond_noise, cond_level)
 
 
 def draw_sigma(edm: "EDM", batch: int, gen: torch.Generator, device) -> torch.Tensor:

@@ -97,6 +97,8 @@ def generate(model, edm, embed, prompts: list[str], sampler, seed: int, batch_si
         batch = prompts[i:i + batch_size]
         y, y_mask = embed(batch)
         noise = start_noise(edm, c.in_channels, c.input_size, seed, i, len(batch), device)
+        if hasattr(sampler.start, "select"):  # a start made of the prompts' own images: which ones
+            sampler.start.select(i, len(batch))
         x = sample(model, edm, y, y_mask, sampler=sampler, noise=noise)
         if decoder is not None:
             x = decoder(x)
@@ -190,6 +192,21 @@ def structure_gaps(features: np.ndarray, reference: np.ndarray) -> dict:
 # ---------------------------------------------------------------- main
 
 
+def held_out_sampler(settings, cfg, prompts: PromptSet, size: int):
+    """--cascade-from-data: the cascade's second part, started from the prompts' own held-out images pooled to
+    `size` (engine/sampling/cascade.py HeldOutStart)."""
+    from engine.data.synthetic import SyntheticShapes
+    from engine.sampling.cascade import held_out_cascade
+    from engine.sampling.plan import make_plan
+    from engine.sampling.sampler import Sampler
+
+    if prompts.data_seed is None:
+        raise ConfigError("--cascade-from-data needs the synthetic prompt set: its held-out images are the first stage")
+    data = SyntheticShapes(len(prompts.prompts), cfg.data.image_size, prompts.data_seed, cfg.data.backgrounds)
+    plan, start = held_out_cascade(settings, make_plan(settings), data, size)
+    return Sampler(settings, plan, start)
+
+
 def evaluate_run(args) -> dict:
     """Generate, score and write eval.json for the run and settings in `args` (engine/evaluate.py's options)."""
     t_start = time.perf_counter()
@@ -205,6 +222,9 @@ def evaluate_run(args) -> dict:
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"--run-dir {run}: not a run folder (no config.yaml)")
     run_cfg = load_config(run / "config.yaml")
+    from_data = getattr(args, "cascade_from_data", None)
+    if from_data is not None:  # the cascade with held-out images for its first stage: no low run
+        args.init, args.cascade_run = "cascade", "held-out images"
     settings = SamplerSettings.from_args(args, run_cfg, str(run.parent / ".cache"))
     if run_cfg.model.experts and (args.checkpoint or args.step is not None):
         raise ConfigError(f"--checkpoint/--step: {run} samples with its experts' newest checkpoints "
@@ -213,9 +233,12 @@ def evaluate_run(args) -> dict:
     cfg, model, ckpt = load_run_model(run, ckpt, use_ema=not args.raw_weights, text_encoder=args.text_encoder)
     device = next(model.parameters()).device
     synthetic = cfg.data.source == "synthetic"
-    sampler = build_sampler(settings, cfg, device)
-    n, steps, scale = args.num_images, sampler.settings.sample.steps, sampler.settings.cfg_scale
     prompts = prompt_set(args, cfg)
+    if from_data is None:
+        sampler = build_sampler(settings, cfg, device)
+    else:
+        sampler = held_out_sampler(settings, cfg, prompts, from_data)
+    n, steps, scale = args.num_images, sampler.settings.sample.steps, sampler.settings.cfg_scale
 
     decoder = None
     if cfg.data.channels != 3:  # latent run: decode to pixels

@@ -6,7 +6,9 @@ sample.init=cascade splits the sampler's one schedule at two noise levels:
   2. its estimate of the clean image at that level is upsampled (pixel replication) to the run's size and noised to
      sample.cascade_restart with fresh noise, drawn per image from a seed hashed from that image's own start noise (so
      an image's result does not depend on its batch, and two runs given the same noise stay paired);
-  3. the run's model solves from there to the end of the schedule.
+  3. the run's model solves from there to the end of the schedule. A run conditioned on a low-resolution image
+     (diffusion.lowres_condition: a super-resolution stage, engine/diffusion/lowres.py) also gets the upsampled
+     estimate as its condition at every evaluation; it may restart above cascade_until (from sigma_max: pure noise).
 Both parts use the schedule's noise levels, so the cascade costs about as many evaluations as the plain sampler, those
 above the handover at the low model's token count. Why: the 16-px model reads layout and counts better than the
 32-px model it was continued into (README: the reference's phase 2), while only the 32-px model draws the detail.
@@ -101,9 +103,9 @@ def load_cascade(settings: SamplerSettings, plan: Plan, cfg, device, guided_deno
     except (FileNotFoundError, ValueError) as e:
         raise SamplerSettingsError(f"{where}: {e}") from None
     edm = EDM.from_config(lcfg.diffusion)
-    if edm.nested or edm.objective != "edm" or lcfg.model.experts:
+    if edm.nested or edm.objective != "edm" or lcfg.model.experts or edm.lowres_condition:
         raise SamplerSettingsError(f"{where}: must be a plain denoiser of one resolution (not nested, not split into "
-                                   "experts, not an initial-step model)")
+                                   "experts, not an initial-step model, not conditioned on a lower resolution)")
     for key in SHARED_DATA_KEYS:
         if getattr(lcfg.data, key) != getattr(cfg.data, key):
             raise SamplerSettingsError(f"{where}: data.{key}={getattr(lcfg.data, key)!r} differs from this run's "
@@ -112,5 +114,42 @@ def load_cascade(settings: SamplerSettings, plan: Plan, cfg, device, guided_deno
     if high % low or high == low:
         raise SamplerSettingsError(f"{where}: makes {low}x{low} images; the run makes {high}x{high}, which must be a "
                                    f"whole multiple (2x, 4x ...) of it")
+    if cfg.diffusion.lowres_condition and low != cfg.diffusion.lowres_condition:
+        raise SamplerSettingsError(f"{where}: makes {low}x{low} images; this run is conditioned on "
+                                   f"{cfg.diffusion.lowres_condition}x{cfg.diffusion.lowres_condition} ones "
+                                   "(diffusion.lowres_condition)")
     low_plan, _ = split_plan(settings, plan)
     return CascadeStart(model.to(device), edm, low_plan, str(run), str(ckpt), guided_denoiser)
+
+
+class HeldOutStart:
+    """An ideal first stage, for measuring what the second stage alone keeps (evaluate.py --cascade-from-data): each
+    prompt's own held-out image, average-pooled to `size` and upsampled back (pixel replication), in place of a low
+    model's estimate. The evaluation names the prompts of each batch (select) before sampling it."""
+
+    def __init__(self, dataset, size: int, out_size: int):
+        self.dataset, self.size, self.factor = dataset, size, out_size // size
+        self.first = self.count = 0
+
+    def select(self, first: int, count: int) -> None:
+        self.first, self.count = first, count
+
+    def __call__(self, noise: torch.Tensor, y, y_mask, cfg_scale: float) -> torch.Tensor:
+        if noise.shape[0] != self.count:
+            raise ValueError(f"held-out start: {noise.shape[0]} images to start, {self.count} selected")
+        x = self.dataset.images(range(self.first, self.first + self.count)).to(noise.device, torch.float64)
+        return F.interpolate(F.avg_pool2d(x, self.factor), scale_factor=self.factor, mode="nearest")
+
+    restart_noise = staticmethod(restart_noise)
+
+    def record(self) -> dict:
+        return {"cascade_from_data": self.size, "cascade_data_seed": self.dataset.seed}
+
+
+def held_out_cascade(settings: SamplerSettings, plan: Plan, dataset, size: int) -> tuple[Plan, HeldOutStart]:
+    """The cascade's second part with HeldOutStart as its first: (this run's plan from cascade_restart, the start)."""
+    out_size = dataset.image_size
+    if size < 1 or out_size % size or size == out_size:
+        raise SamplerSettingsError(f"--cascade-from-data {size}: must be a side that divides the run's image size "
+                                   f"{out_size} and is smaller")
+    return split_plan(settings, plan)[1], HeldOutStart(dataset, size, out_size)

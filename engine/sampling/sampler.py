@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from engine.diffusion.edm import EDM
+from engine.diffusion.lowres import Conditioned
 from engine.diffusion.nested import highest, initial_state
 from engine.sampling.experts import ExpertSwitch
 from engine.sampling.plan import Plan, make_plan
 from engine.sampling.schedules import karras
-from engine.sampling.settings import SamplerSettings
+from engine.sampling.settings import SamplerSettings, SamplerSettingsError
 from engine.sampling.solvers import SOLVERS, Counted, heun
 
 
@@ -91,12 +92,17 @@ def initial_noise(cfg, batch: int, generator: torch.Generator | None, device) ->
 def start_state(sampler: Sampler, noise: torch.Tensor, y, y_mask) -> torch.Tensor:
     """The solver's state at sigmas[0] (float64): sigmas[0] · noise, plus the start's x0 estimate if it has one. A
     cascade's solver starts below sigma_max, from noise of its own (engine/sampling/cascade.py)."""
+    return start_parts(sampler, noise, y, y_mask)[0]
+
+
+def start_parts(sampler: Sampler, noise: torch.Tensor, y, y_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(start_state's state, the start's x0 estimate or None: a super-resolution stage's condition)."""
     if sampler.start is None:
-        return noise.double() * sampler.plan.sigmas[0]
+        return noise.double() * sampler.plan.sigmas[0], None
     x0_hat = sampler.start(noise, y, y_mask, sampler.settings.cfg_scale).double()
     if hasattr(sampler.start, "restart_noise"):
         noise = sampler.start.restart_noise(noise)
-    return x0_hat + noise.double() * sampler.plan.sigmas[0]
+    return x0_hat + noise.double() * sampler.plan.sigmas[0], x0_hat
 
 
 def run_solver(sampler: Sampler, denoise, x_start: torch.Tensor) -> torch.Tensor:
@@ -127,12 +133,18 @@ def sample(
         from engine.sampling.start import InitStepStart
         return InitStepStart(model, edm, "plain")(x, y, y_mask, cfg_scale).float()
     image = (lambda out: highest(edm, out, cfg.in_channels).float()) if edm.nested else (lambda out: out.float())
+    if edm.lowres_condition and (sampler is None or sampler.settings.sample.init != "cascade"):
+        raise SamplerSettingsError("a run conditioned on a low-resolution image (diffusion.lowres_condition) samples "
+                                   "with sample.init=cascade: its condition is the low model's sample")
     if sampler is None:
         denoise = guided_denoiser(model, edm, y, y_mask, cfg_scale)
         sigmas = karras_sigmas(edm, steps).tolist()
         return image(heun(denoise, x.double() * sigmas[0], sigmas))
+    x_start, x0_hat = start_parts(sampler, x, y, y_mask)
+    if edm.lowres_condition:  # a super-resolution stage: the low model's image conditions every evaluation
+        model = Conditioned(model, x0_hat.float())
     denoise = guided_denoiser(model, edm, y, y_mask, sampler.settings.cfg_scale)
-    return image(run_solver(sampler, denoise, start_state(sampler, x, y, y_mask)))
+    return image(run_solver(sampler, denoise, x_start))
 
 def nested_start(edm: EDM, cfg, batch: int, noise, generator, device) -> torch.Tensor:
     """The nested model's packed unit start from every stream's noise (given, low first, or drawn: the highest stream

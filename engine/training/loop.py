@@ -50,12 +50,14 @@ class Run:
 
 def build(cfg: Config, d: Dist) -> Run:
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    cache = Path(cfg.run.out_dir) / ".cache"
+    if cfg.sample.init == "cascade":  # a missing or mismatched low model stops the run now, before anything is written
+        build_sampler(SamplerSettings.from_config(cfg, cache_dir=str(cache)), cfg, d.device)
     check_resumable(run_dir, cfg, d.is_main)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     # The main process embeds the captions first and fills the on-disk cache; the others then read it.
-    cache = Path(cfg.run.out_dir) / ".cache"
     if d.is_main:
         data, encoder = build_train_data(cfg, d.device, cache, d.rank, d.world_size)
     dist.barrier()
