@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.diffusion.lowres import lowres_image, upsample
 from engine.sampling.plan import Plan
 from engine.sampling.settings import SamplerSettings, SamplerSettingsError
 from engine.sampling.solvers import SOLVERS, Counted, step_orders
@@ -77,7 +78,7 @@ class CascadeStart:
         x = SOLVERS[p.solver].fn(denoise, n_low * p.sigmas[0], p.sigmas, p.orders, p.variant)
         x0 = denoise(x, p.sigmas[-1])
         self.last_nfe = denoise.nfe
-        return F.interpolate(x0, scale_factor=factor, mode="nearest")
+        return upsample(x0, factor)
 
     restart_noise = staticmethod(restart_noise)
 
@@ -127,8 +128,8 @@ class HeldOutStart:
     prompt's own held-out image, average-pooled to `size` and upsampled back (pixel replication), in place of a low
     model's estimate. The evaluation names the prompts of each batch (select) before sampling it."""
 
-    def __init__(self, dataset, size: int, out_size: int):
-        self.dataset, self.size, self.factor = dataset, size, out_size // size
+    def __init__(self, dataset, size: int):
+        self.dataset, self.size = dataset, size
         self.first = self.count = 0
 
     def select(self, first: int, count: int) -> None:
@@ -138,7 +139,7 @@ class HeldOutStart:
         if noise.shape[0] != self.count:
             raise ValueError(f"held-out start: {noise.shape[0]} images to start, {self.count} selected")
         x = self.dataset.images(range(self.first, self.first + self.count)).to(noise.device, torch.float64)
-        return F.interpolate(F.avg_pool2d(x, self.factor), scale_factor=self.factor, mode="nearest")
+        return lowres_image(x, self.size)  # the condition a super-resolution stage is trained on, noise-free
 
     restart_noise = staticmethod(restart_noise)
 
@@ -152,4 +153,4 @@ def held_out_cascade(settings: SamplerSettings, plan: Plan, dataset, size: int) 
     if size < 1 or out_size % size or size == out_size:
         raise SamplerSettingsError(f"--cascade-from-data {size}: must be a side that divides the run's image size "
                                    f"{out_size} and is smaller")
-    return split_plan(settings, plan)[1], HeldOutStart(dataset, size, out_size)
+    return split_plan(settings, plan)[1], HeldOutStart(dataset, size)
