@@ -79,6 +79,35 @@ def test_round_trip_is_bit_identical(tmp_path, fused):
     _assert_same_module(model, model2)
 
 
+def test_a_parameter_without_a_gradient_yet_resumes_without_optimizer_state(tmp_path):
+    """A parameter no loss has reached before the save (a branch used later) has no Adam state in the checkpoint. The
+    load must not ask for it (it did: "Missing key ... optim.state.head.weight.step") nor invent it: once the branch
+    is used, the resumed run takes the same steps as the uninterrupted one."""
+    def run_with_head(model, opt):
+        torch.manual_seed(7)
+        x = torch.randn(2, 4, 8)
+        (model(x) + model.head(x)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    def setup(seed):
+        torch.manual_seed(seed)
+        model = Tiny(extra_layer=True)  # forward never calls the head
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+    model, opt = setup(0)
+    _train(model, opt, 2)
+    path = Checkpointer(tmp_path).save(2, model=model, optimizer=opt)
+    model2, opt2 = setup(1)
+    Checkpointer(tmp_path).load(path, model=model2, optimizer=opt2)
+    with_state = lambda m, o: sorted(n for n, p in m.named_parameters() if p in o.state)
+    assert with_state(model2, opt2) == with_state(model, opt) == ["block.0.bias", "block.0.weight", "block.2.bias",
+                                                                  "block.2.weight", "pos_embed"]
+    run_with_head(model, opt)
+    run_with_head(model2, opt2)
+    _assert_same_module(model, model2)
+
+
 def test_keep_last_prunes_oldest(tmp_path):
     model, _, opt = _setup(0)
     ckpt = Checkpointer(tmp_path, keep_last=2)

@@ -141,6 +141,7 @@ class Checkpointer:
         ``extra`` dict. An ``aux`` entry the checkpoint lacks raises ValueError naming it."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
@@ -153,16 +154,21 @@ class Checkpointer:
                 _check_keys(path, meta, name, state[name], skip=())
         if optimizer is not None and not any(k.startswith("optim.") for k in meta):
             raise ValueError(f"checkpoint {path} holds no optimizer state")
+        for name in ("optim", *(f"{a}_optim" for a in aux or {})):
+            if name in state:
+                _drop_unsaved_optimizer_state(meta, name, state[name])
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path))
         set_model_state_dict(model, state["model"])
         if ema is not None:
             set_model_state_dict(ema, state["ema"])
+        # not strict: the parameters _drop_unsaved_optimizer_state left out have no state; every other key was read
+        partial = StateDictOptions(strict=False)
         if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, state["optim"])
+            set_optimizer_state_dict(model, optimizer, state["optim"], options=partial)
         for name, (module, opt) in (aux or {}).items():
             set_model_state_dict(module, state[name])
-            set_optimizer_state_dict(module, opt, state[f"{name}_optim"])
+            set_optimizer_state_dict(module, opt, state[f"{name}_optim"], options=partial)
         _restore_rng(path / f"rng_rank{_rank()}.pt")
         return pickle.loads(state["extra"])
 
@@ -244,6 +250,16 @@ def _state(model, ema, optimizer, extra, aux=None) -> dict[str, Any]:
     # bytes is a DCP leaf: a dict would be flattened and need its keys known at load time
     state["extra"] = pickle.dumps(extra or {})
     return state
+
+
+def _drop_unsaved_optimizer_state(meta: dict, prefix: str, sd: dict) -> None:
+    """A parameter that had no gradient before the save has no optimizer state in the checkpoint, while a fresh
+    optimizer's state dict holds state for every parameter (torch fills it with a zero-gradient step). Drop those
+    entries, so the load neither asks for keys that were never written nor invents state: the parameter resumes with
+    none, as it was saved."""
+    for fqn in list(sd.get("state", {})):
+        if not any(k.startswith(f"{prefix}.state.{fqn}.") for k in meta):
+            del sd["state"][fqn]
 
 
 def _skipped(key: str, skip: tuple[str, ...]) -> bool:
