@@ -3,6 +3,7 @@
     python engine/evaluate.py --run-dir runs/tiny [--step 300] [--inception inception-2015-12-05.pt] [--clip ...]
     python engine/evaluate.py --compare runs/a runs/b [--out DIR]            # two runs on identical inputs
     python engine/evaluate.py --compare runs/a/eval/x runs/a/eval/y ...      # evaluation folders (e.g. two samplers)
+    python engine/evaluate.py --compare runs/a0,runs/a1 runs/b0,runs/b1       # two recipes, each trained with 2 seeds
     python engine/evaluate.py --caption-value 200000 [--out DIR]           # the synthetic set's own ceiling, no run
 
 Generates --num-images images with the run's EMA weights and sampler settings (default EDM Heun + CFG; the sampler
@@ -53,7 +54,8 @@ def parse_args(argv=None):
                                                             "--run is the old spelling, which torchrun misreads")
     what.add_argument("--compare", nargs="+", metavar="RUN_OR_EVAL",
                       help="two or more run folders or evaluation folders (holding eval.json); each is compared with "
-                           "the first")
+                           "the first. An item may join several with commas: one recipe trained with seeds 0, 1, ..., "
+                           "paired by position with the other items' (the CI then covers the seeds too)")
     what.add_argument("--caption-value", type=int, metavar="SAMPLES",
                       help="no run: the synthetic set's lowest possible x0 error at sigma -> inf for each level of "
                            "caption knowledge, on SAMPLES 32-px images (200000: about two minutes, 3.3 GB)")

@@ -15,7 +15,8 @@ import torch
 from engine.config import ConfigError
 from engine.data.synthetic import COLOURS, SyntheticShapes
 from engine.eval.attribute_net import AttributeFeatures, AttributeNet, frechet_of_features
-from engine.eval.compare import METRICS, compare, compare_pair, load_evaluation
+from engine.eval.compare import METRICS, compare, compare_folders, compare_pair, load_evaluation
+from engine.eval.replicates import compare_replicates
 from engine.eval.protocol import mean_ci, paired_noise, statistic_ci, synthetic_prompt_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,6 +174,71 @@ def test_evaluations_of_different_prompt_sets_are_not_compared(tmp_path):
     b = fake_evaluation(tmp_path / "b", random_per_image(rng, 10, 0.5), f, f, prompts={"sha256": "other"})
     with pytest.raises(ConfigError, match="prompt set"):
         compare_pair(load_evaluation(a), load_evaluation(b))
+
+
+# ---------------------------------------------------------------- arms trained with several seeds
+
+
+def shifted(rng, base: dict, p_up: float, p_down: float) -> dict:
+    """base's per-image outcomes with each failure turned into a success with p_up, each success into a failure with
+    p_down: an arm that is better (p_up > p_down) or worse on the same prompts."""
+    flip = lambda v: v if v is None else (rng.random() < p_up if not v else rng.random() >= p_down)
+    return {m: [flip(v) for v in vals] for m, vals in base.items()}
+
+
+def seed_arms(tmp_path, rng, n, effects):
+    """Arms A and B, one evaluation per seed; seed k's B differs from its A by effects[k] = (p_up, p_down)."""
+    ref = rng.normal(size=(n, 8))
+    a, b = [], []
+    for k, (up, down) in enumerate(effects):
+        base = random_per_image(rng, n, 0.4)
+        a.append(fake_evaluation(tmp_path / f"a{k}", base, ref + rng.normal(size=ref.shape), ref))
+        b.append(fake_evaluation(tmp_path / f"b{k}", shifted(rng, base, up, down), ref + rng.normal(size=ref.shape),
+                                 ref))
+    return a, b
+
+
+def test_one_seed_per_arm_is_the_plain_paired_comparison(tmp_path):
+    a, b = seed_arms(tmp_path, np.random.default_rng(3), 60, [(0.3, 0.1)])
+    ea, eb = load_evaluation(a[0]), load_evaluation(b[0])
+    assert compare_replicates([ea], [eb]) == compare_pair(ea, eb)
+
+
+def test_two_seeds_of_one_recipe_compared_with_themselves_give_exactly_zero(tmp_path):
+    a, _ = seed_arms(tmp_path, np.random.default_rng(4), 60, [(0, 0), (0, 0)])
+    arm = [load_evaluation(f) for f in a]
+    d = compare_replicates(arm, arm)
+    for m in (*METRICS, "fd_attr"):
+        assert d[m]["diff"] == 0 and d[m]["ci"] == [0.0, 0.0] and d[m]["per_pair"] == [0.0, 0.0], m
+
+
+def test_the_interval_covers_the_spread_between_seed_pairs(tmp_path):
+    """A lever that helps in both seed pairs is found; one that helps a lot with seed 0 and hurts with seed 1 is not,
+    although seed 0's pair alone, with an interval over prompts only, would call it a clear gain."""
+    rng = np.random.default_rng(5)
+    a, b = seed_arms(tmp_path / "same", rng, 300, [(0.3, 0.0), (0.3, 0.0)])
+    d = compare_replicates([load_evaluation(f) for f in a], [load_evaluation(f) for f in b])["all"]
+    assert d["ci"][0] > 0 and all(v > 0 for v in d["per_pair"]), d
+    a, b = seed_arms(tmp_path / "split", rng, 300, [(0.4, 0.0), (0.0, 0.4)])
+    one = compare_pair(load_evaluation(a[0]), load_evaluation(b[0]))["all"]
+    assert one["ci"][0] > 0.05, one  # seed 0 alone: a clear gain
+    d = compare_replicates([load_evaluation(f) for f in a], [load_evaluation(f) for f in b])["all"]
+    assert d["per_pair"][0] > 0 > d["per_pair"][1] and d["ci"][0] < 0 < d["ci"][1], d
+    assert d["diff"] == pytest.approx(sum(d["per_pair"]) / 2)
+
+
+def test_compare_joins_seeds_with_commas_and_names_a_mismatch(tmp_path):
+    from argparse import Namespace
+
+    a, b = seed_arms(tmp_path, np.random.default_rng(6), 40, [(0.3, 0.1), (0.3, 0.1)])
+    args = Namespace(compare=[f"{a[0]},{a[1]}", f"{b[0]},{b[1]}"], out=str(tmp_path / "cmp"), x="step")
+    result = compare_folders(args, evaluate_run=None)
+    assert result["seeds"] == 2 and len(result["comparisons"][0]["vs_first"]["all"]["per_pair"]) == 2
+    assert "per seed pair" in (tmp_path / "cmp" / "compare.md").read_text()
+    args.compare, args.out = [f"{a[0]},{a[1]}", str(b[0])], str(tmp_path / "bad")
+    with pytest.raises(ConfigError, match="items of 1 and 2 comma-joined folders"):
+        compare_folders(args, evaluate_run=None)
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------- engine/evaluate.py on a real run

@@ -119,13 +119,18 @@ def compare_pair(a: Evaluation, b: Evaluation, seed: int = 0) -> dict:
 
 def compare_folders(args, evaluate_run) -> dict:
     """engine/evaluate.py --compare: every item is an evaluation folder or a run folder, which is evaluated first with
-    the command's settings. All checks (folders exist, image sizes agree, evaluations are comparable) come before
-    any evaluation or file is written."""
+    the command's settings, or several of them joined by commas: the same recipe trained with different seeds, paired
+    by position with the other items' (engine/eval/replicates.py). All checks (folders exist, image sizes agree,
+    evaluations are comparable, every item has as many seeds) come before any evaluation or file is written."""
     import copy
 
     from engine.config import load_config
 
-    items, sizes, given = [Path(p) for p in args.compare], {}, []
+    groups = [[Path(p) for p in item.split(",")] for item in args.compare]
+    if len({len(g) for g in groups}) > 1:
+        raise ConfigError("--compare: items of " + " and ".join(sorted({str(len(g)) for g in groups}))
+                          + " comma-joined folders; replicates are paired by position, so every item needs as many")
+    items, sizes, given = [p for g in groups for p in g], {}, []
     for p in items:
         if (p / "eval.json").is_file():
             e = load_evaluation(p)
@@ -143,15 +148,15 @@ def compare_folders(args, evaluate_run) -> dict:
                           "different sizes cannot be compared pairwise")
     for e in given[1:]:
         check_comparable(given[0], e)
-    folders = []
+    evaluated = {}
     for p in items:
         if (p / "eval.json").is_file():
-            folders.append(p)
+            evaluated[p] = p
         else:
             one = copy.copy(args)
             one.run, one.out, one.compare = str(p), None, None
-            folders.append(Path(evaluate_run(one)["folder"]))
-    result = compare(folders, Path(args.out or "compare"), args.x)
+            evaluated[p] = Path(evaluate_run(one)["folder"])
+    result = compare([[evaluated[p] for p in g] for g in groups], Path(args.out or "compare"), args.x)
     print(table(result))
     return result
 
@@ -164,19 +169,25 @@ def x_value(e: Evaluation, x: str):
     return None
 
 
-def compare(folders: list[str | Path], out: Path, x: str = "step") -> dict:
-    """Compare every evaluation with the first; write compare.json, compare.md and (for a series) compare.png."""
-    evals = [load_evaluation(f) for f in folders]
-    base = evals[0]
-    rows = [{"folder": str(e.folder), "step": e.record.get("step"), "nfe": e.record.get("sampler", {}).get("nfe"),
-             "vs_first": compare_pair(base, e)} for e in evals[1:]]
-    result = {"baseline": str(base.folder), "x": x, "comparisons": rows,
-              "protocol": {k: base.record.get(k) for k in ("prompts", "noise", "num_images", "image_size")}}
+def compare(folders: list, out: Path, x: str = "step") -> dict:
+    """Compare every evaluation with the first; write compare.json, compare.md and (for a series of single runs)
+    compare.png. An entry of `folders` may be a list: one arm's evaluations of runs trained with seeds paired by
+    position with the other entries' (engine/eval/replicates.py)."""
+    from engine.eval.replicates import compare_replicates
+
+    groups = [[load_evaluation(f) for f in (entry if isinstance(entry, (list, tuple)) else [entry])]
+              for entry in folders]
+    name = lambda g: ",".join(str(e.folder) for e in g)
+    base = groups[0]
+    rows = [{"folder": name(g), "step": g[0].record.get("step"), "nfe": g[0].record.get("sampler", {}).get("nfe"),
+             "seeds": len(g), "vs_first": compare_replicates(base, g)} for g in groups[1:]]
+    result = {"baseline": name(base), "x": x, "seeds": len(base), "comparisons": rows,
+              "protocol": {k: base[0].record.get(k) for k in ("prompts", "noise", "num_images", "image_size")}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "compare.md").write_text(table(result) + "\n")
-    if len(evals) >= 2:
-        plot_series(evals, rows, out / "compare.png", x)
+    if len(groups) >= 2 and len(base) == 1:
+        plot_series([g[0] for g in groups], rows, out / "compare.png", x)
     return result
 
 
@@ -185,14 +196,20 @@ def _fmt(v) -> str:
 
 
 def table(result: dict) -> str:
-    """Markdown: one row per (evaluation, metric) with A, B, B - A and its 95% CI."""
-    lines = [f"baseline A = {result['baseline']}", "",
-             "| B | metric | A | B | B - A | 95% CI |", "|---|---|---|---|---|---|"]
+    """Markdown: one row per (evaluation, metric) with A, B, B - A and its 95% CI; with replicates, A and B are means
+    over seeds and a last column holds each seed pair's B - A."""
+    seeds = result.get("seeds", 1) > 1
+    head = "| B | metric | A | B | B - A | 95% CI |" + (" per seed pair |" if seeds else "")
+    lines = [f"baseline A = {result['baseline']}" + (f" ({result['seeds']} seeds per arm, paired)" if seeds else ""),
+             "", head, "|---" * (head.count("|") - 1) + "|"]
     for row in result["comparisons"]:
         for metric, d in row["vs_first"].items():
             ci = "n/a" if d["ci"] is None else f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
             diff = "n/a" if d["diff"] is None else f"{d['diff']:+.3f}"
-            lines.append(f"| {row['folder']} | {metric} | {_fmt(d['a'])} | {_fmt(d['b'])} | {diff} | {ci} |")
+            line = f"| {row['folder']} | {metric} | {_fmt(d['a'])} | {_fmt(d['b'])} | {diff} | {ci} |"
+            if seeds:
+                line += " " + (", ".join(f"{v:+.3f}" for v in d["per_pair"]) if d.get("per_pair") else "n/a") + " |"
+            lines.append(line)
     return "\n".join(lines)
 
 
