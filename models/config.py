@@ -75,6 +75,9 @@ class ModelConfig:
     time_free: bool = False
     """No timestep embedding: the adaLN condition is the pooled caption alone. SingDiffusion's initial-step model
     (a network that predicts x0 from pure noise and the caption) is such a model."""
+    pooled_caption: bool = True
+    """Add the mean of the caption tokens (through an MLP) to the adaLN condition, as MicroDiT does. False leaves the
+    caption to cross-attention alone: the adaLN condition is the timestep."""
 
     def __post_init__(self) -> None:
         self.qkv_ratio = tuple(float(r) for r in self.qkv_ratio)
@@ -92,6 +95,10 @@ class ModelConfig:
             ("pixel_head", self.pixel_head >= 0, "must be >= 0 (0 = no pixel head)"),
             ("pixel_head_blocks", self.pixel_head_blocks >= 0, "must be >= 0"),
             ("cond_channels", self.cond_channels >= 0, "must be >= 0 (0 = no conditioning image)"),
+            ("pooled_caption", self.pooled_caption or self.cross_attention,
+             "must be true without cross-attention: the caption would not reach the network"),
+            ("pooled_caption", self.pooled_caption or not self.time_free,
+             "must be true for a time-free network: its adaLN condition is the pooled caption"),
             ("num_experts", self.num_experts >= 1, "must be >= 1"),
             ("expert_capacity", self.expert_capacity > 0, "must be > 0"),
             ("qkv_ratio", len(self.qkv_ratio) == 2 and min(self.qkv_ratio) > 0, "must be two positive numbers"),

@@ -49,7 +49,8 @@ class MicroDiT(nn.Module):
         self.y_embedder.y_proj = Mlp(cfg.caption_channels, dim, dim, norm_eps=eps)
         if cfg.caption_refiner:
             self.y_emb_preprocess = CaptionBlock(dim, cfg.head_dim, cfg.multiple_of, cfg.use_bias, eps, ops["attention"])
-        self.pooled_y_emb_process = Mlp(dim, dim, dim, norm_eps=eps)
+        if cfg.pooled_caption:
+            self.pooled_y_emb_process = Mlp(dim, dim, dim, norm_eps=eps)
 
         if cfg.mixer_depth > 0:
             md = cfg.mixer_dim
@@ -94,6 +95,8 @@ class MicroDiT(nn.Module):
         y = self.y_embedder.y_proj(y.to(dt))  # (B, L, dim); c_noise stays fp32 for the timestep features
         if self.cfg.caption_refiner:
             y = self.y_emb_preprocess(y, y_mask)
+        if not self.cfg.pooled_caption:
+            return h, y, self.t_embedder(c_noise)
         pooled = self.pooled_y_emb_process(masked_mean(y, y_mask))  # (B, dim)
         c = pooled if self.cfg.time_free else self.t_embedder(c_noise) + pooled
         return h, y, c
@@ -141,8 +144,8 @@ class MicroDiT(nn.Module):
         if identity:
             nn.init.zeros_(self.x_embedder.proj.bias)
         t_mlp = [] if self.cfg.time_free else [self.t_embedder.mlp[0], self.t_embedder.mlp[2]]
-        for lin in (*t_mlp, self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2,
-                    self.pooled_y_emb_process.fc1, self.pooled_y_emb_process.fc2):
+        pooled_mlp = [self.pooled_y_emb_process.fc1, self.pooled_y_emb_process.fc2] if self.cfg.pooled_caption else []
+        for lin in (*t_mlp, self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2, *pooled_mlp):
             nn.init.normal_(lin.weight, std=0.02)
         depth = self.cfg.depth
         for i, block in enumerate(self.blocks):

@@ -171,6 +171,23 @@ def test_padding_of_caption_is_ignored():
     torch.testing.assert_close(model(x, t, y2, mask), model(x, t, y, mask))
 
 
+def test_without_the_pooled_caption_only_cross_attention_reads_the_caption():
+    """model.pooled_caption=False: the adaLN condition is the noise level alone, the caption still changes the output
+    (through cross-attention), and every weight that is built gets a gradient."""
+    model = small_model(pooled_caption=False)
+    assert not hasattr(model, "pooled_y_emb_process")
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    x, t, y, mask = inputs(model)
+    other = torch.randn_like(y)
+    assert torch.equal(model.embed(x, t, y, mask)[2], model.embed(x, t, other, mask)[2])
+    assert not torch.allclose(model(x, t, other, mask), model(x, t, y, mask))
+    model(x, t, y, mask).square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
+    pooled = small_model()  # the default adds the caption's mean to the condition
+    assert not torch.equal(pooled.embed(x, t, y, mask)[2], pooled.embed(x, t, other, mask)[2])
+
+
 def test_patchify_round_trip_and_token_order_matches_patch_embed():
     model = small_model()
     x = torch.randn(2, 3, 32, 32)

@@ -42,6 +42,9 @@ class ModelSection:
     """Weight init: 'identity' (cross-attention output and patch-embedding bias start at zero, so a fresh block is the
     identity) or 'official' (as SonyResearch/micro_diffusion: the cross-attention output drawn like the other output
     projections, PyTorch's default patch-embedding bias). The README lists every difference from the official code."""
+    pooled_caption: bool = True
+    """Add the caption's mean token (through an MLP) to the adaLN condition of every block, as MicroDiT does; false
+    leaves the caption to cross-attention alone (the adaLN condition is then the noise level only)."""
     patch_size: int = 0
     """Patch side in pixels (or latents) of model.name's network; 0 = the size's own (4 for MicroDiT_Nano_4). Luhman &
     Luhman's patched diffusion: p = 8 at 32 px gives 16 tokens of 192 values each."""

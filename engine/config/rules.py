@@ -40,7 +40,7 @@ def _folder_name(name: str) -> bool:
 
 def method_checks(c: "Config") -> list[tuple[str, typing.Callable[[], bool], str]]:
     """(key, ok, why) of the training methods' keys: targets and weightings, expert pairs, nested resolutions."""
-    from models.sizes import outer_config, outer_sizes
+    from models.sizes import model_config, outer_config, outer_sizes
 
     m, d, t, s, dt = c.model, c.diffusion, c.train, c.sample, c.data
     from_ = lambda choices: f"must be one of: {', '.join(choices)}"
@@ -92,6 +92,10 @@ def method_checks(c: "Config") -> list[tuple[str, typing.Callable[[], bool], str
          f"must be 0 (off) or a side that divides data.image_size={dt.image_size} and is smaller"),
         ("diffusion.lowres_condition", lambda: d.lowres_condition == 0 or (not res and d.objective == "edm"),
          "needs a plain denoiser at data.image_size (no diffusion.resolutions, diffusion.objective=edm)"),
+        ("model.pooled_caption", lambda: m.pooled_caption or d.objective != "init_step",
+         "must be true with diffusion.objective=init_step: a time-free network's adaLN condition is the pooled caption"),
+        ("model.pooled_caption", lambda: m.pooled_caption or model_config(m.name).cross_attention,
+         f"must be true for {m.name}: without cross-attention the caption reaches the network only pooled"),
         ("diffusion.lowres_aug", lambda: d.lowres_aug >= 0, "must be >= 0 (0 = no noise on the condition)"),
         ("sample.init", lambda: d.lowres_condition == 0 or s.init == "cascade",
          "must be 'cascade' for a run conditioned on a low-resolution image (diffusion.lowres_condition): its "

@@ -17,6 +17,7 @@ def network_config(cfg: Config) -> ModelConfig | NestedConfig:
         extra["pixel_head"] = m.pixel_head
     inner = model_config(m.name, input_size=res[0] if res else d.image_size, in_channels=d.channels,
                          caption_channels=d.caption_channels, pos_interp_scale=m.pos_interp_scale, init=m.init,
+                         pooled_caption=m.pooled_caption,
                          time_free=cfg.diffusion.objective == "init_step",
                          cond_channels=d.channels if cfg.diffusion.lowres_condition else 0, **extra)
     if len(res) < 2:
