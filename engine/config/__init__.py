@@ -44,7 +44,8 @@ class ModelSection:
     projections, PyTorch's default patch-embedding bias). The README lists every difference from the official code."""
     pooled_caption: bool = True
     """Add the caption's mean token (through an MLP) to the adaLN condition of every block, as MicroDiT does; false
-    leaves the caption to cross-attention alone (the adaLN condition is then the noise level only)."""
+    leaves the caption to cross-attention alone (the adaLN condition is then the noise level only): an ablation, which
+    on the CPU reference's phase 1 costs shape, position and attribute FD in both seeds tried (README: Configs)."""
     patch_size: int = 0
     """Patch side in pixels (or latents) of model.name's network; 0 = the size's own (4 for MicroDiT_Nano_4). Luhman &
     Luhman's patched diffusion: p = 8 at 32 px gives 16 tokens of 192 values each."""
