@@ -15,7 +15,8 @@ import torch
 from engine.config import ConfigError
 from engine.data.synthetic import COLOURS, SyntheticShapes
 from engine.eval.attribute_net import AttributeFeatures, AttributeNet, frechet_of_features
-from engine.eval.compare import METRICS, compare, compare_folders, compare_pair, load_evaluation
+from engine.eval.compare import (FD_RESAMPLES, METRICS, compare, compare_arms, compare_folders, compare_pair,
+                                 load_evaluation)
 from engine.eval.replicates import compare_replicates
 from engine.eval.protocol import mean_ci, paired_noise, statistic_ci, synthetic_prompt_set
 
@@ -198,16 +199,21 @@ def seed_arms(tmp_path, rng, n, effects):
     return a, b
 
 
-def test_one_seed_per_arm_is_the_plain_paired_comparison(tmp_path):
+def test_with_one_seed_per_arm_the_two_level_bootstrap_is_the_plain_paired_one(tmp_path):
     a, b = seed_arms(tmp_path, np.random.default_rng(3), 60, [(0.3, 0.1)])
     ea, eb = load_evaluation(a[0]), load_evaluation(b[0])
-    assert compare_replicates([ea], [eb]) == compare_pair(ea, eb)
+    plain, two_level = compare_pair(ea, eb), compare_replicates([ea], [eb], METRICS, FD_RESAMPLES)
+    for m in (*METRICS, "fd_attr", "struct_attr"):
+        assert two_level[m]["diff"] == pytest.approx(plain[m]["diff"], abs=1e-12), m
+        assert two_level[m]["ci"] == pytest.approx(plain[m]["ci"], abs=1e-12), m
+        assert two_level[m]["per_pair"] == [pytest.approx(plain[m]["diff"], abs=1e-12)], m
+    assert compare_arms([ea], [eb]) == plain
 
 
 def test_two_seeds_of_one_recipe_compared_with_themselves_give_exactly_zero(tmp_path):
     a, _ = seed_arms(tmp_path, np.random.default_rng(4), 60, [(0, 0), (0, 0)])
     arm = [load_evaluation(f) for f in a]
-    d = compare_replicates(arm, arm)
+    d = compare_arms(arm, arm)
     for m in (*METRICS, "fd_attr"):
         assert d[m]["diff"] == 0 and d[m]["ci"] == [0.0, 0.0] and d[m]["per_pair"] == [0.0, 0.0], m
 
@@ -217,12 +223,12 @@ def test_the_interval_covers_the_spread_between_seed_pairs(tmp_path):
     although seed 0's pair alone, with an interval over prompts only, would call it a clear gain."""
     rng = np.random.default_rng(5)
     a, b = seed_arms(tmp_path / "same", rng, 300, [(0.3, 0.0), (0.3, 0.0)])
-    d = compare_replicates([load_evaluation(f) for f in a], [load_evaluation(f) for f in b])["all"]
+    d = compare_arms([load_evaluation(f) for f in a], [load_evaluation(f) for f in b])["all"]
     assert d["ci"][0] > 0 and all(v > 0 for v in d["per_pair"]), d
     a, b = seed_arms(tmp_path / "split", rng, 300, [(0.4, 0.0), (0.0, 0.4)])
     one = compare_pair(load_evaluation(a[0]), load_evaluation(b[0]))["all"]
     assert one["ci"][0] > 0.05, one  # seed 0 alone: a clear gain
-    d = compare_replicates([load_evaluation(f) for f in a], [load_evaluation(f) for f in b])["all"]
+    d = compare_arms([load_evaluation(f) for f in a], [load_evaluation(f) for f in b])["all"]
     assert d["per_pair"][0] > 0 > d["per_pair"][1] and d["ci"][0] < 0 < d["ci"][1], d
     assert d["diff"] == pytest.approx(sum(d["per_pair"]) / 2)
 

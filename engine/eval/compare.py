@@ -18,6 +18,7 @@ import numpy as np
 from engine.config import ConfigError
 from engine.eval.attribute_net import frechet_of_features
 from engine.eval.protocol import bootstrap_indices, percentile_ci
+from engine.eval.replicates import compare_replicates
 from engine.eval.structure_gap import STATISTICS
 
 METRICS = ("colour", "shape", "count", "position", "all")
@@ -117,6 +118,16 @@ def compare_pair(a: Evaluation, b: Evaluation, seed: int = 0) -> dict:
     return out
 
 
+def compare_arms(a: list[Evaluation], b: list[Evaluation], seed: int = 0) -> dict:
+    """Arm B against arm A, each one evaluation or several of one recipe trained with seeds paired by position
+    (engine/eval/replicates.py); one seed per arm is compare_pair."""
+    for e in (*a[1:], *b):
+        check_comparable(a[0], e)
+    if len(a) == len(b) == 1:
+        return compare_pair(a[0], b[0], seed)
+    return compare_replicates(a, b, METRICS, FD_RESAMPLES, seed)
+
+
 def compare_folders(args, evaluate_run) -> dict:
     """engine/evaluate.py --compare: every item is an evaluation folder or a run folder, which is evaluated first with
     the command's settings, or several of them joined by commas: the same recipe trained with different seeds, paired
@@ -173,14 +184,12 @@ def compare(folders: list, out: Path, x: str = "step") -> dict:
     """Compare every evaluation with the first; write compare.json, compare.md and (for a series of single runs)
     compare.png. An entry of `folders` may be a list: one arm's evaluations of runs trained with seeds paired by
     position with the other entries' (engine/eval/replicates.py)."""
-    from engine.eval.replicates import compare_replicates
-
     groups = [[load_evaluation(f) for f in (entry if isinstance(entry, (list, tuple)) else [entry])]
               for entry in folders]
     name = lambda g: ",".join(str(e.folder) for e in g)
     base = groups[0]
     rows = [{"folder": name(g), "step": g[0].record.get("step"), "nfe": g[0].record.get("sampler", {}).get("nfe"),
-             "seeds": len(g), "vs_first": compare_replicates(base, g)} for g in groups[1:]]
+             "seeds": len(g), "vs_first": compare_arms(base, g)} for g in groups[1:]]
     result = {"baseline": name(base), "x": x, "seeds": len(base), "comparisons": rows,
               "protocol": {k: base[0].record.get(k) for k in ("prompts", "noise", "num_images", "image_size")}}
     out.mkdir(parents=True, exist_ok=True)

@@ -5,15 +5,14 @@ them, so an interval over prompts alone (engine/eval/compare.py) overstates what
 is a list of evaluations of runs trained with seeds 0..K-1 (the same prompts and noise everywhere), paired by position:
 seed k of A with seed k of B. A metric's difference is the mean over the K pairs of each pair's mean difference over
 images. Its interval comes from a two-level bootstrap that draws the images and, independently, the K pairs with
-replacement, so it widens with the spread between seed pairs as well as with the prompts. With K = 1 the result is
-compare_pair's, number for number.
+replacement, so it widens with the spread between seed pairs as well as with the prompts. engine/eval/compare.py
+checks that the evaluations are comparable and sends a single seed per arm to its plain paired comparison.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from engine.eval.attribute_net import frechet_of_features
-from engine.eval.compare import FD_RESAMPLES, METRICS, Evaluation, check_comparable, compare_pair
 from engine.eval.protocol import BOOTSTRAP_RESAMPLES, bootstrap_indices, percentile_ci
 from engine.eval.structure_gap import STATISTICS
 
@@ -39,15 +38,14 @@ def replicated_difference(a: list[np.ndarray], b: list[np.ndarray], idx: np.ndar
             "per_pair": [float(v) for v in per_pair]}
 
 
-def replicated_statistic(a: list[Evaluation], b: list[Evaluation], statistic, seed: int = 0,
-                         resamples: int = FD_RESAMPLES) -> dict | None:
+def replicated_statistic(a: list, b: list, statistic, resamples: int, seed: int = 0) -> dict | None:
     """A set statistic of generated vs reference features (the attribute Fréchet distance, a structure gap): B - A
     per seed pair on all images, their mean, and the two-level bootstrap CI of that mean."""
     if any(e.features is None or e.reference is None for e in (*a, *b)):
         return None
     ref, n = a[0].reference, len(a[0].reference)
 
-    def stat(e: Evaluation, i: np.ndarray) -> float:
+    def stat(e, i: np.ndarray) -> float:
         return statistic(e.features[i], ref[i])
 
     everything = np.arange(n)
@@ -62,22 +60,20 @@ def replicated_statistic(a: list[Evaluation], b: list[Evaluation], statistic, se
             "resamples": resamples, "per_pair": [float(v) for v in per_pair]}
 
 
-def compare_replicates(a: list[Evaluation], b: list[Evaluation], seed: int = 0) -> dict:
-    """Arm B against arm A, each a list of evaluations of the same recipe trained with seeds paired by position."""
+def compare_replicates(a: list, b: list, metrics: tuple[str, ...], statistic_resamples: int, seed: int = 0) -> dict:
+    """Arm B against arm A: lists of evaluations (compare.Evaluation) of one recipe each, trained with seeds paired by
+    position. Per metric and per set statistic (with statistic_resamples draws: each costs milliseconds): the mean
+    over seed pairs of B - A, its CI and each pair's own."""
     if len(a) != len(b):
         raise ValueError(f"arms of {len(a)} and {len(b)} seeds: replicates are paired by position, so each arm needs "
                          "the same number")
-    if len(a) == 1:
-        return compare_pair(a[0], b[0], seed)
-    for e in (*a[1:], *b):
-        check_comparable(a[0], e)
     idx = bootstrap_indices(a[0].record["num_images"], BOOTSTRAP_RESAMPLES, seed)
     pairs_idx = pair_draws(len(a), BOOTSTRAP_RESAMPLES, seed)
     out = {m: replicated_difference([e.per_image[m] for e in a], [e.per_image[m] for e in b], idx, pairs_idx)
-           for m in METRICS}
-    fd = replicated_statistic(a, b, frechet_of_features, seed)
+           for m in metrics}
+    fd = replicated_statistic(a, b, frechet_of_features, statistic_resamples, seed)
     if fd is not None:
         out["fd_attr"] = fd
         for name, statistic in STATISTICS.items():
-            out[name] = replicated_statistic(a, b, statistic, seed)
+            out[name] = replicated_statistic(a, b, statistic, statistic_resamples, seed)
     return out
