@@ -121,10 +121,10 @@ def compare_pair(a: Evaluation, b: Evaluation, seed: int = 0) -> dict:
 def compare_arms(a: list[Evaluation], b: list[Evaluation], seed: int = 0) -> dict:
     """Arm B against arm A, each one evaluation or several of one recipe trained with seeds paired by position
     (engine/eval/replicates.py); one seed per arm is compare_pair."""
+    if len(a) == len(b) == 1:
+        return compare_pair(a[0], b[0], seed)  # which checks the pair
     for e in (*a[1:], *b):
         check_comparable(a[0], e)
-    if len(a) == len(b) == 1:
-        return compare_pair(a[0], b[0], seed)
     return compare_replicates(a, b, METRICS, FD_RESAMPLES, seed)
 
 

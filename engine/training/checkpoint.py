@@ -257,9 +257,10 @@ def _drop_unsaved_optimizer_state(meta: dict, prefix: str, sd: dict) -> None:
     optimizer's state dict holds state for every parameter (torch fills it with a zero-gradient step). Drop those
     entries, so the load neither asks for keys that were never written nor invents state: the parameter resumes with
     none, as it was saved."""
-    for fqn in list(sd.get("state", {})):
-        if not any(k.startswith(f"{prefix}.state.{fqn}.") for k in meta):
-            del sd["state"][fqn]
+    head = f"{prefix}.state."
+    saved = {k[len(head):].rsplit(".", 1)[0] for k in meta if k.startswith(head)}  # <fqn>.<field>: the fqns
+    for fqn in [f for f in sd.get("state", {}) if f not in saved]:
+        del sd["state"][fqn]
 
 
 def _skipped(key: str, skip: tuple[str, ...]) -> bool:
