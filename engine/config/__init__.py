@@ -208,6 +208,11 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: str = "adamw"
+    """'adamw', or 'muon': Muon (orthogonalised momentum, its step RMS matched to AdamW's, so the same lr and weight
+    decay apply) for the hidden matrices and AdamW for embeddings, output layers, routers, norms and biases."""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum."""
     lr: float = 1e-3
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)

@@ -264,6 +264,8 @@ def config_checks(c: Config) -> list[tuple[str, typing.Callable[[], bool], str]]
         ("optim.weight_decay", lambda: o.weight_decay >= 0, "must be >= 0"),
         ("optim.eps", lambda: o.eps > 0, "must be > 0"),
         ("optim.schedule", lambda: o.schedule in ("cosine", "constant"), "must be 'cosine' or 'constant'"),
+        ("optim.optimizer", lambda: o.optimizer in ("adamw", "muon"), "must be 'adamw' or 'muon'"),
+        ("optim.muon_momentum", lambda: 0 <= o.muon_momentum < 1, "must be in [0, 1)"),
         ("optim.warmup_steps", lambda: o.warmup_steps >= 0, "must be >= 0"),
         ("optim.min_lr_ratio", lambda: 0 <= o.min_lr_ratio <= 1, "must be in [0, 1]"),
         ("optim.grad_clip", lambda: o.grad_clip >= 0, "must be >= 0"),

@@ -1,0 +1,145 @@
+"""Muon for the hidden matrices, AdamW for the rest, in one optimizer (one state dict, one checkpoint entry).
+
+Muon (Jordan et al. 2024; the RMS-matched step of Liu et al. 2025, "Muon is scalable for LLM training") replaces a
+matrix's momentum by the nearest semi-orthogonal matrix (five quintic Newton-Schulz iterations) and scales it so that
+its RMS matches an AdamW step, which lets it share AdamW's learning rate and weight decay. torch.optim.Muon does the
+2-D case; this class exists because the engine also needs:
+  - batched expert weights (E, d, h): each expert's matrix is orthogonalised on its own, and convolution kernels
+    (out, in, k, k) as (out, in*k*k) matrices; torch's Muon refuses both;
+  - one optimizer for both kinds of parameters, so that checkpoints, the lr schedule and the loss-spike skip see
+    one object;
+  - the loss-spike skip on the device (``found_inf``, as fused AdamW does): a skipped step leaves parameters and
+    state as they were, without a host sync;
+  - FSDP2-sharded parameters: a matrix is orthogonalised whole (every process gathers it and computes the same
+    update, then keeps its own rows): one all-gather per matrix per step, and every process pays for every
+    matrix's iterations.
+tests/test_muon.py checks the 2-D steps against torch.optim.Muon and the others against torch.optim.AdamW."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Keller Jordan's quintic coefficients (also torch.optim.Muon's defaults)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximately U V^T of each matrix in g (..., m, n), in bf16 like the reference implementations: the
+    iteration only pushes the singular values into a band around 1 (about 0.5 to 1.5), and bf16 halves its cost on a
+    GPU."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.bfloat16()
+    wide = g.size(-2) <= g.size(-1)
+    if not wide:
+        x = x.mT
+    norm = x.norm() if x.dim() == 2 else x.norm(dim=(-2, -1), keepdim=True)
+    x = x / norm.clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    mm = torch.addmm if x.dim() == 2 else torch.baddbmm  # fused as torch.optim.Muon does: the same bf16 rounding
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = mm(x, mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G^2) x
+    return (x if wide else x.mT).to(g.dtype)
+
+
+def as_matrices(t: Tensor, batched: bool) -> Tensor:
+    """The matrices Muon orthogonalises: an expert bank (E, d, h) stays batched, a conv kernel becomes (out, rest)."""
+    return t if batched or t.dim() == 2 else t.reshape(t.size(0), -1)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _orthogonalise(update: Tensor, like: Tensor, batched: bool, steps: int) -> Tensor:
+    """The local part of the orthogonalised update. `update` is this process's part of the parameter `like`."""
+    if not hasattr(like, "device_mesh"):
+        return newton_schulz(as_matrices(update, batched), steps).reshape(update.shape)
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = DTensor.from_local(update, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor()
+    ortho = newton_schulz(as_matrices(full, batched), steps).reshape(full.shape)
+    # every process holds the same full update: keep this process's shard, no communication
+    return distribute_tensor(ortho, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Groups with ``muon=True`` take Muon steps (momentum, Nesterov, Newton-Schulz, RMS matched to AdamW: the step
+    of a (m, n) matrix is scaled by 0.2 sqrt(max(m, n))); the others take AdamW steps. Set ``batched=True`` on a
+    Muon group whose tensors are stacks of matrices (MoE experts)."""
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 momentum: float = 0.95, ns_steps: int = 5):
+        defaults = dict(lr=lr, weight_decay=0.0, betas=betas, eps=eps, momentum=momentum, nesterov=True,
+                        ns_steps=ns_steps, muon=False, batched=False)
+        super().__init__(groups, defaults)
+        for group in self.param_groups:
+            if group["muon"]:
+                for p in group["params"]:
+                    if p.dim() < 2 or (group["batched"] and p.dim() != 3):
+                        raise ValueError(f"a Muon group holds a tensor of shape {tuple(p.shape)}: matrices only")
+        self.found_inf: Tensor | None = None  # set by the training step: 1 skips this step on the device
+
+    def newton_schulz_flops(self) -> int:
+        """Matrix-product FLOPs of one step's orthogonalisations (each iteration: X X^T, G G and (...) X, for an
+        (m, n) matrix 4 r^2 c + 2 r^3 with r = min(m, n), c = max(m, n)): the cost Muon adds to a training step,
+        whatever the batch."""
+        total = 0
+        for group in self.param_groups:
+            if group["muon"]:
+                for p in group["params"]:
+                    shape = as_matrices(p, group["batched"]).shape
+                    r, c = sorted(shape[-2:])
+                    total += math.prod(shape[:-2]) * group["ns_steps"] * (4 * r * r * c + 2 * r ** 3)
+        return total
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad, param = _local(p.grad), _local(p)
+                keep = torch.ones((), device=grad.device) if self.found_inf is None else 1 - self.found_inf
+                grad = torch.where(keep > 0, grad, torch.zeros_like(grad))  # a skipped step's gradient may be NaN
+                if group["muon"]:
+                    self._muon(p, param, grad, keep, group)
+                else:
+                    self._adamw(p, param, grad, keep, group)
+        return loss
+
+    def _muon(self, p: Tensor, param: Tensor, grad: Tensor, keep: Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = _local(state["momentum_buffer"])
+        mu, lr = group["momentum"], group["lr"]
+        buf.lerp_(grad, (1 - mu) * keep)
+        update = grad.lerp(buf, mu) if group["nesterov"] else buf
+        ortho = _orthogonalise(update, p, group["batched"], group["ns_steps"])
+        rows, cols = as_matrices(p, group["batched"]).shape[-2:]
+        param.mul_(1 - lr * group["weight_decay"] * keep)
+        param.sub_(ortho * (keep * lr * 0.2 * math.sqrt(max(rows, cols))))
+
+    def _adamw(self, p: Tensor, param: Tensor, grad: Tensor, keep: Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=grad.device)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        (b1, b2), lr = group["betas"], group["lr"]
+        step = state["step"]
+        step.add_(keep)
+        exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+        exp_avg.lerp_(grad, (1 - b1) * keep)
+        exp_avg_sq.lerp_(grad * grad, (1 - b2) * keep)
+        t = step.clamp(min=1)  # a first step that was skipped leaves step at 0
+        denom = (exp_avg_sq / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+        param.mul_(1 - lr * group["weight_decay"] * keep)
+        param.sub_(exp_avg / denom * (keep * lr / (1 - b1 ** t)))
