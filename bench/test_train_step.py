@@ -12,8 +12,9 @@ import torch
 
 from engine.config import load_config
 from engine.diffusion.noise import draw_step_noise
-from engine.training.loop import build
+from engine.training.loop import build, micro_batches
 from engine.training.metrics import peak_flops
+from engine.training.network import stream_shapes
 from engine.training.step import StepCounters, train_step
 from models.flops import train_flops_per_image
 
@@ -25,21 +26,21 @@ def step_harness(cfg, d):
     run = build(cfg, d)
     run.data.start(0)
     t, mcfg = cfg.train, run.model.cfg
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    *lower, shape = stream_shapes(mcfg)  # as the loop draws them: the network's own resolution
     counters = StepCounters(d.device)
     state = {"step": 0}
 
     def one_step():
         s = state["step"]
         noise = draw_step_noise(run.edm, 0, s, t.global_batch, shape, mcfg.num_patches, cfg.diffusion.mask_ratio,
-                                cfg.data.caption_dropout, d.device)
-        batches = [(run.data.batch(s, t.global_batch, lo, lo + t.micro_batch), lo, lo + t.micro_batch)
-                   for lo in range(0, t.global_batch, t.micro_batch)]
+                                cfg.data.caption_dropout, d.device, tuple(lower))
+        batches = micro_batches(run, s)
         train_step(run.model, run.ema, run.optimizer, run.edm, noise, batches, cfg.optim.grad_clip, t.ema_decay, counters)
         if d.device.type == "cuda":
             torch.cuda.synchronize()
         state["step"] += 1
 
+    one_step.optimizer = run.optimizer
     flops = train_flops_per_image(mcfg, cfg.data.caption_len, cfg.diffusion.mask_ratio)
     return one_step, t.global_batch, flops
 
@@ -56,12 +57,19 @@ def record(benchmark, images: int, flops: float, device: torch.device, extra: di
     })
 
 
-def test_tiny_step(benchmark, dist_env, tmp_path):
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run.out_dir={tmp_path}", "data.source=random",
-                                                       "train.micro_batch=32", "train.progress_bar=false"])
+@pytest.mark.parametrize("config", ["tiny", "tiny_reference_16px"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_tiny_step(benchmark, dist_env, tmp_path, config, optimizer):
+    """The CPU configs' step with either optimizer: Muon's Newton-Schulz FLOPs do not shrink with the batch, so at
+    these batches they are a large part of the step (optimizer_gflops_per_step beside the model's)."""
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml", [
+        f"run.out_dir={tmp_path}", "data.source=random", "train.progress_bar=false", f"optim.optimizer={optimizer}"])
     step, images, flops = step_harness(cfg, dist_env)
     benchmark.pedantic(step, rounds=5, warmup_rounds=2, iterations=1)
-    record(benchmark, images, flops, dist_env.device, {"config": "tiny", "precision": "fp32"})
+    optimizer_flops = getattr(step.optimizer, "newton_schulz_flops", lambda: 0)()
+    record(benchmark, images, flops, dist_env.device, {
+        "config": config, "precision": "fp32", "optimizer": optimizer,
+        "optimizer_gflops_per_step": optimizer_flops / 1e9, "model_gflops_per_step": images * flops / 1e9})
 
 
 @pytest.mark.gpu
@@ -93,6 +101,7 @@ SETTINGS = {
     "eager": ["train.compile=false"],
     "reshard_after_forward": ["train.reshard_after_forward=true"],
     "padded_captions": ["data.attend_to_padding=false"],  # random caption lengths and a boolean key mask
+    "muon": ["optim.optimizer=muon"],  # not a setting turned back: the other optimizer, its Newton-Schulz cost at XL
 }
 
 
