@@ -1,5 +1,5 @@
 """One optimizer step: gradient accumulation over micro-batches, clipping, a device-side skip of non-finite steps,
-AdamW and EMA. No host sync: counters stay on the device until a log step reads them."""
+the optimizer (AdamW or Muon) and EMA. No host sync: counters stay on the device until a log step reads them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -86,7 +86,7 @@ def train_step(
     # The global grad norm is identical on every process, so all of them skip together; a NaN/Inf loss on any
     # process makes the reduced gradient non-finite too.
     finite = torch.isfinite(grad_norm)
-    optimizer.found_inf = (~finite).float()  # fused AdamW skips the update on the device when this is 1
+    optimizer.found_inf = (~finite).float()  # fused AdamW and MuonAdamW skip the update on the device when this is 1
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema_update(ema, model, ema_decay, finite.float())
