@@ -133,7 +133,8 @@ def test_muon_groups_hold_matrices_only():
 
 
 def test_microdit_split_keeps_input_output_and_routers_on_adamw():
-    cfg = load_config("configs/tiny_reference_16px.yaml", ["optim.optimizer=muon"])
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/tiny_reference_16px.yaml", ["optim.optimizer=muon"])
     from engine.training.network import build_run_network
 
     model = build_run_network(cfg, asdict(cfg.kernels))
