@@ -7,7 +7,7 @@ its RMS matches an AdamW step, which lets it share AdamW's learning rate and wei
   - batched expert weights (E, d, h): each expert's matrix is orthogonalised on its own, and convolution kernels
     (out, in, k, k) as (out, in*k*k) matrices; torch's Muon refuses both;
   - one optimizer for both kinds of parameters, so that checkpoints, the lr schedule and the loss-spike skip see
-    one object;
+    one object (its AdamW groups step through torch's fused AdamW kernel, as build_optimizer's AdamW does);
   - the loss-spike skip on the device (``found_inf``, as fused AdamW does): a skipped step leaves parameters and
     state as they were, without a host sync;
   - FSDP2-sharded parameters: a matrix is orthogonalised whole (every process gathers it and computes the same
@@ -20,6 +20,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam
 
 # Keller Jordan's quintic coefficients (also torch.optim.Muon's defaults)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -102,44 +103,42 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad, param = _local(p.grad), _local(p)
-                keep = torch.ones((), device=grad.device) if self.found_inf is None else 1 - self.found_inf
-                grad = torch.where(keep > 0, grad, torch.zeros_like(grad))  # a skipped step's gradient may be NaN
-                if group["muon"]:
-                    self._muon(p, param, grad, keep, group)
-                else:
-                    self._adamw(p, param, grad, keep, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params and group["muon"]:
+                self._muon(params, group)
+            elif params:
+                self._adamw(params, group)
         return loss
 
-    def _muon(self, p: Tensor, param: Tensor, grad: Tensor, keep: Tensor, group: dict) -> None:
-        state = self.state[p]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf = _local(state["momentum_buffer"])
-        mu, lr = group["momentum"], group["lr"]
-        buf.lerp_(grad, (1 - mu) * keep)
-        update = grad.lerp(buf, mu) if group["nesterov"] else buf
-        ortho = _orthogonalise(update, p, group["batched"], group["ns_steps"])
-        rows, cols = as_matrices(p, group["batched"]).shape[-2:]
-        param.mul_(1 - lr * group["weight_decay"] * keep)
-        param.sub_(ortho * (keep * lr * 0.2 * math.sqrt(max(rows, cols))))
+    def _muon(self, params: list[Tensor], group: dict) -> None:
+        mu, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
+        # 0 on a skipped step: every update below is multiplied by it, on the device
+        keep = torch.ones((), device=params[0].grad.device) if self.found_inf is None else 1 - self.found_inf
+        for p in params:
+            grad, param = _local(p.grad), _local(p)
+            grad = torch.where(keep > 0, grad, torch.zeros_like(grad))  # a skipped step's gradient may be NaN
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = _local(state["momentum_buffer"])
+            buf.lerp_(grad, (1 - mu) * keep)
+            update = grad.lerp(buf, mu) if group["nesterov"] else buf
+            ortho = _orthogonalise(update, p, group["batched"], group["ns_steps"])
+            rows, cols = as_matrices(p, group["batched"]).shape[-2:]
+            param.mul_(1 - lr * decay * keep)
+            param.sub_(ortho * (keep * lr * 0.2 * math.sqrt(max(rows, cols))))
 
-    def _adamw(self, p: Tensor, param: Tensor, grad: Tensor, keep: Tensor, group: dict) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=grad.device)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        (b1, b2), lr = group["betas"], group["lr"]
-        step = state["step"]
-        step.add_(keep)
-        exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-        exp_avg.lerp_(grad, (1 - b1) * keep)
-        exp_avg_sq.lerp_(grad * grad, (1 - b2) * keep)
-        t = step.clamp(min=1)  # a first step that was skipped leaves step at 0
-        denom = (exp_avg_sq / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-        param.mul_(1 - lr * group["weight_decay"] * keep)
-        param.sub_(exp_avg / denom * (keep * lr / (1 - b1 ** t)))
+    def _adamw(self, params: list[Tensor], group: dict) -> None:
+        """torch's fused AdamW, as build_optimizer's: it skips the step on the device when found_inf is 1."""
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.grad.device)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+        states = [self.state[p] for p in params]
+        (b1, b2) = group["betas"]
+        adam(params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+             [], [st["step"] for st in states], fused=True, found_inf=self.found_inf, decoupled_weight_decay=True,
+             amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+             maximize=False)

@@ -25,6 +25,11 @@ def takes_muon(name: str, p: torch.Tensor) -> bool:
     return p.dim() >= 2 and not any(m in parts for m in ADAMW_MATRICES) and not name.startswith(ADAMW_PREFIXES)
 
 
+def _decayed(cfg: OptimConfig):
+    """Which parameters take weight decay: matrices only, or every one with cfg.decay_norms_and_biases."""
+    return lambda p: cfg.decay_norms_and_biases or p.dim() >= 2
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Fused AdamW with weight decay on matrices only (not on norms, biases or 1-D parameters), or on every parameter
     with cfg.decay_norms_and_biases (the official code); build_muon with optim.optimizer=muon. Both let a non-finite
@@ -32,7 +37,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "muon":
         return build_muon(model, cfg)
     trained = [p for p in model.parameters() if p.requires_grad]
-    decayed = lambda p: cfg.decay_norms_and_biases or p.dim() >= 2
+    decayed = _decayed(cfg)
     groups = [{"params": [p for p in trained if decayed(p)], "weight_decay": cfg.weight_decay},
               {"params": [p for p in trained if not decayed(p)], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
@@ -44,7 +49,7 @@ def build_muon(model: nn.Module, cfg: OptimConfig) -> MuonAdamW:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = [(n, p) for n, p in named if takes_muon(n, p)]
     rest = [p for n, p in named if not takes_muon(n, p)]
-    decayed = lambda p: cfg.decay_norms_and_biases or p.dim() >= 2
+    decayed = _decayed(cfg)
     groups = [{"params": [p for _, p in muon if p.dim() != 3], "muon": True, "weight_decay": cfg.weight_decay},
               {"params": [p for _, p in muon if p.dim() == 3], "muon": True, "batched": True,
                "weight_decay": cfg.weight_decay},
