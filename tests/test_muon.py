@@ -1,6 +1,6 @@
 """Tests for engine/training/muon.py and the optimizer choice in engine/training/optim.py: Muon steps against
 torch.optim.Muon, AdamW steps against torch.optim.AdamW, batched expert banks, the device-side skip, the split of a
-MicroDiT's parameters, checkpoint resume, and FSDP2-sharded matrices (two ranks).
+MicroDiT's parameters, checkpoint resume, and FSDP2-sharded matrices with the Newton-Schulz work split over two ranks.
 
 Run as a script under torchrun (``python tests/test_muon.py DIR``) it is the two-rank worker of
 ``test_sharded_matrices_take_the_same_steps_and_resume``."""
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from engine.config import OptimConfig, load_config
+from engine.training import muon
 from engine.training.muon import MuonAdamW, newton_schulz
 from engine.training.optim import build_optimizer, takes_muon
 
@@ -163,17 +164,19 @@ def test_adamw_stays_the_default():
 
 
 class Net(nn.Module):
-    """A hidden matrix with 33 rows (uneven shards over two ranks), an expert bank and an output layer."""
+    """Two hidden matrices, one with 33 rows (uneven shards over two ranks), an expert bank of three experts (two on
+    one rank, one on the other) and an output layer."""
 
     def __init__(self):
         super().__init__()
         self.inner = nn.Linear(8, 33)
-        self.experts = nn.Parameter(torch.randn(2, 33, 8) * 0.1)
+        self.mid = nn.Linear(33, 33)
+        self.experts = nn.Parameter(torch.randn(3, 33, 8) * 0.1)
         self.final_layer = nn.Module()
         self.final_layer.linear = nn.Linear(8, 8)
 
     def forward(self, x):
-        h = torch.relu(self.inner(x))
+        h = torch.relu(self.mid(torch.relu(self.inner(x))))
         return self.final_layer.linear(torch.einsum("bd,edh->bh", h, self.experts))
 
 
@@ -221,7 +224,18 @@ def _worker(out: Path) -> None:
     fully_shard(sharded)
     opt_single, opt_sharded = build_optimizer(single, cfg), build_optimizer(sharded, cfg)
     _train(single, opt_single, 3, seed=1)
+    done = []  # the FLOPs of the Newton-Schulz iterations this process runs
+    run_ns = muon.newton_schulz
+    muon.newton_schulz = lambda g, steps=5: done.append(muon._ns_flops(g.shape, steps)) or run_ns(g, steps)
     _train(sharded, opt_sharded, 3, seed=1)
+    muon.newton_schulz = run_ns
+    # the iterations are split: each process runs its share, the shares add up to one process's whole
+    share = opt_sharded.newton_schulz_flops()
+    assert sum(done) == 3 * share
+    shares = [torch.tensor(0) for _ in range(2)]
+    dist.all_gather(shares, torch.tensor(share))
+    assert sum(s.item() for s in shares) == opt_single.newton_schulz_flops()
+    assert all(0 < s.item() < opt_single.newton_schulz_flops() for s in shares)
     full = {n: p.full_tensor() for n, p in sharded.named_parameters()}
     for n, p in single.named_parameters():
         torch.testing.assert_close(full[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)

@@ -10,9 +10,11 @@ its RMS matches an AdamW step, which lets it share AdamW's learning rate and wei
     one object (its AdamW groups step through torch's fused AdamW kernel, as build_optimizer's AdamW does);
   - the loss-spike skip on the device (``found_inf``, as fused AdamW does): a skipped step leaves parameters and
     state as they were, without a host sync;
-  - FSDP2-sharded parameters: a matrix is orthogonalised whole (every process gathers it and computes the same
-    update, then keeps its own rows): one all-gather per matrix per step, and every process pays for every
-    matrix's iterations.
+  - FSDP2-sharded parameters, with the Newton-Schulz work split over the processes: an expert bank sharded by
+    expert is orthogonalised where it lies (each process holds whole experts), and every other matrix is gathered,
+    orthogonalised by one owning process (owners balanced by FLOPs) and its rows scattered back. Gathering first and
+    scattering after all owners have finished lets the owners work at the same time, so a step pays about 1/world of
+    the iterations instead of all of them.
 tests/test_muon.py checks the 2-D steps against torch.optim.Muon and the others against torch.optim.AdamW."""
 from __future__ import annotations
 
@@ -53,17 +55,56 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _orthogonalise(update: Tensor, like: Tensor, batched: bool, steps: int) -> Tensor:
-    """The local part of the orthogonalised update. `update` is this process's part of the parameter `like`."""
-    if not hasattr(like, "device_mesh"):
-        return newton_schulz(as_matrices(update, batched), steps).reshape(update.shape)
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def _ns_flops(shape: torch.Size, steps: int) -> int:
+    """Matrix-product FLOPs of `steps` iterations on a (..., m, n) stack (each iteration: X X^T, G G and (...) X, for
+    an (m, n) matrix 4 r^2 c + 2 r^3 with r = min(m, n), c = max(m, n))."""
+    r, c = sorted(shape[-2:])
+    return math.prod(shape[:-2]) * steps * (4 * r * r * c + 2 * r ** 3)
 
-    full = DTensor.from_local(update, like.device_mesh, like.placements, shape=like.shape,
+
+def _whole_here(p: Tensor, batched: bool) -> bool:
+    """Whether this process holds whole matrices of `p` and orthogonalises them without communication: an unsharded
+    parameter, a mesh of one process, or an expert bank split along its expert dimension (each expert's matrix is
+    orthogonalised on its own)."""
+    from torch.distributed.tensor import Shard
+
+    if not hasattr(p, "device_mesh") or p.device_mesh.size() == 1:
+        return True
+    return batched and len(p.placements) == 1 and p.placements[0] == Shard(0)
+
+
+def _split(params: list[Tensor], batched: bool, steps: int) -> dict[Tensor, int]:
+    """Owner (rank in the mesh) of each sharded matrix that must be gathered to be orthogonalised: the largest first,
+    each to the process with the least work so far. Every process computes the same plan from the global shapes."""
+    gathered = [p for p in params if not _whole_here(p, batched)]
+    if any(p.device_mesh.ndim != 1 for p in gathered):
+        raise ValueError("Muon splits its work over a 1-D device mesh (FSDP2 as the engine shards it), not "
+                         f"{gathered[0].device_mesh}")
+    if not gathered:
+        return {}
+    load = [0] * gathered[0].device_mesh.size()
+    owners = {}
+    for p in sorted(gathered, key=lambda p: -_ns_flops(as_matrices(p, batched).shape, steps)):
+        owner = min(range(len(load)), key=load.__getitem__)
+        owners[p] = owner
+        load[owner] += _ns_flops(as_matrices(p, batched).shape, steps)
+    return owners
+
+
+def _gather(update: Tensor, like: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(update, like.device_mesh, like.placements, shape=like.shape,
                               stride=like.stride()).full_tensor()
-    ortho = newton_schulz(as_matrices(full, batched), steps).reshape(full.shape)
-    # every process holds the same full update: keep this process's shard, no communication
-    return distribute_tensor(ortho, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def _scatter(full: Tensor | None, like: Tensor, owner: int) -> Tensor:
+    """This process's rows of `full`, which only the owner holds (None elsewhere)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if full is None:  # not the owner: the rows come from the owner; this placeholder's values are never read
+        full = torch.empty(like.shape, dtype=like.dtype, device=_local(like).device)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=owner).to_local()
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -84,16 +125,17 @@ class MuonAdamW(torch.optim.Optimizer):
         self.found_inf: Tensor | None = None  # set by the training step: 1 skips this step on the device
 
     def newton_schulz_flops(self) -> int:
-        """Matrix-product FLOPs of one step's orthogonalisations (each iteration: X X^T, G G and (...) X, for an
-        (m, n) matrix 4 r^2 c + 2 r^3 with r = min(m, n), c = max(m, n)): the cost Muon adds to a training step,
-        whatever the batch."""
+        """Matrix-product FLOPs of this process's orthogonalisations in one step: the cost Muon adds to a training
+        step, whatever the batch (with sharded parameters, this process's share of the split)."""
         total = 0
         for group in self.param_groups:
             if group["muon"]:
+                owners = _split(group["params"], group["batched"], group["ns_steps"])
                 for p in group["params"]:
-                    shape = as_matrices(p, group["batched"]).shape
-                    r, c = sorted(shape[-2:])
-                    total += math.prod(shape[:-2]) * group["ns_steps"] * (4 * r * r * c + 2 * r ** 3)
+                    if p in owners and owners[p] != p.device_mesh.get_local_rank():
+                        continue
+                    held = p if p in owners else _local(p)  # an owned matrix is orthogonalised whole
+                    total += _ns_flops(as_matrices(held, group["batched"]).shape, group["ns_steps"])
         return total
 
     @torch.no_grad()
@@ -111,11 +153,20 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     def _muon(self, params: list[Tensor], group: dict) -> None:
-        mu, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
+        mu, lr, decay, batched, steps = (group[k] for k in ("momentum", "lr", "weight_decay", "batched", "ns_steps"))
         # 0 on a skipped step: every update below is multiplied by it, on the device
         keep = torch.ones((), device=params[0].grad.device) if self.found_inf is None else 1 - self.found_inf
+        owners = _split(params, batched, steps)
+        owned: list[tuple[Tensor, Tensor | None]] = []  # gathered matrices, with the full update where owned here
+
+        def apply(p: Tensor, ortho: Tensor) -> None:
+            rows, cols = as_matrices(p, batched).shape[-2:]
+            param = _local(p)
+            param.mul_(1 - lr * decay * keep)
+            param.sub_(ortho * (keep * lr * 0.2 * math.sqrt(max(rows, cols))))
+
         for p in params:
-            grad, param = _local(p.grad), _local(p)
+            grad = _local(p.grad)
             grad = torch.where(keep > 0, grad, torch.zeros_like(grad))  # a skipped step's gradient may be NaN
             state = self.state[p]
             if not state:
@@ -123,10 +174,16 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = _local(state["momentum_buffer"])
             buf.lerp_(grad, (1 - mu) * keep)
             update = grad.lerp(buf, mu) if group["nesterov"] else buf
-            ortho = _orthogonalise(update, p, group["batched"], group["ns_steps"])
-            rows, cols = as_matrices(p, group["batched"]).shape[-2:]
-            param.mul_(1 - lr * decay * keep)
-            param.sub_(ortho * (keep * lr * 0.2 * math.sqrt(max(rows, cols))))
+            if _whole_here(p, batched):
+                apply(p, newton_schulz(as_matrices(update, batched), steps).reshape(update.shape))
+            else:
+                full = _gather(update, p)
+                owned.append((p, full if owners[p] == p.device_mesh.get_local_rank() else None))
+        # every gather is done before any owner starts, so the owners' iterations run at the same time
+        owned = [(p, None if full is None else newton_schulz(as_matrices(full, batched), steps).reshape(full.shape))
+                 for p, full in owned]
+        for p, ortho in owned:
+            apply(p, _scatter(ortho, p, owners[p]))
 
     def _adamw(self, params: list[Tensor], group: dict) -> None:
         """torch's fused AdamW, as build_optimizer's: it skips the step on the device when found_inf is 1."""
