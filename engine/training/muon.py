@@ -55,7 +55,12 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _ns_flops(shape: torch.Size, steps: int) -> int:
+def matrix_shape(shape: torch.Size, batched: bool) -> tuple[int, ...]:
+    """The shape as_matrices gives, from the shape alone (no reshape of a sharded tensor just to read it)."""
+    return tuple(shape) if batched or len(shape) == 2 else (shape[0], math.prod(shape[1:]))
+
+
+def _ns_flops(shape: tuple[int, ...], steps: int) -> int:
     """Matrix-product FLOPs of `steps` iterations on a (..., m, n) stack (each iteration: X X^T, G G and (...) X, for
     an (m, n) matrix 4 r^2 c + 2 r^3 with r = min(m, n), c = max(m, n))."""
     r, c = sorted(shape[-2:])
@@ -84,10 +89,11 @@ def _split(params: list[Tensor], batched: bool, steps: int) -> dict[Tensor, int]
         return {}
     load = [0] * gathered[0].device_mesh.size()
     owners = {}
-    for p in sorted(gathered, key=lambda p: -_ns_flops(as_matrices(p, batched).shape, steps)):
+    cost = {p: _ns_flops(matrix_shape(p.shape, batched), steps) for p in gathered}
+    for p in sorted(gathered, key=lambda p: -cost[p]):
         owner = min(range(len(load)), key=load.__getitem__)
         owners[p] = owner
-        load[owner] += _ns_flops(as_matrices(p, batched).shape, steps)
+        load[owner] += cost[p]
     return owners
 
 
@@ -123,19 +129,28 @@ class MuonAdamW(torch.optim.Optimizer):
                     if p.dim() < 2 or (group["batched"] and p.dim() != 3):
                         raise ValueError(f"a Muon group holds a tensor of shape {tuple(p.shape)}: matrices only")
         self.found_inf: Tensor | None = None  # set by the training step: 1 skips this step on the device
+        self._owners: dict[int, dict[Tensor, int]] = {}  # per Muon group: the split, planned once
+
+    def _plan(self, index: int) -> dict[Tensor, int]:
+        """The owners of group `index`'s gathered matrices (_split), from all its parameters, so that the step and
+        newton_schulz_flops follow one plan."""
+        if index not in self._owners:
+            group = self.param_groups[index]
+            self._owners[index] = _split(group["params"], group["batched"], group["ns_steps"])
+        return self._owners[index]
 
     def newton_schulz_flops(self) -> int:
         """Matrix-product FLOPs of this process's orthogonalisations in one step: the cost Muon adds to a training
         step, whatever the batch (with sharded parameters, this process's share of the split)."""
         total = 0
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             if group["muon"]:
-                owners = _split(group["params"], group["batched"], group["ns_steps"])
+                owners = self._plan(index)
                 for p in group["params"]:
                     if p in owners and owners[p] != p.device_mesh.get_local_rank():
                         continue
                     held = p if p in owners else _local(p)  # an owned matrix is orthogonalised whole
-                    total += _ns_flops(as_matrices(held, group["batched"]).shape, group["ns_steps"])
+                    total += _ns_flops(matrix_shape(held.shape, group["batched"]), group["ns_steps"])
         return total
 
     @torch.no_grad()
@@ -144,30 +159,30 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if params and group["muon"]:
-                self._muon(params, group)
+                self._muon(params, group, self._plan(index))
             elif params:
                 self._adamw(params, group)
         return loss
 
-    def _muon(self, params: list[Tensor], group: dict) -> None:
+    def _muon(self, params: list[Tensor], group: dict, owners: dict[Tensor, int]) -> None:
         mu, lr, decay, batched, steps = (group[k] for k in ("momentum", "lr", "weight_decay", "batched", "ns_steps"))
         # 0 on a skipped step: every update below is multiplied by it, on the device
         keep = torch.ones((), device=params[0].grad.device) if self.found_inf is None else 1 - self.found_inf
-        owners = _split(params, batched, steps)
+        kept = keep > 0
         owned: list[tuple[Tensor, Tensor | None]] = []  # gathered matrices, with the full update where owned here
 
         def apply(p: Tensor, ortho: Tensor) -> None:
-            rows, cols = as_matrices(p, batched).shape[-2:]
+            rows, cols = matrix_shape(p.shape, batched)[-2:]
             param = _local(p)
             param.mul_(1 - lr * decay * keep)
             param.sub_(ortho * (keep * lr * 0.2 * math.sqrt(max(rows, cols))))
 
         for p in params:
             grad = _local(p.grad)
-            grad = torch.where(keep > 0, grad, torch.zeros_like(grad))  # a skipped step's gradient may be NaN
+            grad = torch.where(kept, grad, 0.0)  # a skipped step's gradient may be NaN
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p)
