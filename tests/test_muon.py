@@ -38,6 +38,17 @@ def test_newton_schulz_gives_nearly_orthogonal_matrices():
     assert s.min() > 0.5 and s.max() < 1.5, s
 
 
+def test_matrices_of_one_shape_are_orthogonalised_together_as_each_alone():
+    torch.manual_seed(0)
+    # two wide and one tall matrix of one shape, a stack of that shape, a shape of its own, a square pair
+    mats = [torch.randn(6, 10), torch.randn(10, 6), torch.randn(6, 10), torch.randn(3, 6, 10), torch.randn(5, 7),
+            torch.randn(4, 4), torch.randn(4, 4)]
+    together = muon.orthogonalise(mats, steps=5)
+    for m, t in zip(mats, together):
+        assert t.shape == m.shape
+        torch.testing.assert_close(t, newton_schulz(m), rtol=0, atol=1e-6)
+
+
 def test_matrix_steps_match_torch_muon():
     torch.manual_seed(0)
     w = torch.randn(40, 24, requires_grad=True)
