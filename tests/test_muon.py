@@ -236,10 +236,21 @@ def _worker(out: Path) -> None:
     opt_single, opt_sharded = build_optimizer(single, cfg), build_optimizer(sharded, cfg)
     _train(single, opt_single, 3, seed=1)
     done = []  # the FLOPs of the Newton-Schulz iterations this process runs
-    run_ns = muon.newton_schulz
+    run_ns, gather_everywhere = muon.newton_schulz, muon._gather_everywhere
     muon.newton_schulz = lambda g, steps=5: done.append(muon._ns_flops(g.shape, steps)) or run_ns(g, steps)
+    muon._gather_everywhere = None  # FSDP2's row shards go to their owner alone, never to every process
     _train(sharded, opt_sharded, 3, seed=1)
-    muon.newton_schulz = run_ns
+    muon.newton_schulz, muon._gather_everywhere = run_ns, gather_everywhere
+    # the owner alone receives a matrix of uneven row shards (33 rows: 17 and 16), whole and in order
+    mid = sharded.mid.weight
+    whole = mid.full_tensor()
+    for owner in range(2):
+        parts, work = muon._gather_to_owner(mid.to_local() + 1, mid, owner)
+        work.wait()
+        if dist.get_rank() == owner:
+            assert torch.equal(muon._joined(parts, mid), whole + 1)
+        else:
+            assert parts is None
     # the iterations are split: each process runs its share, the shares add up to one process's whole
     share = opt_sharded.newton_schulz_flops()
     assert sum(done) == 3 * share

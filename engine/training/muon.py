@@ -11,10 +11,10 @@ its RMS matches an AdamW step, which lets it share AdamW's learning rate and wei
   - the loss-spike skip on the device (``found_inf``, as fused AdamW does): a skipped step leaves parameters and
     state as they were, without a host sync;
   - FSDP2-sharded parameters, with the Newton-Schulz work split over the processes: an expert bank sharded by
-    expert is orthogonalised where it lies (each process holds whole experts), and every other matrix is gathered,
-    orthogonalised by one owning process (owners balanced by FLOPs) and its rows scattered back. Gathering first and
-    scattering after all owners have finished lets the owners work at the same time, so a step pays about 1/world of
-    the iterations instead of all of them.
+    expert is orthogonalised where it lies (each process holds whole experts), and every other matrix is gathered to
+    one owning process (owners balanced by FLOPs; the rows go to the owner alone), orthogonalised there and its rows
+    scattered back. Gathering first and scattering after all owners have finished lets the owners work at the same
+    time, so a step pays about 1/world of the iterations instead of all of them.
 tests/test_muon.py checks the 2-D steps against torch.optim.Muon and the others against torch.optim.AdamW."""
 from __future__ import annotations
 
@@ -117,11 +117,37 @@ def _split(params: list[Tensor], batched: bool, steps: int) -> dict[Tensor, int]
     return owners
 
 
-def _gather(update: Tensor, like: Tensor) -> Tensor:
+def _gather_to_owner(update: Tensor, like: Tensor, owner: int) -> tuple[list[Tensor] | None, object]:
+    """The chunks of `like`'s whole update on its owner (None elsewhere) and the pending receive; _joined puts them
+    together once it is waited on. Each process sends its rows to the owner alone, where an all-gather would send
+    every process all of them. Shard(0) lays rows out as torch.chunk does (full chunks, then a short one, then empty
+    ones), so chunks padded to one length and concatenated hold the rows in order, padding only at the end."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    mesh = like.device_mesh
+    if tuple(like.placements) != (Shard(0),):  # another layout: gathered whole everywhere, kept by the owner
+        full = _gather_everywhere(update, like)
+        return ([full] if mesh.get_local_rank() == owner else None), None
+    group, world, rows = mesh.get_group(), mesh.size(), like.shape[0]
+    chunk = -(-rows // world)
+    sent = update.new_zeros((chunk, *update.shape[1:]))
+    sent[:update.shape[0]] = update
+    parts = [torch.empty_like(sent) for _ in range(world)] if mesh.get_local_rank() == owner else None
+    work = dist.gather(sent, parts, dst=dist.get_global_rank(group, owner), group=group, async_op=True)
+    return parts, work
+
+
+def _gather_everywhere(update: Tensor, like: Tensor) -> Tensor:
     from torch.distributed.tensor import DTensor
 
     return DTensor.from_local(update, like.device_mesh, like.placements, shape=like.shape,
                               stride=like.stride()).full_tensor()
+
+
+def _joined(parts: list[Tensor], like: Tensor) -> Tensor:
+    """The owner's whole update from _gather_to_owner's chunks: padding only ever follows the last row."""
+    return torch.cat(parts)[:like.shape[0]]
 
 
 def _scatter(full: Tensor | None, like: Tensor, owner: int) -> Tensor:
@@ -213,16 +239,19 @@ class MuonAdamW(torch.optim.Optimizer):
             if _whole_here(p, batched):
                 here.append((p, update))
             else:
-                full = _gather(update, p)
-                gathered.append((p, full if owners[p] == p.device_mesh.get_local_rank() else None))
-        # every gather is done before any owner starts, so the owners' iterations run at the same time; the group's
-        # updates are held at once (an fp32 copy of this process's Muon matrices) to be stacked by shape
-        mine = here + [(p, full) for p, full in gathered if full is not None]
+                gathered.append((p, *_gather_to_owner(update, p, owners[p])))
+        # every gather is in flight before any owner waits, and done before any owner starts, so the owners'
+        # iterations run at the same time; the group's updates are held at once (an fp32 copy of this process's Muon
+        # matrices) to be stacked by shape
+        for _, _, work in gathered:
+            if work is not None:
+                work.wait()
+        mine = here + [(p, _joined(parts, p)) for p, parts, _ in gathered if parts is not None]
         orthos = orthogonalise([as_matrices(update, batched) for _, update in mine], steps)
         ortho = {p: o.reshape(update.shape) for (p, update), o in zip(mine, orthos)}
         for p, _ in here:
             apply(p, ortho[p])
-        for p, _ in gathered:
+        for p, _, _ in gathered:
             apply(p, _scatter(ortho.get(p), p, owners[p]))
 
     def _adamw(self, params: list[Tensor], group: dict) -> None:
