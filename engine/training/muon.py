@@ -131,8 +131,10 @@ def _gather_to_owner(update: Tensor, like: Tensor, owner: int) -> tuple[list[Ten
         return ([full] if mesh.get_local_rank() == owner else None), None
     group, world, rows = mesh.get_group(), mesh.size(), like.shape[0]
     chunk = -(-rows // world)
-    sent = update.new_zeros((chunk, *update.shape[1:]))
-    sent[:update.shape[0]] = update
+    sent = update  # a full chunk goes as it is; only a short or empty one is padded (a copy)
+    if update.shape[0] != chunk:
+        sent = update.new_zeros((chunk, *update.shape[1:]))
+        sent[:update.shape[0]] = update
     parts = [torch.empty_like(sent) for _ in range(world)] if mesh.get_local_rank() == owner else None
     work = dist.gather(sent, parts, dst=dist.get_global_rank(group, owner), group=group, async_op=True)
     return parts, work
