@@ -57,13 +57,20 @@ def record(benchmark, images: int, flops: float, device: torch.device, extra: di
     })
 
 
+OPTIMIZERS = {
+    "adamw": ["optim.optimizer=adamw"],
+    "muon": ["optim.optimizer=muon"],  # Newton-Schulz in fp32 on a CPU ('auto')
+    "muon_ns_bf16": ["optim.optimizer=muon", "optim.muon_ns_dtype=bf16"],  # in bf16, as on a GPU
+}
+
+
 @pytest.mark.parametrize("config", ["tiny", "tiny_reference_16px"])
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_tiny_step(benchmark, dist_env, tmp_path, config, optimizer):
     """The CPU configs' step with either optimizer: Muon's Newton-Schulz FLOPs do not shrink with the batch, so at
     these batches they are a large part of the step (optimizer_gflops_per_step beside the model's)."""
     cfg = load_config(ROOT / "configs" / f"{config}.yaml", [
-        f"run.out_dir={tmp_path}", "data.source=random", "train.progress_bar=false", f"optim.optimizer={optimizer}"])
+        f"run.out_dir={tmp_path}", "data.source=random", "train.progress_bar=false", *OPTIMIZERS[optimizer]])
     step, images, flops = step_harness(cfg, dist_env)
     benchmark.pedantic(step, rounds=5, warmup_rounds=2, iterations=1)
     optimizer_flops = getattr(step.optimizer, "newton_schulz_flops", lambda: 0)()

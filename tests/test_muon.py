@@ -49,11 +49,37 @@ def test_matrices_of_one_shape_are_orthogonalised_together_as_each_alone():
         torch.testing.assert_close(t, newton_schulz(m), rtol=0, atol=1e-6)
 
 
+def test_newton_schulz_in_fp32_follows_the_exact_iteration_closer_than_bf16():
+    torch.manual_seed(0)
+    g = torch.randn(3, 32, 48)
+    exact = newton_schulz(g.double(), dtype=torch.float64)
+    err = {dt: (newton_schulz(g, dtype=dt).double() - exact).abs().max().item() for dt in (torch.float32, torch.bfloat16)}
+    assert err[torch.float32] < 1e-4 < err[torch.bfloat16], err
+
+
+def test_auto_runs_newton_schulz_in_fp32_on_a_cpu_and_in_bf16_on_a_gpu():
+    assert muon.ns_dtype("auto", torch.device("cpu")) == torch.float32
+    assert muon.ns_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    torch.manual_seed(0)
+    start, grads = torch.randn(24, 40), [torch.randn(24, 40) for _ in range(3)]
+    weights = {}
+    for name in ("auto", "fp32", "bf16"):
+        w = start.clone().requires_grad_()
+        opt = MuonAdamW([{"params": [w], "muon": True}], lr=0.02, ns_dtype=name)
+        for g in grads:
+            _step(opt, [w], [g])
+        weights[name] = w.detach()
+    assert torch.equal(weights["auto"], weights["fp32"])
+    assert not torch.equal(weights["auto"], weights["bf16"])
+    with pytest.raises(ValueError, match="ns_dtype 'fp16'"):
+        MuonAdamW([{"params": [start.clone().requires_grad_()], "muon": True}], lr=0.02, ns_dtype="fp16")
+
+
 def test_matrix_steps_match_torch_muon():
     torch.manual_seed(0)
     w = torch.randn(40, 24, requires_grad=True)
     w_ref = w.detach().clone().requires_grad_()
-    ours = MuonAdamW([{"params": [w], "muon": True, "weight_decay": 0.1}], lr=0.02, momentum=0.9)
+    ours = MuonAdamW([{"params": [w], "muon": True, "weight_decay": 0.1}], lr=0.02, momentum=0.9, ns_dtype="bf16")
     ref = torch.optim.Muon([w_ref], lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw")
     start = w.detach().clone()
     for _ in range(4):
@@ -237,7 +263,7 @@ def _worker(out: Path) -> None:
     _train(single, opt_single, 3, seed=1)
     done = []  # the FLOPs of the Newton-Schulz iterations this process runs
     run_ns, gather_everywhere = muon.newton_schulz, muon._gather_everywhere
-    muon.newton_schulz = lambda g, steps=5: done.append(muon._ns_flops(g.shape, steps)) or run_ns(g, steps)
+    muon.newton_schulz = lambda g, steps, dtype: done.append(muon._ns_flops(g.shape, steps)) or run_ns(g, steps, dtype=dtype)
     muon._gather_everywhere = None  # FSDP2's row shards go to their owner alone, never to every process
     _train(sharded, opt_sharded, 3, seed=1)
     muon.newton_schulz, muon._gather_everywhere = run_ns, gather_everywhere

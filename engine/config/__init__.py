@@ -213,6 +213,9 @@ class OptimConfig:
     decay apply) for the hidden matrices and AdamW for embeddings, output layers, routers, norms and biases."""
     muon_momentum: float = 0.95
     """Muon's (Nesterov) momentum."""
+    muon_ns_dtype: str = "auto"
+    """dtype of Muon's Newton-Schulz products: 'bf16', 'fp32', or 'auto' = bf16 on a GPU, fp32 on a CPU (where bf16
+    products are emulated and ran 3-4x slower here)."""
     lr: float = 1e-3
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)

@@ -26,14 +26,24 @@ from torch.optim.adam import adam
 
 # Keller Jordan's quintic coefficients (also torch.optim.Muon's defaults)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximately U V^T of each matrix in g (..., m, n), in bf16 like the reference implementations: the
-    iteration only pushes the singular values into a band around 1 (about 0.5 to 1.5), and bf16 halves its cost on a
-    GPU."""
+def ns_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of the Newton-Schulz products: 'bf16', 'fp32', or 'auto' = bf16 on a GPU (tensor cores; the
+    reference implementations' choice) and fp32 elsewhere. A CPU without bf16 matrix units (AMX) emulates bf16
+    products: on this project's 2-core machine they ran 3-4x slower than fp32 ones (README: Muon)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return NS_DTYPES[name]
+
+
+def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Approximately U V^T of each matrix in g (..., m, n), by default in bf16 like the reference implementations:
+    the iteration only pushes the singular values into a band around 1 (about 0.5 to 1.5), and bf16 halves its cost
+    on a GPU."""
     a, b, c = NS_COEFFICIENTS
-    x = g.bfloat16()
+    x = g.to(dtype)
     wide = g.size(-2) <= g.size(-1)
     if not wide:
         x = x.mT
@@ -46,7 +56,7 @@ def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     return (x if wide else x.mT).to(g.dtype)
 
 
-def orthogonalise(mats: list[Tensor], steps: int) -> list[Tensor]:
+def orthogonalise(mats: list[Tensor], steps: int, dtype: torch.dtype = torch.bfloat16) -> list[Tensor]:
     """newton_schulz of each (..., m, n) stack in `mats`, with one call per matrix shape (a tall matrix as its
     transpose): the CPU reference's 73 Muon matrices take 15 calls, fewer and larger products (a few percent of its
     step on a 2-core CPU, README). Each matrix is still normalised and iterated on its own, so the result is that of
@@ -59,7 +69,7 @@ def orthogonalise(mats: list[Tensor], steps: int) -> list[Tensor]:
     for shape, members in by_shape.items():
         flat = [wide[i].reshape(-1, *shape) for i in members]
         # a shape of its own stays as it is (a 2-D matrix takes torch.optim.Muon's addmm path)
-        result = newton_schulz(wide[members[0]] if len(members) == 1 else torch.cat(flat), steps)
+        result = newton_schulz(wide[members[0]] if len(members) == 1 else torch.cat(flat), steps, dtype=dtype)
         for i, part in zip(members, result.reshape(-1, *shape).split([f.size(0) for f in flat])):
             part = part.reshape(wide[i].shape)
             out[i] = part if wide[i] is mats[i] else part.mT
@@ -164,10 +174,11 @@ def _scatter(full: Tensor | None, like: Tensor, owner: int) -> Tensor:
 class MuonAdamW(torch.optim.Optimizer):
     """Groups with ``muon=True`` take Muon steps (momentum, Nesterov, Newton-Schulz, RMS matched to AdamW: the step
     of a (m, n) matrix is scaled by 0.2 sqrt(max(m, n))); the others take AdamW steps. Set ``batched=True`` on a
-    Muon group whose tensors are stacks of matrices (MoE experts)."""
+    Muon group whose tensors are stacks of matrices (MoE experts). ``ns_dtype`` ('auto', 'bf16', 'fp32'; see
+    ns_dtype) is a setting of the run, not of its state: a resumed run takes it from its config."""
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 momentum: float = 0.95, ns_steps: int = 5):
+                 momentum: float = 0.95, ns_steps: int = 5, ns_dtype: str = "auto"):
         defaults = dict(lr=lr, weight_decay=0.0, betas=betas, eps=eps, momentum=momentum, nesterov=True,
                         ns_steps=ns_steps, muon=False, batched=False)
         super().__init__(groups, defaults)
@@ -176,6 +187,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 for p in group["params"]:
                     if p.dim() < 2 or (group["batched"] and p.dim() != 3):
                         raise ValueError(f"a Muon group holds a tensor of shape {tuple(p.shape)}: matrices only")
+        if ns_dtype != "auto" and ns_dtype not in NS_DTYPES:
+            raise ValueError(f"ns_dtype {ns_dtype!r}: must be 'auto', {', '.join(map(repr, NS_DTYPES))}")
+        self.ns_dtype = ns_dtype
         self.found_inf: Tensor | None = None  # set by the training step: 1 skips this step on the device
         self._owners: dict[int, dict[Tensor, int]] = {}  # per Muon group: the split, planned once
 
@@ -249,7 +263,8 @@ class MuonAdamW(torch.optim.Optimizer):
             if work is not None:
                 work.wait()
         mine = here + [(p, _joined(parts, p)) for p, parts, _ in gathered if parts is not None]
-        orthos = orthogonalise([as_matrices(update, batched) for _, update in mine], steps)
+        dtype = ns_dtype(self.ns_dtype, params[0].device)
+        orthos = orthogonalise([as_matrices(update, batched) for _, update in mine], steps, dtype)
         ortho = {p: o.reshape(update.shape) for (p, update), o in zip(mine, orthos)}
         for p, _ in here:
             apply(p, ortho[p])
