@@ -61,6 +61,7 @@ OPTIMIZERS = {
     "adamw": ["optim.optimizer=adamw"],
     "muon": ["optim.optimizer=muon"],  # Newton-Schulz in fp32 on a CPU ('auto')
     "muon_ns_bf16": ["optim.optimizer=muon", "optim.muon_ns_dtype=bf16"],  # in bf16, as on a GPU
+    "muon_ns3": ["optim.optimizer=muon", "optim.muon_ns_steps=3"],  # three Newton-Schulz iterations instead of five
 }
 
 

@@ -99,6 +99,7 @@ def test_bad_values_name_the_key(override, message):
     ("optim.min_lr_ratio=2", "optim.min_lr_ratio=2.0 must be in [0, 1]"),
     ("optim.optimizer=sgd", "optim.optimizer='sgd' must be 'adamw' or 'muon'"),
     ("optim.muon_momentum=1", "optim.muon_momentum=1.0 must be in [0, 1)"),
+    ("optim.muon_ns_steps=0", "optim.muon_ns_steps=0 must be >= 1"),
     ("optim.muon_ns_dtype=fp16", "optim.muon_ns_dtype='fp16' must be 'auto', 'bf16' or 'fp32'"),
     ("data.image_size=30", "data.image_size=30 must be a multiple of MicroDiT_Nano_4's patch size"),
     ("data.image_size=8", "data.image_size=8 must be >= 16 for data.source=synthetic"),

@@ -91,6 +91,32 @@ def test_matrix_steps_match_torch_muon():
     torch.testing.assert_close(w.detach(), w_ref.detach(), rtol=0, atol=1e-6)
 
 
+def test_fewer_newton_schulz_iterations_match_torch_muon_and_cost_in_proportion():
+    torch.manual_seed(1)
+    w = torch.randn(40, 24, requires_grad=True)
+    w_ref, w_five = (w.detach().clone().requires_grad_() for _ in range(2))
+    three = MuonAdamW([{"params": [w], "muon": True}], lr=0.02, ns_steps=3, ns_dtype="bf16")
+    five = MuonAdamW([{"params": [w_five], "muon": True}], lr=0.02, ns_dtype="bf16")
+    ref = torch.optim.Muon([w_ref], lr=0.02, weight_decay=0.0, ns_steps=3, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        g = torch.randn(40, 24)
+        for opt, p in ((three, w), (five, w_five), (ref, w_ref)):
+            _step(opt, [p], [g])
+    torch.testing.assert_close(w.detach(), w_ref.detach(), rtol=0, atol=1e-6)
+    assert (w.detach() - w_five.detach()).abs().max() > 1e-3  # three iterations are not five
+    assert three.newton_schulz_flops() * 5 == five.newton_schulz_flops() * 3
+
+
+def test_the_configured_iteration_count_reaches_every_muon_group():
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/tiny_reference_16px.yaml", ["optim.muon_ns_steps=3"])
+    from engine.training.network import build_run_network
+
+    opt = build_optimizer(build_run_network(cfg, asdict(cfg.kernels)), cfg.optim)
+    steps = {g["ns_steps"] for g in opt.param_groups if g["muon"]}
+    assert steps == {3}
+
+
 def test_other_parameters_take_torch_adamw_steps():
     torch.manual_seed(0)
     b, v = torch.randn(16, requires_grad=True), torch.randn(5, 7, requires_grad=True)

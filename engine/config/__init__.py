@@ -216,6 +216,9 @@ class OptimConfig:
     muon_ns_dtype: str = "auto"
     """dtype of Muon's Newton-Schulz products: 'bf16', 'fp32', or 'auto' = bf16 on a GPU, fp32 on a CPU (where bf16
     products are emulated and ran 3-4x slower here)."""
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations per Muon step (torch.optim.Muon's default is 5). Their cost does not shrink with the
+    batch, so at small batches fewer iterations buy steps; three leave small singular values short of 1."""
     lr: float = 1e-3
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)

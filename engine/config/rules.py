@@ -267,6 +267,7 @@ def config_checks(c: Config) -> list[tuple[str, typing.Callable[[], bool], str]]
         ("optim.optimizer", lambda: o.optimizer in ("adamw", "muon"), "must be 'adamw' or 'muon'"),
         ("optim.muon_momentum", lambda: 0 <= o.muon_momentum < 1, "must be in [0, 1)"),
         ("optim.muon_ns_dtype", lambda: o.muon_ns_dtype in ("auto", "bf16", "fp32"), "must be 'auto', 'bf16' or 'fp32'"),
+        ("optim.muon_ns_steps", lambda: o.muon_ns_steps >= 1, "must be >= 1"),
         ("optim.warmup_steps", lambda: o.warmup_steps >= 0, "must be >= 0"),
         ("optim.min_lr_ratio", lambda: 0 <= o.min_lr_ratio <= 1, "must be in [0, 1]"),
         ("optim.grad_clip", lambda: o.grad_clip >= 0, "must be >= 0"),

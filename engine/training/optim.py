@@ -56,7 +56,7 @@ def build_muon(model: nn.Module, cfg: OptimConfig) -> MuonAdamW:
               {"params": [p for p in rest if decayed(p)], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if not decayed(p)], "weight_decay": 0.0}]
     return MuonAdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                     momentum=cfg.muon_momentum, ns_dtype=cfg.muon_ns_dtype)
+                     momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps, ns_dtype=cfg.muon_ns_dtype)
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
