@@ -41,7 +41,8 @@ def rows_of(bench: dict) -> list[dict]:
             "pct_of_peak": info.get("pct_of_peak", info.get("pct_of_bf16_peak")),
             "images_per_sec": info.get("images_per_sec"), "mfu": info.get("mfu"),
             "extra": {k: v for k, v in info.items() if k in ("sdpa_kernel", "micro_batch", "peak_mem_gib", "note",
-                                                            "shapes", "use", "samples_per_sec")},
+                                                            "shapes", "use", "samples_per_sec", "a", "b",
+                                                            "step_ratio", "ratios")},
         })
     same = ("suite", "case", "pass", "device")
     for r in rows:  # speedup over the suite's baseline backend at the same case and pass on the same device

@@ -5,6 +5,8 @@ fits one device (tried from the official 256 down), with its peak memory; and th
 setting of the config turned back (torch.compile off, weights resharded after forward, padded captions with a key
 mask), each at one fixed micro-batch, so each setting's gain is one row against the configured step. Random latents
 and caption embeddings of the configured shapes stand in for data: the step's cost does not depend on their values."""
+import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,43 @@ def test_tiny_step(benchmark, dist_env, tmp_path, config, optimizer):
     record(benchmark, images, flops, dist_env.device, {
         "config": config, "precision": "fp32", "optimizer": optimizer,
         "optimizer_gflops_per_step": optimizer_flops / 1e9, "model_gflops_per_step": images * flops / 1e9})
+
+
+# Two settings of one config whose step times are compared interleaved (A B B A ...) in one process: on these
+# shared CPU machines the speed drifts by up to 2x within minutes, so times from separate runs cannot be divided.
+INTERLEAVED = {"muon_ns3_vs_muon": ("tiny_reference_16px", "muon_ns3", "muon"),
+               "muon_vs_adamw_default": ("tiny", "muon", "adamw")}
+
+
+@pytest.mark.parametrize("pair", list(INTERLEAVED))
+def test_step_ratio_interleaved(benchmark, dist_env, tmp_path, pair):
+    """Step time of setting A over setting B, each round timing ten steps of each, the order flipped every round;
+    the ratio is the median of the rounds' ratios (step_ratio in extra_info)."""
+    config, a, b = INTERLEAVED[pair]
+    steps = {}
+    for name in (a, b):
+        cfg = load_config(ROOT / "configs" / f"{config}.yaml", [
+            f"run.out_dir={tmp_path / name}", "data.source=random", "train.progress_bar=false", *OPTIMIZERS[name]])
+        steps[name] = step_harness(cfg, dist_env)[0]
+        for _ in range(2):
+            steps[name]()
+    per_step = {a: [], b: []}
+
+    def one_round():
+        order = (a, b) if len(per_step[a]) % 2 == 0 else (b, a)
+        for name in order:
+            start = time.perf_counter()
+            for _ in range(10):
+                steps[name]()
+            per_step[name].append((time.perf_counter() - start) / 10)
+
+    benchmark.pedantic(one_round, rounds=6, iterations=1)
+    ratios = sorted(x / y for x, y in zip(per_step[a], per_step[b]))
+    benchmark.extra_info.update({
+        "device": "cpu" if dist_env.device.type == "cpu" else torch.cuda.get_device_name(dist_env.device),
+        "torch": torch.__version__, "config": config, "pass": "step", "a": a, "b": b,
+        "step_ratio": statistics.median(ratios), "ratios": ratios,
+        "a_ms": [t * 1e3 for t in per_step[a]], "b_ms": [t * 1e3 for t in per_step[b]]})
 
 
 @pytest.mark.gpu
