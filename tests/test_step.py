@@ -83,6 +83,25 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lr_factor(50, 100, OptimConfig(warmup_steps=0, schedule="constant")) == 1.0
 
 
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+def test_wsd_schedule_matches_transformers(shape):
+    """After warmup, optim.schedule=wsd is transformers' get_wsd_schedule at every step: the peak until the last
+    decay_fraction of the steps, then down to min_lr_ratio in the configured shape."""
+    optimization = pytest.importorskip("transformers.optimization")
+    total, warmup, fraction, floor = 200, 10, 0.25, 0.1
+    cfg = OptimConfig(lr=1.0, warmup_steps=warmup, schedule="wsd", decay_fraction=fraction, decay_shape=shape,
+                      min_lr_ratio=floor)
+    decay = round(fraction * total)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = optimization.get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_decay_steps=decay,
+                                           num_stable_steps=total - warmup - decay, decay_type=shape,
+                                           min_lr_ratio=floor).lr_lambdas[0]
+    for step in range(warmup, total + 1):
+        assert lr_factor(step, total, cfg) == pytest.approx(theirs(step), abs=1e-12), step
+    assert lr_factor(total - decay - 1, total, cfg) == 1.0 and lr_factor(total, total, cfg) == pytest.approx(floor)
+    assert lr_factor(total - decay + 1, total, cfg) < 1.0
+
+
 def test_activation_checkpointing_gives_the_same_step(dist_env):
     def one_step(ac: bool):
         torch.manual_seed(0)

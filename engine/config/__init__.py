@@ -230,9 +230,15 @@ class OptimConfig:
     warmup_steps: int = 20
     """Linear warmup from 0 at step 0 to lr at step warmup_steps (as the official trainer's schedulers)."""
     schedule: str = "cosine"
-    """'cosine' (to min_lr_ratio · lr at the last step) or 'constant'."""
+    """'cosine' (to min_lr_ratio · lr at the last step), 'constant', or 'wsd' (warmup-stable-decay: the peak lr until
+    the last decay_fraction of the steps, then down to min_lr_ratio · lr)."""
     min_lr_ratio: float = 0.0
-    """Final lr / peak lr for the cosine schedule."""
+    """Final lr / peak lr for the cosine and wsd schedules."""
+    decay_fraction: float = 0.2
+    """wsd: the share of train.steps spent decaying (after warmup and the stable phase)."""
+    decay_shape: str = "1-sqrt"
+    """wsd: the decay's shape: 'linear', 'cosine' or '1-sqrt' (1 - sqrt(progress), which Hägele et al. 2024 found to
+    match a full cosine's final loss with a 20% cooldown)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     decay_norms_and_biases: bool = False

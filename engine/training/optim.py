@@ -61,12 +61,24 @@ def build_muon(model: nn.Module, cfg: OptimConfig) -> MuonAdamW:
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup from 0 at step 0 to 1 at step
-    warmup_steps, then cosine (to min_lr_ratio at step total_steps) or constant. These are the official trainer's
-    schedules (Composer's CosineAnnealingWithWarmup and ConstantWithWarmup, evaluated at the batch count)."""
+    warmup_steps, then cosine (to min_lr_ratio at step total_steps), constant, or warmup-stable-decay. Cosine and
+    constant are the official trainer's schedules (Composer's CosineAnnealingWithWarmup and ConstantWithWarmup,
+    evaluated at the batch count); wsd holds the peak until the last decay_fraction of the steps and then decays as
+    transformers' get_wsd_schedule does (tests compare the two). Our warmup starts at 0 as the official trainer's
+    does, where transformers' starts at min_lr_ratio."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return step / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "wsd":
+        decay_steps = max(round(cfg.decay_fraction * total_steps), 1)
+        decay_start = max(total_steps - decay_steps, cfg.warmup_steps)
+        if step < decay_start:
+            return 1.0
+        progress = min((step - decay_start) / max(total_steps - decay_start, 1), 1.0)
+        shape = {"linear": 1 - progress, "1-sqrt": 1 - math.sqrt(progress),
+                 "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[cfg.decay_shape]
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
     span = max(total_steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
