@@ -100,6 +100,8 @@ def test_wsd_schedule_matches_transformers(shape):
         assert lr_factor(step, total, cfg) == pytest.approx(theirs(step), abs=1e-12), step
     assert lr_factor(total - decay - 1, total, cfg) == 1.0 and lr_factor(total, total, cfg) == pytest.approx(floor)
     assert lr_factor(total - decay + 1, total, cfg) < 1.0
+    # lengthened before its decay began (a resume with more steps), the run so far had the longer run's lr
+    assert all(lr_factor(step, total, cfg) == lr_factor(step, 2 * total, cfg) for step in range(total - decay))
 
 
 def test_activation_checkpointing_gives_the_same_step(dist_env):
