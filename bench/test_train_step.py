@@ -84,8 +84,11 @@ def test_tiny_step(benchmark, dist_env, tmp_path, config, optimizer):
 
 # Two settings of one config whose step times are compared interleaved (A B B A ...) in one process: on these
 # shared CPU machines the speed drifts by up to 2x within minutes, so times from separate runs cannot be divided.
+CPU_ARMS = {**OPTIMIZERS,
+            "pixel_head": ["model.pixel_head=32"]}  # the reference's convolutional head, on the default's network
 INTERLEAVED = {"muon_ns3_vs_muon": ("tiny_reference_16px", "muon_ns3", "muon"),
-               "muon_vs_adamw_default": ("tiny", "muon", "adamw")}
+               "muon_vs_adamw_default": ("tiny", "muon", "adamw"),
+               "pixel_head_vs_adamw_default": ("tiny", "pixel_head", "adamw")}
 
 
 @pytest.mark.parametrize("pair", list(INTERLEAVED))
@@ -96,7 +99,7 @@ def test_step_ratio_interleaved(benchmark, dist_env, tmp_path, pair):
     steps = {}
     for name in (a, b):
         cfg = load_config(ROOT / "configs" / f"{config}.yaml", [
-            f"run.out_dir={tmp_path / name}", "data.source=random", "train.progress_bar=false", *OPTIMIZERS[name]])
+            f"run.out_dir={tmp_path / name}", "data.source=random", "train.progress_bar=false", *CPU_ARMS[name]])
         steps[name] = step_harness(cfg, dist_env)[0]
         for _ in range(2):
             steps[name]()
