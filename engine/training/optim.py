@@ -70,18 +70,17 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
         return step / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
+    # The cosine is a decay that starts where warmup ends; wsd's starts decay_fraction of the steps before the end.
+    decay_start, shape = cfg.warmup_steps, "cosine"
     if cfg.schedule == "wsd":
-        decay_steps = max(round(cfg.decay_fraction * total_steps), 1)
-        decay_start = max(total_steps - decay_steps, cfg.warmup_steps)
-        if step < decay_start:
-            return 1.0
-        progress = min((step - decay_start) / max(total_steps - decay_start, 1), 1.0)
-        shape = {"linear": 1 - progress, "1-sqrt": 1 - math.sqrt(progress),
-                 "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[cfg.decay_shape]
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
-    span = max(total_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay_start = max(total_steps - max(round(cfg.decay_fraction * total_steps), 1), cfg.warmup_steps)
+        shape = cfg.decay_shape
+    if step < decay_start:
+        return 1.0
+    progress = min((step - decay_start) / max(total_steps - decay_start, 1), 1.0)
+    decayed = {"linear": 1 - progress, "1-sqrt": 1 - math.sqrt(progress),
+               "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[shape]
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decayed
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
