@@ -50,6 +50,15 @@ def pytest_configure(config):
         config.option.benchmark_disable = True
 
 
+def pytest_runtest_logreport(report):
+    """With TESSERA_FAILURES_LOG set, append each failure's traceback to that file as it happens: a device run cut off
+    by its time limit ends before pytest's summary, and its failures would otherwise come back as bare names."""
+    path = os.environ.get("TESSERA_FAILURES_LOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:  # the xdist controller writes, once
+        with open(path, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

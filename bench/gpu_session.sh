@@ -20,6 +20,9 @@ OUT=${OUT:-/tmp/tessera_gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
+# Each CUDA test failure's traceback, written as it happens (root conftest): a step cut off by its time limit ends
+# before pytest's summary, and its failures would otherwise come back as bare names.
+export TESSERA_FAILURES_LOG=${TESSERA_FAILURES_LOG:-$OUT/test_failures.txt}
 PY=${PY:-python3}
 DAY=$(date +%F)
 
@@ -33,6 +36,11 @@ bench() {  # bench NAME FILE...: run pytest-benchmark on FILEs, then summarize i
   $PY bench/summarize.py "$OUT/$name.bench.json" --out "$OUT/${DAY}_${gpu}_${name}.json"
 }
 
+show_failures() {  # the last lines of each failure so far (the whole tracebacks come back in the file)
+  [ -s "$TESSERA_FAILURES_LOG" ] && grep -E "^(====|E )" "$TESSERA_FAILURES_LOG" | tail -40
+  return 0
+}
+
 step_check() {
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -43,6 +51,7 @@ step_check() {
   timeout 480 $PY -m pytest tests/test_kernels_*.py tests/test_csrc_sm90.py -q -p no:cacheprovider -rs \
     >"$OUT/gpu_tests.log" 2>&1
   echo "kernel tests on the GPU: exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -15
+  show_failures
 }
 
 step_kernels() { bench kernels bench/test_kernels.py; }
@@ -56,6 +65,7 @@ step_attention() {
   # Attention tests on CUDA first (each new shape autotunes the Triton kernels: compiles dominate), then the bench.
   timeout 360 $PY -m pytest tests/test_attention.py -q -p no:cacheprovider -rs >"$OUT/attention_tests.log" 2>&1
   echo "attention tests on the GPU: exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/attention_tests.log" | tail -10
+  show_failures
   bench attention bench/test_attention.py
 }
 
@@ -101,6 +111,7 @@ step_quick() {
   timeout "$(left 300)" $PY -m pytest tests/test_kernels_*.py tests/test_csrc_sm90.py tests/test_attention.py -q \
     -p no:cacheprovider -rs --tb=short >"$logs/gpu_tests.log" 2>&1
   echo "CUDA tests: exit $? at ${SECONDS}s"; grep -E "^(FAILED|ERROR)|passed|failed" "$logs/gpu_tests.log" | tail -15
+  show_failures
   tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$logs"
 }
 

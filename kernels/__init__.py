@@ -30,11 +30,13 @@ def _reason(module: str, attr: str) -> Callable[[], str | None]:
     return lambda: getattr(importlib.import_module(module), attr)()
 
 
-# `auto` ranks, from bench/results/2026-11-30_H200_kernels.json (bf16, MicroDiT_XL_2 shapes, one H200, forward +
-# backward as training runs them). torch won every norm and residual-norm case (the Triton kernels 0.41-0.95x) and the
-# 256-px gathers (Triton 0.25x with its dense backward, cuda 0.79x); cuda won only the 512-px gather (2.1x). The MoE
-# rows were not timed that session. So `auto` is torch for these ops on CUDA as on CPU (there the Triton kernels run
-# only in the interpreter); the Triton and CUDA backends stay a flag away: name them to use them.
+# `auto` ranks, from bench/results/2026-11-30_H200_kernels.json and 2026-12-04_H200_kernels.json (bf16, MicroDiT_XL_2
+# shapes, one H200, forward + backward as training runs them). torch won all but one norm and residual-norm case in
+# both sessions (Triton 0.41-1.06x; its forward alone is up to 4.9x, but training runs both passes) and the 256-px gathers
+# (Triton 0.21-0.33x with its dense backward, cuda 0.66-1.03x); cuda won only the 512-px gather (2.1x both times).
+# MoE, timed on 12-04 only: Triton 1.16x torch at F=4096 but 0.72x at F=1024, and layer-wise scaling gives the blocks
+# both widths. So `auto` is torch for these ops on CUDA as on CPU (there the Triton kernels run only in the
+# interpreter); the Triton and CUDA backends stay a flag away: name them to use them.
 _FAST_RANK = -1
 
 # op name -> backend name -> Backend. Fast backends (triton, cuda, flash_attn, ...) register here as they land.
@@ -66,8 +68,9 @@ _REGISTRY: dict[str, dict[str, Backend]] = {
         "triton": Backend("kernels.residual_norm", "add_layernorm_modulate_triton",
                           _reason("kernels.norm", "triton_unavailable"), _FAST_RANK),
     },
-    # auto = sdpa everywhere: on CPU it is the only fast one; on the H200 (bench/results/2026-11-30_H200_attention.json)
-    # it beat our Triton kernel in 7 of 8 cases (Triton 0.41-0.90x; 1.41x only on the padded-caption forward).
+    # auto = sdpa everywhere: on CPU it is the only fast one; on the H200 it beat our Triton kernel on every
+    # self-attention case in both sessions (bench/results/2026-11-30_ and 2026-12-04_H200_attention.json: Triton
+    # 0.29-0.85x); Triton won only the padded 77-token cross-attention forward (1.41x, 1.32x; fwd+bwd 0.90x, 1.12x).
     "attention": {
         "sdpa": Backend("kernels.attention", "attention_sdpa", _always, 4),
         "flash_attn": Backend("kernels.attention", "attention_flash_attn",

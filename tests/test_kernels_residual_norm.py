@@ -63,7 +63,7 @@ def test_several_programs_per_sample(monkeypatch, gate, mod):
 
 def test_without_weight():
     args = make_inputs(2, 9, 20, torch.float32, True, True, weight=False)
-    gh, go = torch.randn(2, 9, 20), torch.randn(2, 9, 20)
+    gh, go = torch.randn(2, 9, 20, device=DEV), torch.randn(2, 9, 20, device=DEV)
     outs, grads = run(add_layernorm_modulate_triton, args, gh, go)
     ref_outs, ref_grads = run(add_layernorm_modulate_ref, args, gh, go)
     for mine, ref in zip(outs + tuple(grads), ref_outs + tuple(ref_grads)):
