@@ -40,7 +40,8 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels", "kernels.*", "models", "models.*", "engine", "engine.*"]),
+    packages=find_packages(include=["tessera_kernels", "tessera_kernels.*", "models", "models.*", "engine",
+                                    "engine.*"]),
     install_requires=[
         "torch>=2.6",
         "numpy",

@@ -1,4 +1,5 @@
-"""Compile every Triton kernel of kernels/ for a GPU this machine does not have, and read what each would use there.
+"""Compile every Triton kernel of tessera_kernels/ for a GPU this machine does not have, and read what each would use
+there.
 
     python bench/compile_check.py [--arch 90] [--dtype bfloat16] [--json FILE]     (TRITON_INTERPRET must be unset)
 
@@ -46,9 +47,11 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132}
 
 # The modules whose kernels are compiled, and the launch gates that normally send non-CUDA tensors to torch.
-# (kernels/residual_norm.py launches kernels.norm's kernels: its cases compile through that module.)
-KERNEL_MODULES = ("kernels.gather", "kernels.moe", "kernels.norm", "kernels.attention_triton")
-_GATES = (("kernels.gather", "use_triton"), ("kernels.moe", "use_triton"), ("kernels.norm", "_use_triton"))
+# (tessera_kernels/residual_norm.py launches kernels.norm's kernels: its cases compile through that module.)
+KERNEL_MODULES = (
+    "tessera_kernels.gather", "tessera_kernels.moe", "tessera_kernels.norm", "tessera_kernels.attention_triton")
+_GATES = (("tessera_kernels.gather", "use_triton"), ("tessera_kernels.moe", "use_triton"),
+          ("tessera_kernels.norm", "_use_triton"))
 
 
 @dataclasses.dataclass
@@ -122,7 +125,7 @@ def compiling_for(arch: int, sink: list) -> Iterator[None]:
 
     for mod_name, gate in _GATES:
         patch(modules[mod_name], gate, lambda t: True)
-    patch(modules["kernels.norm"], "_num_sms", lambda device: SM_COUNT.get(arch, 132))
+    patch(modules["tessera_kernels.norm"], "_num_sms", lambda device: SM_COUNT.get(arch, 132))
     for module in modules.values():
         for name, kernel in triton_kernels(module).items():
             patch(module, name, _Recorder(name, kernel, sink))
@@ -142,7 +145,7 @@ def _meta(*shape, dtype):
 
 
 def _gather_cases(dtype):
-    from kernels import gather
+    from tessera_kernels import gather
 
     B = 256
     for N, K, D in ((256, 64, 768), (1024, 256, 768), (256, 64, 1024)):
@@ -156,7 +159,7 @@ def _gather_cases(dtype):
 
 
 def _moe_cases(dtype):
-    from kernels import moe
+    from tessera_kernels import moe
 
     # XL: 64 kept tokens, 8 experts, capacity 2, width 1024. Nano (configs/tiny.yaml on a GPU): width 128, where the
     # launcher picks many rows per program; this specialization once failed Triton's layout pass on the device.
@@ -174,7 +177,7 @@ def _moe_cases(dtype):
 
 
 def _norm_cases(dtype):
-    from kernels import norm
+    from tessera_kernels import norm
 
     B = 256
     for N, D in ((256, 768), (64, 1024), (256, 1152)):
@@ -185,7 +188,7 @@ def _norm_cases(dtype):
 
 
 def _residual_norm_cases(dtype):
-    from kernels import residual_norm as rn
+    from tessera_kernels import residual_norm as rn
 
     B = 256
     for N, D in ((256, 768), (64, 1024)):
@@ -199,7 +202,7 @@ def _residual_norm_cases(dtype):
 
 
 def _attention_cases(dtype):
-    from kernels import attention_triton as at
+    from tessera_kernels import attention_triton as at
 
     B, H = 256, 16
     shapes = [(64, 64, 64, False), (256, 256, 64, False), (1024, 1024, 64, False), (256, 77, 64, True),

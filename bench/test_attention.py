@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+import tessera_kernels as kernels
 from engine.training.metrics import peak_flops
-from kernels.attention import sdpa_backend_used
+from tessera_kernels.attention import sdpa_backend_used
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -29,7 +29,7 @@ CASES = {
     "self_1024": ((64, 16, 1024, 1024, False), (1, 1, 256, 256, False)),
     "cross_77": ((256, 16, 256, 77, True), (2, 2, 64, 77, True)),
 }
-BACKENDS = [b for b in kernels.backends("attention") if b != "auto"]  # auto = sdpa today (see kernels/__init__.py)
+BACKENDS = [b for b in kernels.backends("attention") if b != "auto"]  # auto = sdpa (tessera_kernels/__init__.py)
 
 
 def inputs(B, H, Nq, Nk, padded):

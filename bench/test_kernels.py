@@ -28,10 +28,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import tessera_kernels as kernels
 from engine.training.metrics import peak_flops
-from kernels.gather import gather_tokens_ref, scatter_tokens_triton
-from kernels.moe import expert_choice_ref
+from tessera_kernels.gather import gather_tokens_ref, scatter_tokens_triton
+from tessera_kernels.moe import expert_choice_ref
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")

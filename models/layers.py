@@ -1,7 +1,7 @@
 """Building blocks of MicroDiT: attention, MLPs, embedders and the output layer.
 
 Parameter names follow the official MicroDiT implementation so its checkpoints convert with a key map
-(engine/convert.py). Attention itself is an op from kernels/ picked by config.
+(engine/convert.py). Attention itself is an op from tessera_kernels/ picked by config.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-import kernels
+import tessera_kernels as kernels
 from models.blocks import DiTBlock
 from models.config import ModelConfig
 from models.layers import CaptionBlock, FinalLayer, Mlp, SwiGLU, TimestepEmbedder, layer_norm, sincos_pos_embed_2d

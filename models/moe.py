@@ -1,4 +1,5 @@
-"""Expert-choice MoE feed-forward layer: parameters here, the routing/dispatch op in kernels/ (config `kernels.moe`)."""
+"""Expert-choice MoE feed-forward layer: parameters here, the routing/dispatch op in tessera_kernels/ (config
+`kernels.moe`)."""
 from __future__ import annotations
 
 from typing import Callable

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-import kernels
+import tessera_kernels as kernels
 from models.blocks import DiTBlock
 from models.config import ModelConfig
 from models.layers import FinalLayer, layer_norm, sincos_pos_embed_2d

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import kernels
-from kernels.attention import (
+import tessera_kernels as kernels
+from tessera_kernels.attention import (
     attention_flash_attn, attention_ref, attention_sdpa, attention_xformers, packed_key_index, sdpa_backend_used,
 )
-from kernels.attention_triton import attention_triton, flash_attention_bwd, flash_attention_fwd
+from tessera_kernels.attention_triton import attention_triton, flash_attention_bwd, flash_attention_fwd
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -300,7 +300,7 @@ def test_packed_key_index_packs_valid_keys_without_a_sync():
 
 
 def test_sdpa_reports_the_kernel_it_uses_once_per_signature():
-    import kernels.attention as ka
+    import tessera_kernels.attention as ka
 
     q, k, v, _, gen = make_inputs(2, 2, 16, 8, 32, torch.float32)
     mask = make_mask("lens", 2, 8, gen).to(DEVICE)

@@ -3,12 +3,12 @@ torch reference. A gather is a copy, so forward and backward must be EXACT in ev
 import pytest
 import torch
 
-import kernels
-import kernels.gather as kg
+import tessera_kernels as kernels
+import tessera_kernels.gather as kg
 from engine.diffusion.edm import EDM
 from engine.diffusion.noise import draw_step_noise
-from kernels.gather import (gather_tokens_pos_ref, gather_tokens_pos_triton, gather_tokens_ref, gather_tokens_triton,
-                            scatter_tokens_triton)
+from tessera_kernels.gather import (gather_tokens_pos_ref, gather_tokens_pos_triton, gather_tokens_ref,
+                                    gather_tokens_triton, scatter_tokens_triton)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -128,7 +128,7 @@ def test_trainer_draws_distinct_kept_indices():
 
 def test_registry_entries_and_reasons():
     assert {"torch", "triton", "cuda", "auto"} <= set(kernels.backends("gather"))
-    assert kernels.resolve_name("gather", "auto") == "torch"  # on every device, from the H200 benches (kernels/__init__)
+    assert kernels.resolve_name("gather", "auto") == "torch"  # on every device: the H200 benches (tessera_kernels/)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"kernels\.gather: backend 'cuda' is not usable here \((ext|no CUDA)"):
             kernels.resolve("gather", "cuda")
@@ -137,12 +137,12 @@ def test_registry_entries_and_reasons():
 
 # ---- CUDA C++ backend (csrc/) ---------------------------------------------------------------------------------------
 def _csrc():
-    from kernels.gather_cuda import cuda_unavailable
+    from tessera_kernels.gather_cuda import cuda_unavailable
 
     reason = cuda_unavailable()
     if reason is not None:
         pytest.skip(f"kernels.gather=cuda: {reason}")
-    import kernels.gather_cuda as gc
+    import tessera_kernels.gather_cuda as gc
 
     return gc
 

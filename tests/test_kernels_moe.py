@@ -7,11 +7,11 @@ near-tie that flips a token choice in one dtype flips it in the other as well.""
 import pytest
 import torch
 
-import kernels
-import kernels.moe as km
+import tessera_kernels as kernels
+import tessera_kernels.moe as km
 from engine.diffusion.edm import EDM
 from engine.diffusion.noise import draw_step_noise
-from kernels.moe import combine_plan, expert_choice_ref, expert_choice_triton, route
+from tessera_kernels.moe import combine_plan, expert_choice_ref, expert_choice_triton, route
 from models.sizes import build_model, model_config
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,7 +118,7 @@ def test_torch_fallback_when_triton_cannot_run_on_cpu(monkeypatch):
 
 def test_registry_entries_and_megablocks_reason():
     assert {"torch", "triton", "megablocks", "auto"} <= set(kernels.backends("moe"))
-    assert kernels.resolve_name("moe", "auto") == "torch"  # on every device, from the H200 benches (kernels/__init__)
+    assert kernels.resolve_name("moe", "auto") == "torch"  # on every device: the H200 benches (tessera_kernels/)
     with pytest.raises(ValueError, match=r"kernels\.moe: backend 'megablocks' is not usable here \(megablocks"):
         kernels.resolve("moe", "megablocks")
     assert kernels.resolve("moe", "triton") is expert_choice_triton

@@ -5,9 +5,9 @@ plus a small dtype atol (relative to the largest reference value)."""
 import pytest
 import torch
 
-import kernels
-import kernels.norm as kn
-from kernels.norm import layernorm_modulate_ref, layernorm_modulate_triton
+import tessera_kernels as kernels
+import tessera_kernels.norm as kn
+from tessera_kernels.norm import layernorm_modulate_ref, layernorm_modulate_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

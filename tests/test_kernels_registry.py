@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.gather import gather_tokens_ref
-from kernels.moe import expert_choice_ref
-from kernels.norm import layernorm_modulate_ref
+import tessera_kernels as kernels
+from tessera_kernels.gather import gather_tokens_ref
+from tessera_kernels.moe import expert_choice_ref
+from tessera_kernels.norm import layernorm_modulate_ref
 
 
 def test_auto_resolves_and_unknown_names_the_flag_and_choices():
@@ -62,7 +62,7 @@ def test_expert_choice_matches_per_expert_loop_forward_and_backward(B, T, D, F_,
 def test_every_expert_takes_exactly_k_tokens():
     """kernels.moe.route picks, per sample and expert, the k tokens with the highest router probability (softmax over
     experts), all distinct; combine_plan maps every slot back to its token exactly once."""
-    from kernels.moe import combine_plan, route
+    from tessera_kernels.moe import combine_plan, route
 
     B, T, D, E, k = 2, 32, 8, 4, 16
     x, router = torch.randn(B, T, D), torch.randn(E, D)

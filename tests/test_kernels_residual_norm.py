@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import kernels
-import kernels.norm as kn
-from kernels.residual_norm import (add_layernorm_modulate_launch, add_layernorm_modulate_ref,
+import tessera_kernels as kernels
+import tessera_kernels.norm as kn
+from tessera_kernels.residual_norm import (add_layernorm_modulate_launch, add_layernorm_modulate_ref,
                                    add_layernorm_modulate_triton)
 from test_kernels_norm import DEV, SHAPES, close_as_torch, several_programs_per_sample
 

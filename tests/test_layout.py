@@ -1,5 +1,5 @@
-"""The project's layout rules: no import circle, kernels/ and models/ never reach up into engine/, engine/'s top level
-holds only entry points and the config, every entry point runs as a script and as a module, and nothing points
+"""The project's layout rules: no import circle, tessera_kernels/ and models/ never reach up into engine/, engine/'s top
+level holds only entry points and the config, every entry point runs as a script and as a module, and nothing points
 outside the repository."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kernels", "models", "engine")
+PACKAGES = ("tessera_kernels", "models", "engine")
 ENTRY_POINTS = ("train", "sample", "evaluate", "precompute", "convert", "debias", "fewshot")
 TOP_LEVEL_ALLOWED = {"__init__", *ENTRY_POINTS}
 
@@ -100,10 +100,20 @@ def test_no_import_cycle_between_project_modules():
 
 def test_kernels_and_models_never_import_engine():
     for name, deps in import_graph().items():
-        if name.startswith("kernels"):
+        if name.startswith("tessera_kernels"):
             assert not {d for d in deps if d.startswith(("models", "engine"))}, name
         if name.startswith("models"):
             assert not {d for d in deps if d.startswith("engine")}, name
+
+
+def test_no_installed_distribution_claims_our_top_level_names():
+    """A top-level package that shares its name with another installed distribution's (transformers requires one
+    called `kernels`) makes whichever is imported first win in sys.modules, and the other's imports break."""
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    clashes = {pkg: owners[pkg] for pkg in PACKAGES if set(owners.get(pkg, ())) - {"tessera"}}
+    assert not clashes, f"top-level names claimed by other distributions: {clashes}"
 
 
 def test_engine_top_level_holds_only_entry_points_and_config():

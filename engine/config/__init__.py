@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-import kernels
+import tessera_kernels as kernels
 from engine.config.rules import (  # noqa: F401  (the choices are part of the config's API)
     DPMPP_VARIANTS, INITS, MOE_ROUTINGS, PARALLEL_MODES, SCHEDULES, SING_GUIDANCE, SOLVERS, TARGETS, WEIGHTINGS,
     config_checks)

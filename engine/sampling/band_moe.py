@@ -1,6 +1,7 @@
 """Expert-choice MoE when each process holds one band of a sample's tokens (patch-parallel sampling).
 
-Expert choice routes by top-k over ALL of a sample's T tokens per expert (kernels/moe.py), which a band alone cannot
+Expert choice routes by top-k over ALL of a sample's T tokens per expert (tessera_kernels/moe.py), which a band alone
+cannot
 do. With `sync` routing every process gathers the router probabilities of all bands at the layer (B·T·E floats) and
 takes the same top-k as one process would: exact. With `displaced` routing the other bands' probabilities come from
 the previous evaluation (sent with the keys/values), so processes may disagree on a few winners. `local` routing
@@ -16,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.sampling.exchange import Exchange
-from kernels.moe import router_probs
+from tessera_kernels.moe import router_probs
 from models.moe import ExpertChoiceMoE
 
 
@@ -42,7 +43,7 @@ def band_experts(x: torch.Tensor, gate: torch.Tensor, token: torch.Tensor, first
                  w2: torch.Tensor) -> torch.Tensor:
     """out (B, n, D) of the band x (B, n, D) whose first token is image token `first`: the sum of gate·GELU(x w1) w2
     over the (expert, slot) pairs of gate/token (B, E, k) that picked one of the band's tokens (the reference op's
-    arithmetic, kernels/moe.py expert_choice_ref, restricted to the band)."""
+    arithmetic, tessera_kernels/moe.py expert_choice_ref, restricted to the band)."""
     B, n, D = x.shape
     E = w1.shape[0]
     mine = (token >= first) & (token < first + n)  # (B, E, k)

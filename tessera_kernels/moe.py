@@ -45,8 +45,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from kernels.gather import launch_copy_rows, row_blocks, use_triton
-from kernels.gather import triton_unavailable  # noqa: F401  (the registry's check for `kernels.moe: triton`)
+from tessera_kernels.gather import launch_copy_rows, row_blocks, use_triton
+from tessera_kernels.gather import triton_unavailable  # noqa: F401  (the registry's check for `kernels.moe: triton`)
 
 try:
     import triton

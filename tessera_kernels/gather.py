@@ -10,7 +10,7 @@ Backward scatters the output gradient into zeros of shape (B, N, D).
 Backends:
     gather_tokens_ref       plain PyTorch (torch.gather); any idx, duplicates allowed (their gradients add)
     gather_tokens_triton    Triton, custom op `tessera::gather_tokens` (fake + autograd registered: torch.compile
-                            traces it with fullgraph=True). See kernels/gather_cuda.py for the CUDA C++ backend.
+                            traces it with fullgraph=True). See tessera_kernels/gather_cuda.py for the CUDA C++ backend.
 
 Limits and assumptions of the Triton backend:
   * Kept indices of one sample are DISTINCT (the trainer draws them with argsort of noise / randperm). The backward
@@ -20,7 +20,7 @@ Limits and assumptions of the Triton backend:
   * Indices are not range-checked on the device (an index outside [0, N) reads/writes out of bounds), as in
     torch's own CUDA gather without TORCH_USE_CUDA_DSA. The launcher checks shapes, dtypes, devices, contiguity.
   * Offsets are computed in int64: no 2**31-element limit.
-  * On CPU it runs only under TRITON_INTERPRET=1 (slow: ~0.4 ms per program); kernels/__init__.py ranks it below
+  * On CPU it runs only under TRITON_INTERPRET=1 (slow: ~0.4 ms per program); tessera_kernels/__init__.py ranks it below
     `torch` there so `auto` never picks it on CPU.
 
 Backward, two ways (both deterministic, both with the same result):
@@ -83,7 +83,7 @@ def copy_rows_kernel(
       GATHER:     dst[r] = src[m]   (j < 0: dst[r] = 0)         -- gather, dense scatter via an inverse map
       not GATHER: dst[m] = src[r]   (j < 0: nothing is written) -- scatter-store
     ADD_POS (gather only): dst[r] += pos[j], added in ACC (fp32, or fp64 for fp64 data).
-    Rows are D elements, contiguous. Shared by kernels/moe.py (dispatch).
+    Rows are D elements, contiguous. Shared by tessera_kernels/moe.py (dispatch).
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)

@@ -22,8 +22,8 @@ The backward recomputes mean and rstd from x (it reads x anyway), so the forward
 Bytes: forward reads x, writes out; backward reads x and dy, writes dx (+ tiny partials).
 
 The gated residual add x + gate·y that precedes the block's second and third norms is fused with them in
-kernels/residual_norm.py (same flag), through the same two kernels with their HAS_RES flag on; this op serves the
-block's first norm and the final layer, whose inputs come straight from the previous block.
+tessera_kernels/residual_norm.py (same flag), through the same two kernels with their HAS_RES flag on; this op serves
+the block's first norm and the final layer, whose inputs come straight from the previous block.
 
 Host syncs: none.
 """
@@ -34,7 +34,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kernels.gather import triton_unavailable  # noqa: F401  (the registry's check for `kernels.norm: triton`)
+from tessera_kernels.gather import triton_unavailable  # noqa: F401  (the registry's check for `kernels.norm: triton`)
 
 try:
     import triton
@@ -58,7 +58,8 @@ def layernorm_modulate_ref(
 
 
 # ---- Triton kernels ------------------------------------------------------------------------------------------------
-# Shared with kernels/residual_norm.py: HAS_RES adds the residual first (h = x + gate·y, stored, then normalized).
+# Shared with tessera_kernels/residual_norm.py: HAS_RES adds the residual first (h = x + gate·y, stored, then
+# normalized).
 @triton.jit
 def _ln_modulate_fwd_kernel(
     x_ptr, y_ptr, gate_ptr, w_ptr, shift_ptr, scale_ptr, h_ptr, out_ptr,

@@ -42,44 +42,44 @@ _FAST_RANK = -1
 # op name -> backend name -> Backend. Fast backends (triton, cuda, flash_attn, ...) register here as they land.
 _REGISTRY: dict[str, dict[str, Backend]] = {
     "gather": {
-        "torch": Backend("kernels.gather", "gather_tokens_ref", _always, 0),
-        "triton": Backend("kernels.gather", "gather_tokens_triton", _reason("kernels.gather", "triton_unavailable"),
-                          _FAST_RANK),
+        "torch": Backend("tessera_kernels.gather", "gather_tokens_ref", _always, 0),
+        "triton": Backend("tessera_kernels.gather", "gather_tokens_triton",
+                          _reason("tessera_kernels.gather", "triton_unavailable"), _FAST_RANK),
         # csrc/ extension `tessera_csrc`: built by setup.py only where CUDA + nvcc are present at install time
-        "cuda": Backend("kernels.gather_cuda", "gather_tokens_cuda",
-                        _reason("kernels.gather_cuda", "cuda_unavailable"), _FAST_RANK),
+        "cuda": Backend("tessera_kernels.gather_cuda", "gather_tokens_cuda",
+                        _reason("tessera_kernels.gather_cuda", "cuda_unavailable"), _FAST_RANK),
     },
     "moe": {
-        "torch": Backend("kernels.moe", "expert_choice_ref", _always, 0),
-        "triton": Backend("kernels.moe", "expert_choice_triton", _reason("kernels.moe", "triton_unavailable"),
-                          _FAST_RANK),
+        "torch": Backend("tessera_kernels.moe", "expert_choice_ref", _always, 0),
+        "triton": Backend("tessera_kernels.moe", "expert_choice_triton",
+                          _reason("tessera_kernels.moe", "triton_unavailable"), _FAST_RANK),
         # megablocks has token-choice dMoE only, not expert choice: available() always gives the reason it can't run
-        "megablocks": Backend("kernels.moe", "expert_choice_megablocks",
-                              _reason("kernels.moe", "megablocks_unavailable"), _FAST_RANK),
+        "megablocks": Backend("tessera_kernels.moe", "expert_choice_megablocks",
+                              _reason("tessera_kernels.moe", "megablocks_unavailable"), _FAST_RANK),
     },
     "norm": {
-        "torch": Backend("kernels.norm", "layernorm_modulate_ref", _always, 0),
-        "triton": Backend("kernels.norm", "layernorm_modulate_triton", _reason("kernels.norm", "triton_unavailable"),
-                          _FAST_RANK),
+        "torch": Backend("tessera_kernels.norm", "layernorm_modulate_ref", _always, 0),
+        "triton": Backend("tessera_kernels.norm", "layernorm_modulate_triton",
+                          _reason("tessera_kernels.norm", "triton_unavailable"), _FAST_RANK),
     },
     # follows `kernels.norm` (no flag of its own): the block's gated residual add fused with the norm after it
     "residual_norm": {
-        "torch": Backend("kernels.residual_norm", "add_layernorm_modulate_ref", _always, 0),
-        "triton": Backend("kernels.residual_norm", "add_layernorm_modulate_triton",
-                          _reason("kernels.norm", "triton_unavailable"), _FAST_RANK),
+        "torch": Backend("tessera_kernels.residual_norm", "add_layernorm_modulate_ref", _always, 0),
+        "triton": Backend("tessera_kernels.residual_norm", "add_layernorm_modulate_triton",
+                          _reason("tessera_kernels.norm", "triton_unavailable"), _FAST_RANK),
     },
     # auto = sdpa everywhere: on CPU it is the only fast one; on the H200 it beat our Triton kernel on every
     # self-attention case in both sessions (bench/results/2026-11-30_ and 2026-12-04_H200_attention.json: Triton
     # 0.29-0.85x); Triton won only the padded 77-token cross-attention forward (1.41x, 1.32x; fwd+bwd 0.90x, 1.12x).
     "attention": {
-        "sdpa": Backend("kernels.attention", "attention_sdpa", _always, 4),
-        "flash_attn": Backend("kernels.attention", "attention_flash_attn",
-                              _reason("kernels.attention", "flash_attn_unavailable"), 3),
-        "triton": Backend("kernels.attention_triton", "attention_triton",
-                          _reason("kernels.attention", "triton_unavailable"), 2),
-        "xformers": Backend("kernels.attention", "attention_xformers",
-                            _reason("kernels.attention", "xformers_unavailable"), 1),
-        "torch": Backend("kernels.attention", "attention_ref", _always, 0),
+        "sdpa": Backend("tessera_kernels.attention", "attention_sdpa", _always, 4),
+        "flash_attn": Backend("tessera_kernels.attention", "attention_flash_attn",
+                              _reason("tessera_kernels.attention", "flash_attn_unavailable"), 3),
+        "triton": Backend("tessera_kernels.attention_triton", "attention_triton",
+                          _reason("tessera_kernels.attention", "triton_unavailable"), 2),
+        "xformers": Backend("tessera_kernels.attention", "attention_xformers",
+                            _reason("tessera_kernels.attention", "xformers_unavailable"), 1),
+        "torch": Backend("tessera_kernels.attention", "attention_ref", _always, 0),
     },
 }
 

@@ -4,13 +4,13 @@
     key_padding_mask: (B, Nk) bool, True = attend to this key; None = all keys valid
     out: (B, H, Nq, Dh), q's dtype
 
-Backends (registered in kernels/__init__.py):
+Backends (registered in tessera_kernels/__init__.py):
     torch       attention_ref          plain PyTorch in fp32: the reference every backend is tested against
     sdpa        attention_sdpa         torch scaled_dot_product_attention; on GPU torch picks flash / cuDNN /
                                        memory-efficient (sdpa_backend_used() says which, for the benchmark table)
     flash_attn  attention_flash_attn   flash_attn_func; varlen with cu_seqlens for padded keys; fp16/bf16 only
     xformers    attention_xformers     memory_efficient_attention with a tensor attn_bias for padding
-    triton      kernels/attention_triton.py: our FlashAttention-2 kernels (forward + backward, custom op)
+    triton      tessera_kernels/attention_triton.py: our FlashAttention-2 kernels (forward + backward, custom op)
 
 A query row whose keys are all padded gets zeros (and zero, finite gradients) in every backend. The wrappers here
 do it without a host sync: such rows attend to all keys (finite math), then torch.where zeroes them.
@@ -48,7 +48,7 @@ def _zero_empty_rows(out: torch.Tensor, key_padding_mask: torch.Tensor | None) -
 
 def attention(q, k, v, key_padding_mask=None, backend: str = "auto"):
     """Attention with the backend named as in the config flag `kernels.attention` (default: the best here)."""
-    import kernels
+    import tessera_kernels as kernels
 
     return kernels.resolve("attention", backend)(q, k, v, key_padding_mask)
 

@@ -25,7 +25,7 @@ Backends:
 
 Numerics: h is computed in fp32 (fp64 for fp64) and rounded once to x's dtype (torch rounds gate·y, then the sum);
 the statistics are taken from the ROUNDED h, which is what the backward reads back and what the unfused norm saw.
-The kernels are kernels/norm.py's, with their residual flag on (HAS_RES): same tiles and grid (a whole row in
+The kernels are tessera_kernels/norm.py's, with their residual flag on (HAS_RES): same tiles and grid (a whole row in
 registers, D <= 8192; per-sample reductions of the backward — dshift, dscale, dgate — and dweight as fp32 partials
 summed by torch in a fixed order): no atomics, deterministic.
 Host syncs: none.
@@ -35,9 +35,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import norm as _norm
-from kernels.gather import triton_unavailable  # noqa: F401  (the registry's check for `kernels.norm: triton`)
-from kernels.norm import layernorm_modulate_ref
+from tessera_kernels import norm as _norm
+from tessera_kernels.gather import triton_unavailable  # noqa: F401  (the registry's check for `kernels.norm: triton`)
+from tessera_kernels.norm import layernorm_modulate_ref
 
 
 # ---- reference ---------------------------------------------------------------------------------------------------

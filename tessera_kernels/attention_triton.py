@@ -50,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import attention_ref  # noqa: F401  the plain-PyTorch reference these kernels are tested against
+# the plain-PyTorch reference these kernels are tested against
+from tessera_kernels.attention import attention_ref  # noqa: F401
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 128
