@@ -70,12 +70,13 @@ def curve(args, run: Path, label: str, flops_per_step: float, offset: float, sta
 
 
 def run_seed(args, seed: int) -> dict:
-    size = f"data.image_size={args.high}"
-    base_flops, cfg = train_flops(args, size)
+    # every arm without a pixel head: the nested model has none, so the single-stream arms go without the default's
+    size = [f"data.image_size={args.high}", "model.pixel_head=0"]
+    base_flops, cfg = train_flops(args, *size)
     batch = cfg.train.global_batch
     budget = args.budget_steps * batch * base_flops
     every = args.eval_every * batch * base_flops  # FLOPs between checkpoints
-    keep = ["train.keep_checkpoints=100000", f"run.seed={seed}", size]
+    keep = ["train.keep_checkpoints=100000", f"run.seed={seed}", *size]
     arms = {}
 
     def run_arm(name: str, flops: float, share: float, *keys: str, offset: float = 0.0, stage: str = "") -> list:
@@ -86,9 +87,9 @@ def run_seed(args, seed: int) -> dict:
 
     if "baseline" in args.arms:
         arms["baseline"], _, _ = run_arm("baseline", base_flops, 1.0)
-    nested_flops, _ = train_flops(args, size, *nested_keys(args))
+    nested_flops, _ = train_flops(args, *size, *nested_keys(args))
     if "progressive" in args.arms:
-        low_flops, _ = train_flops(args, size, f"diffusion.resolutions=[{args.low}]")
+        low_flops, _ = train_flops(args, *size, f"diffusion.resolutions=[{args.low}]")
         p1, steps1, run1 = run_arm("prog1", low_flops, args.phase1_share, f"diffusion.resolutions=[{args.low}]",
                                    stage="phase 1")
         used = steps1 * batch * low_flops

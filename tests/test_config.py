@@ -71,8 +71,6 @@ def test_overrides_are_typed_and_applied():
     ("nosuch.key=1", "unknown key 'nosuch'"),
     ("train.steps=ten", "train.steps expects int"),
     ("train.compile=1", "train.compile expects bool"),
-    ("diffusion.mask_ratio=1.0", "diffusion.mask_ratio=1.0 must be in"),
-    ("diffusion.mask_ratio=-0.1", "diffusion.mask_ratio"),
     ("train.global_batch=33", "train.global_batch=33 must be a multiple of train.micro_batch"),
     ("kernels.moe=fastest", "kernels.moe: unknown backend 'fastest'"),
     ("model.name=MicroDiT_XXL_2", "model.name="),
@@ -169,7 +167,7 @@ def test_every_config_key_is_documented():
     assert not undocumented, undocumented
 
 
-NESTED = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4"]
+NESTED = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4", "model.pixel_head=0"]  # nested: no head
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -186,9 +184,11 @@ NESTED = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4"]
     (["diffusion.resolutions=[16]", "model.patch_size=32"],
      "diffusion.resolutions=[16] must start with a multiple of MicroDiT_Nano_4's patch size"),
     (["diffusion.resolutions=[16, 32]"], "model.outer='' names the outer stream of a nested model"),
-    (["model.outer=Outer_Nano_4"], "model.outer='Outer_Nano_4' names the outer stream of a nested model"),
-    (NESTED[:1] + ["model.outer=Huge"], "model.outer='Huge' must be empty or one of: Outer_Nano_4"),
-    (["data.image_size=48", "diffusion.resolutions=[16, 48]", "model.outer=Outer_Nano_4", "model.patch_size=2"],
+    (["model.outer=Outer_Nano_4", "model.pixel_head=0"],
+     "model.outer='Outer_Nano_4' names the outer stream of a nested model"),
+    (NESTED[:1] + ["model.outer=Huge", "model.pixel_head=0"], "model.outer='Huge' must be empty or one of: Outer_Nano_4"),
+    (["data.image_size=48", "diffusion.resolutions=[16, 48]", "model.outer=Outer_Nano_4", "model.patch_size=2",
+      "model.pixel_head=0"],
      "must give an outer token grid that is a whole multiple of the inner one"),
     (NESTED + ["diffusion.resolution_loss_weights=[1.0]"],
      "diffusion.resolution_loss_weights=[1.0] must hold one weight per resolution (2"),
@@ -207,6 +207,9 @@ NESTED = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4"]
     (["model.experts=[hi, lo]", "sample.expert_sigmas=[1.0]", "diffusion.sigma_range=[1.0, null]"],
      "diffusion.sigma_range=[1.0, None] is set for each expert from sample.expert_sigmas"),
     (["model.pixel_head=16", "diffusion.mask_ratio=0.5"], "model.pixel_head=16 needs diffusion.mask_ratio=0"),
+    (["diffusion.mask_ratio=0.5"], "model.pixel_head=32 needs diffusion.mask_ratio=0"),  # the default carries a head
+    (["model.pixel_head=0", "diffusion.mask_ratio=1.0"], "diffusion.mask_ratio=1.0 must be in"),
+    (["model.pixel_head=0", "diffusion.mask_ratio=-0.1"], "diffusion.mask_ratio=-0.1 must be in"),
     (NESTED + ["model.pixel_head=16"], "model.pixel_head=16 is for single-stream models"),
     (["model.pooled_caption=false", "diffusion.objective=init_step"],
      "model.pooled_caption=False must be true with diffusion.objective=init_step"),

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.num_samples=64", "train.global_batch=8", "train.micro_batch=8", "train.log_every=1",
          "train.progress_bar=false", "sample.steps=2", "sample.per_prompt=1", "sample.final_eval_images=0",
          "sample.prompts=[a red circle]"]
-NESTED = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4", "diffusion.mask_ratio=0.5"]
+NESTED = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4", "diffusion.mask_ratio=0.5",
+          "model.pixel_head=0"]
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +55,9 @@ def test_a_killed_nested_run_resumes_bit_identically(dist_env, tmp_path, monkeyp
 
 
 def test_progressive_phase_two_starts_from_phase_one_and_refuses_a_wrong_file(dist_env, tmp_path):
+    # phase 1 without the default's pixel head: the nested model it seeds has none
     low = loop.train(config(tmp_path, "low", "diffusion.resolutions=[16]", "diffusion.mask_ratio=0",
-                            "train.steps=2"), dist_env)
+                            "model.pixel_head=0", "train.steps=2"), dist_env)
     ckpt = low / "checkpoints" / "step_00000002"
     wrong = loop.train(config(tmp_path, "wrong", "model.patch_size=8", "train.steps=1"), dist_env)
     bad = config(tmp_path, "p2_bad", *NESTED, "train.steps=1", f"train.init_from={wrong}/checkpoints/step_00000001",

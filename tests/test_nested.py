@@ -247,7 +247,7 @@ def test_heldout_denoising_loss_of_a_silent_network_is_the_skip_connections_erro
     from engine.eval.protocol import HELD_OUT_SEED
     from engine.training.network import build_run_network
 
-    keys = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4"] if nested else []
+    keys = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4", "model.pixel_head=0"] if nested else []
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml", keys)
     model = build_run_network(cfg, {})  # a fresh model: its final layers are zero, so F = 0
     edm = EDM.from_config(cfg.diffusion)

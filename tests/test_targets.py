@@ -133,7 +133,8 @@ def test_few_log_normal_draws_lie_above_sigma_2():
 
 
 def test_the_default_config_builds_the_network_it_always_built():
-    """No method key set: the MicroDiT of model.name at data.image_size, as the loop built it before the methods."""
+    """No method key set: the MicroDiT of model.name at data.image_size with the default's pixel head, as the loop
+    built it before the methods."""
     from pathlib import Path
 
     from engine.config import load_config
@@ -144,4 +145,4 @@ def test_the_default_config_builds_the_network_it_always_built():
     d = cfg.data
     assert network_config(cfg) == model_config(cfg.model.name, input_size=d.image_size, in_channels=d.channels,
                                                caption_channels=d.caption_channels, pos_interp_scale=1.0,
-                                               init="identity", time_free=False)
+                                               init="identity", time_free=False, pixel_head=32)
