@@ -24,6 +24,9 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
 # before pytest's summary, and its failures would otherwise come back as bare names.
 export TESSERA_FAILURES_LOG=${TESSERA_FAILURES_LOG:-$OUT/test_failures.txt}
 PY=${PY:-python3}
+# CUDA tests are mostly Triton compiles (CPU-bound): 8 workers on the device's 16 cores, not the suite's usual 4. On
+# 12-04, 4 workers got through 268 of them in the ~200 s the quick step had left.
+TEST_WORKERS=${TEST_WORKERS:-8}
 DAY=$(date +%F)
 
 bench() {  # bench NAME FILE...: run pytest-benchmark on FILEs, then summarize into $OUT/NAME.summary.json
@@ -49,7 +52,7 @@ step_check() {
   echo "build_ext: exit $? ($(tail -1 "$OUT/build_ext.log"))"
   # The token/norm/MoE kernel test files on CUDA: gpu-marked XL shapes and the odd-shape tables, compiled for real.
   timeout 480 $PY -m pytest tests/test_kernels_*.py tests/test_csrc_sm90.py -q -p no:cacheprovider -rs \
-    >"$OUT/gpu_tests.log" 2>&1
+    -n "$TEST_WORKERS" >"$OUT/gpu_tests.log" 2>&1
   echo "kernel tests on the GPU: exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -15
   show_failures
 }
@@ -63,7 +66,8 @@ step_settings() {
 }
 step_attention() {
   # Attention tests on CUDA first (each new shape autotunes the Triton kernels: compiles dominate), then the bench.
-  timeout 360 $PY -m pytest tests/test_attention.py -q -p no:cacheprovider -rs >"$OUT/attention_tests.log" 2>&1
+  timeout 360 $PY -m pytest tests/test_attention.py -q -p no:cacheprovider -rs -n "$TEST_WORKERS" \
+    >"$OUT/attention_tests.log" 2>&1
   echo "attention tests on the GPU: exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/attention_tests.log" | tail -10
   show_failures
   bench attention bench/test_attention.py
@@ -109,7 +113,7 @@ step_quick() {
       && tail -30 "$logs/$name.table.txt"
   done
   timeout "$(left 300)" $PY -m pytest tests/test_kernels_*.py tests/test_csrc_sm90.py tests/test_attention.py -q \
-    -p no:cacheprovider -rs --tb=short >"$logs/gpu_tests.log" 2>&1
+    -p no:cacheprovider -rs --tb=short -n "$TEST_WORKERS" >"$logs/gpu_tests.log" 2>&1
   echo "CUDA tests: exit $? at ${SECONDS}s"; grep -E "^(FAILED|ERROR)|passed|failed" "$logs/gpu_tests.log" | tail -15
   show_failures
   tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$logs"
