@@ -32,8 +32,9 @@ def _reason(module: str, attr: str) -> Callable[[], str | None]:
 
 # `auto` ranks, from bench/results/2026-11-30_H200_kernels.json and 2026-12-04_H200_kernels.json (bf16, MicroDiT_XL_2
 # shapes, one H200, forward + backward as training runs them). torch won all but one norm and residual-norm case in
-# both sessions (Triton 0.41-1.06x; its forward alone is up to 4.9x, but training runs both passes) and the 256-px gathers
-# (Triton 0.21-0.33x with its dense backward, cuda 0.66-1.03x); cuda won only the 512-px gather (2.1x both times).
+# both sessions (Triton 0.41-1.06x; its forward alone is up to 4.9x, but training runs both passes) and the 256-px
+# gathers (Triton 0.21-0.33x with its dense backward, cuda 0.66-1.03x); cuda won only the 512-px gather (2.1x both
+# times).
 # MoE, timed on 12-04 only: Triton 1.16x torch at F=4096 but 0.72x at F=1024, and layer-wise scaling gives the blocks
 # both widths. So `auto` is torch for these ops on CUDA as on CPU (there the Triton kernels run only in the
 # interpreter); the Triton and CUDA backends stay a flag away: name them to use them.
