@@ -88,11 +88,13 @@ def test_tiny_step(benchmark, dist_env, tmp_path, config, optimizer):
 # keep measuring what the head and Muon each cost on top of it.
 CPU_ARMS = {**OPTIMIZERS,
             "headless": ["model.pixel_head=0"],
-            "muon_headless": ["optim.optimizer=muon", "model.pixel_head=0"]}
+            "muon_headless": ["optim.optimizer=muon", "model.pixel_head=0"],
+            "one_micro_batch": ["train.micro_batch=32"]}  # the default's batch of 32 in one pass instead of two
 INTERLEAVED = {"muon_ns3_vs_muon": ("tiny_reference_16px", "muon_ns3", "muon"),
                "muon_vs_adamw_headless_default": ("tiny", "muon_headless", "headless"),
                "pixel_head_vs_headless_default": ("tiny", "adamw", "headless"),
-               "muon_pixel_head_vs_headless_default": ("tiny", "muon", "headless")}
+               "muon_pixel_head_vs_headless_default": ("tiny", "muon", "headless"),
+               "one_micro_batch_vs_default": ("tiny", "one_micro_batch", "adamw")}
 
 
 @pytest.mark.parametrize("pair", list(INTERLEAVED))
