@@ -23,13 +23,14 @@ _SIZES: dict[str, dict] = {
     "MicroDiT_Nano_4": _NANO_4,
     # Nano at width 192 (4.9M parameters with a 32-wide pixel head, 1.9x Nano_4's; 6 heads of 32), same patches: on the
     # 16-px phase it reads the relation words after fewer images than Nano_4, at 1.33x its cost per image. The CPU
-    # reference's network (configs/tiny_reference*.yaml, with a pixel head; README: Configs).
+    # reference's network (configs/tiny_reference*.yaml, with a pixel head; docs/results/cpu_models.md).
     "MicroDiT_Mini_4": dict(_NANO_4, dim=192),
     # Nano twice as wide and 1.5x as deep (12.0M parameters with a 32-wide pixel head, 4.6x Nano_4's), same patches:
-    # on the 16-px reference phase it reads the relation words after half the images Nano_4 needs (README: Configs).
+    # on the 16-px reference phase it reads the relation words after half the images Nano_4 needs
+    # (docs/results/cpu_models.md).
     "MicroDiT_Micro_4": dict(_NANO_4, dim=256, depth=6, mixer_dim=128),
     # Nano's backbone on 2x2 patches (256 tokens at 32 px, 12 values each), one narrow mixer block: 4x4 patches paint
-    # each 48-value patch flat, 2x2 keep shapes but blobs merge (the earlier CPU reference; README: Configs).
+    # each 48-value patch flat, 2x2 keep shapes but blobs merge (the earlier CPU reference; docs/results/cpu_models.md).
     "MicroDiT_Nano_2": dict(_NANO_4, patch_size=2, mixer_depth=1, mixer_dim=64),
     # Plain DiT-XL/2 (Peebles & Xie) conditioned through adaLN on the pooled caption: no mixer, no MoE,
     # constant width, GELU MLP, no cross-attention or QK-norm.

@@ -4,6 +4,7 @@ outside the repository."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,37 @@ def test_design_doc_exists_and_names_every_room():
     rooms = [p.name for p in (ROOT / "engine").iterdir() if p.is_dir() and (p / "__init__.py").is_file()]
     missing = [r for r in rooms if f"{r}/" not in doc]
     assert not missing, f"docs/DESIGN.md does not describe engine rooms {missing}"
+
+
+DOC_PATH = re.compile(r"\]\(([^)#\s]+)[^)]*\)|\b(docs/[\w/.-]+\.md)\b")
+
+
+def broken_doc_paths(text: str, base: Path, markdown: bool = True) -> list[str]:
+    """Markdown link targets (relative to `base`; only if `markdown`) and docs/...md paths (relative to the root) in
+    `text` that do not exist. Web links are not checked."""
+    bad = []
+    for m in DOC_PATH.finditer(text):
+        link, doc = m.groups()
+        if link and markdown and not link.startswith(("http://", "https://", "mailto:")) and not (base / link).exists():
+            bad.append(link)
+        if doc and not (ROOT / doc).exists():
+            bad.append(doc)
+    return bad
+
+
+def test_broken_doc_path_finder_finds_planted_ones():
+    text = "[a](docs/DESIGN.md) [b](docs/nowhere.md) see docs/results/none.md, [c](https://x.org/y.md)"
+    assert broken_doc_paths(text, ROOT) == ["docs/nowhere.md", "docs/results/none.md"]
+    assert broken_doc_paths("f(x)[0](docs/results/none.md)", ROOT, markdown=False) == []  # code, not a link
+
+
+def test_every_doc_link_and_docs_path_resolves():
+    """The README's summaries point into docs/results/; a moved or renamed page must not leave a dead link behind."""
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted(ROOT.glob("configs/*.yaml")),
+             *(p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py")))]
+    bad = {str(f.relative_to(ROOT)): b for f in files
+           if (b := broken_doc_paths(f.read_text(), f.parent, markdown=f.suffix == ".md"))}
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)

@@ -45,7 +45,8 @@ class ModelSection:
     pooled_caption: bool = True
     """Add the caption's mean token (through an MLP) to the adaLN condition of every block, as MicroDiT does; false
     leaves the caption to cross-attention alone (the adaLN condition is then the noise level only): an ablation, which
-    on the CPU reference's phase 1 costs shape, position and attribute FD in both seeds tried (README: Configs)."""
+    on the CPU reference's phase 1 costs shape, position and attribute FD in both seeds tried
+    (docs/results/cpu_models.md)."""
     patch_size: int = 0
     """Patch side in pixels (or latents) of model.name's network; 0 = the size's own (4 for MicroDiT_Nano_4). Luhman &
     Luhman's patched diffusion: p = 8 at 32 px gives 16 tokens of 192 values each."""
@@ -318,8 +319,8 @@ class SampleConfig:
     run's (e.g. 16 px for 32: diffusion.resolutions=[16]); its latest checkpoint's EMA weights lay out the image."""
     cascade_until: float = 1.0
     """sample.init=cascade: the noise level where the low model stops; its clean-image estimate there is upsampled.
-    1.0 with cascade_restart 1.0 was picked on tuning prompts (README): of the pairs tried (4 / 2 down to 0.5 / 0.25),
-    the lowest attribute FD on both models tried, and all-correct within 0.01 of the best."""
+    1.0 with cascade_restart 1.0 was picked on tuning prompts (docs/results/cascade.md): of the pairs tried (4 / 2
+    down to 0.5 / 0.25), the lowest attribute FD on both models tried, and all-correct within 0.01 of the best."""
     cascade_restart: float = 1.0
     """sample.init=cascade: the noise level (<= cascade_until) the upsampled estimate is noised to with fresh noise,
     where this run's model takes over (engine/sampling/cascade.py). A run conditioned on the low model's image

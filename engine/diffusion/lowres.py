@@ -9,7 +9,7 @@ sampling it is a first stage's sample at r x r (sample.init=cascade: engine/samp
 
 Why a conditioned stage and not only the unconditioned cascade's restart: a 32-px model that takes over a 16-px
 layout from a noise level has to redraw what the 16-px image cannot show (objects a pixel apart merge there), and
-from any level high enough to separate them it also redraws counts and places (README: the two-resolution cascade).
+from any level high enough to separate them it also redraws counts and places (docs/results/cascade.md).
 A conditioned stage is trained on exactly that mapping: pooled image in, full-resolution image out.
 """
 from __future__ import annotations

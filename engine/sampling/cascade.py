@@ -11,7 +11,8 @@ sample.init=cascade splits the sampler's one schedule at two noise levels:
      estimate as its condition at every evaluation; it may restart above cascade_until (from sigma_max: pure noise).
 Both parts use the schedule's noise levels, so the cascade costs about as many evaluations as the plain sampler, those
 above the handover at the low model's token count. Why: the 16-px model reads layout and counts better than the
-32-px model it was continued into (README: the reference's phase 2), while only the 32-px model draws the detail.
+32-px model it was continued into (docs/results/cpu_models.md: what phase 2 does), while only the 32-px model draws
+the detail.
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def ns_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype of the Newton-Schulz products: 'bf16', 'fp32', or 'auto' = bf16 on a GPU (tensor cores; the
     reference implementations' choice) and fp32 elsewhere. A CPU without bf16 matrix units (AMX) emulates bf16
-    products: on this project's 2-core machine they ran 3-4x slower than fp32 ones (README: Muon)."""
+    products: on this project's 2-core machine they ran 3-4x slower than fp32 ones (docs/results/cpu_models.md:
+    Muon)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return NS_DTYPES[name]
@@ -59,8 +60,8 @@ def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dty
 def orthogonalise(mats: list[Tensor], steps: int, dtype: torch.dtype = torch.bfloat16) -> list[Tensor]:
     """newton_schulz of each (..., m, n) stack in `mats`, with one call per matrix shape (a tall matrix as its
     transpose): the CPU reference's 73 Muon matrices take 15 calls, fewer and larger products (a few percent of its
-    step on a 2-core CPU, README). Each matrix is still normalised and iterated on its own, so the result is that of
-    one call per matrix."""
+    step on a 2-core CPU, docs/results/cpu_models.md). Each matrix is still normalised and iterated on its own, so the
+    result is that of one call per matrix."""
     wide = [m if m.size(-2) <= m.size(-1) else m.mT for m in mats]
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, w in enumerate(wide):
