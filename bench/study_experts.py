@@ -1,7 +1,7 @@
 """Split networks study (Luhman & Luhman 2022, section 4.1): two networks split by noise level against one network of
 the same total training FLOPs and the same sampling cost.
 
-    python bench/study_experts.py --out DIR [--config configs/tiny.yaml] [--set ...] [--budget-steps 600]
+    python bench/study_experts.py --out DIR [--config configs/tiny_32px.yaml] [--set ...] [--budget-steps 600]
         [--split median|loss|SIGMA] [--seeds 0 1 2]
 
 The single arm trains the recipe for --budget-steps; the pair (model.experts, engine/training/experts.py) trains a

@@ -1,7 +1,7 @@
 """Nested multi-resolution (Matryoshka) study: a single-resolution baseline, progressive nested training and nested
 training from scratch, at equal total training FLOPs, scored against cumulative FLOPs.
 
-    python bench/study_matryoshka.py --out DIR [--config configs/tiny.yaml] [--set ...] [--budget-steps 600]
+    python bench/study_matryoshka.py --out DIR [--config configs/tiny_32px.yaml] [--set ...] [--budget-steps 600]
         [--low 16] [--high 32] [--outer Outer_Nano_4] [--phase1-share 0.5] [--eval-every 50] [--seeds 0 1 2]
 
 Arms of one seed (same run.seed: same data order and draws where the shapes agree):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 def common_args(p: argparse.ArgumentParser) -> None:
     """The recipe (a base config and overrides), the budget and the evaluation, as every study takes them."""
     p.add_argument("--out", required=True, help="study folder: runs/, evals/, study.json, plots")
-    p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"), help="base recipe (YAML)")
+    p.add_argument("--config", default=str(ROOT / "configs" / "tiny_32px.yaml"), help="base recipe (YAML)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides applied to every arm")
     p.add_argument("--budget-steps", type=int, default=600,
                    help="training FLOP budget of each arm, as steps of the reference model at the recipe's batch")

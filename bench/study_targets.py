@@ -1,6 +1,6 @@
 """Patched diffusion study (Luhman & Luhman 2022): prediction target × patch size at equal training FLOPs.
 
-    python bench/study_targets.py --out DIR [--config configs/tiny.yaml] [--set diffusion.mask_ratio=0 ...]
+    python bench/study_targets.py --out DIR [--config configs/tiny_32px.yaml] [--set diffusion.mask_ratio=0 ...]
         [--budget-steps 600] [--patches 2 4 8] [--targets eps x0 v edm] [--image-sizes 32] [--seeds 0 1 2]
 
 Every arm trains the recipe with one diffusion.target and model.patch_size, for as many steps as the FLOP budget

@@ -76,7 +76,8 @@ def short_runs(tmp_path_factory, install_attribute_net, run_concurrently):
     install_attribute_net(out)
     common = ["train.steps=2", "train.ckpt_every=2", "train.progress_bar=false", "data.num_samples=64",
               "sample.steps=2", "sample.per_prompt=1", f"run.out_dir={out}"]
-    run_concurrently([[sys.executable, str(root / "engine" / "train.py"), f"run.name={name}", *common, *extra]
+    train = [sys.executable, str(root / "engine" / "train.py"), "--config", str(root / "configs" / "tiny_32px.yaml")]
+    run_concurrently([[*train, f"run.name={name}", *common, *extra]
                       for name, extra in (("a", []), ("b", ["run.seed=1"]), ("small", ["data.image_size=16"]))], root)
     return out
 

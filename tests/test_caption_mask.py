@@ -37,7 +37,7 @@ def test_train_step_passes_no_mask_when_the_batch_has_none(dist_env):
     model, seen = spied_model()
     ema = parallelize(make_ema(model), dist_env.device, torch.float32)
     model = parallelize(model, dist_env.device, torch.float32)
-    opt = build_optimizer(model, load_config(ROOT / "configs/tiny.yaml").optim)
+    opt = build_optimizer(model, load_config(ROOT / "configs/tiny_32px.yaml").optim)
     noise = draw_step_noise(EDM(), 0, 0, 4, (3, 32, 32), 64, 0.5, 0.5, torch.device("cpu"))
     x, y = torch.randn(4, 3, 32, 32), torch.randn(4, 5, 8)
     train_step(model, ema, opt, EDM(), noise, [(Batch(x, y, None), 0, 4)], 1.0, 0.9, StepCounters(dist_env.device))
@@ -50,7 +50,7 @@ def test_train_step_passes_no_mask_when_the_batch_has_none(dist_env):
 
 def test_synthetic_data_with_visible_padding_yields_no_mask(tmp_path):
     def first_batch(attend):
-        cfg = load_config(ROOT / "configs/tiny.yaml", ["data.num_samples=16", f"data.attend_to_padding={attend}"])
+        cfg = load_config(ROOT / "configs/tiny_32px.yaml", ["data.num_samples=16", f"data.attend_to_padding={attend}"])
         data, _ = build_train_data(cfg, torch.device("cpu"), tmp_path)
         return data.batch(0, 8, 0, 8)
 

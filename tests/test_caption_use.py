@@ -53,7 +53,7 @@ def network(trained: bool, pooled_to: int | None = None):
     from engine.diffusion.edm import EDM
     from engine.training.network import build_run_network
 
-    cfg = load_config(ROOT / "configs/tiny.yaml")
+    cfg = load_config(ROOT / "configs/tiny_32px.yaml")
     if pooled_to:  # trained on the 32-px set pooled to pooled_to px
         cfg.diffusion.resolutions, cfg.model.pos_interp_scale = [pooled_to], pooled_to / cfg.data.image_size
     torch.manual_seed(0)

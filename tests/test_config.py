@@ -60,7 +60,7 @@ def test_the_reference_phases_chain_and_phase_one_sees_phase_twos_positions():
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["optim.lr=3e-4", "train.steps=7", "optim.betas=[0.9, 0.95]",
+    cfg = load_config(ROOT / "configs/tiny_32px.yaml", ["optim.lr=3e-4", "train.steps=7", "optim.betas=[0.9, 0.95]",
                                                    "kernels.attention=torch", "sample.prompts=[a, b]"])
     assert (cfg.optim.lr, cfg.train.steps, cfg.optim.betas) == (3e-4, 7, (0.9, 0.95))
     assert cfg.kernels.attention == "torch" and cfg.sample.prompts == ["a", "b"]
@@ -80,7 +80,7 @@ def test_overrides_are_typed_and_applied():
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(".", r"\.")):
-        load_config(ROOT / "configs/tiny.yaml", [override])
+        load_config(ROOT / "configs/tiny_32px.yaml", [override])
 
 
 @pytest.mark.parametrize("override,message", [
@@ -121,7 +121,7 @@ def test_bad_values_name_the_key(override, message):
 ])
 def test_bad_values_that_used_to_crash_or_run_are_named(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(ROOT / "configs/tiny.yaml", [override])
+        load_config(ROOT / "configs/tiny_32px.yaml", [override])
 
 
 @pytest.mark.parametrize("content,message", [
@@ -136,7 +136,7 @@ def test_unreadable_config_files_are_named(tmp_path, content, message):
 
 
 def test_world_size_must_divide_the_global_batch():
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["train.global_batch=32", "train.micro_batch=16"])
+    cfg = load_config(ROOT / "configs/tiny_32px.yaml", ["train.global_batch=32", "train.micro_batch=16"])
     cfg.validate(world_size=2)
     with pytest.raises(ValueError, match="train.global_batch=32 must be divisible by train.micro_batch × world size"):
         cfg.validate(world_size=3)
@@ -148,14 +148,14 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["optim.lr=5e-4"])
+    cfg = load_config(ROOT / "configs/tiny_32px.yaml", ["optim.lr=5e-4"])
     save_config(cfg, tmp_path / "config.yaml")
     assert to_dict(load_config(tmp_path / "config.yaml")) == to_dict(cfg)
 
 
 def test_config_diff_lists_changed_keys():
-    a = load_config(ROOT / "configs/tiny.yaml")
-    b = load_config(ROOT / "configs/tiny.yaml", ["train.steps=600", "optim.lr=1e-3"])
+    a = load_config(ROOT / "configs/tiny_32px.yaml")
+    b = load_config(ROOT / "configs/tiny_32px.yaml", ["train.steps=600", "optim.lr=1e-3"])
     assert config_diff(a, b) == ["optim.lr: 0.002 -> 0.001", f"train.steps: {a.train.steps} -> 600"]
     assert config_diff(a, a) == []
 
@@ -200,7 +200,7 @@ NESTED = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4", "model.p
     (NESTED + ["diffusion.objective=init_step"], "diffusion.objective='init_step' must be 'edm' with"),
     (["model.experts=[hi]"], "model.experts=['hi'] must name at least two expert runs"),
     (["model.experts=[hi, hi]", "sample.expert_sigmas=[1.0]"], "model.experts=['hi', 'hi'] must be distinct"),
-    (["model.experts=[tiny, lo]", "sample.expert_sigmas=[1.0]"], "must be distinct run folder names other than"),
+    (["model.experts=[tiny_32px, lo]", "sample.expert_sigmas=[1.0]"], "must be distinct run folder names other than"),
     (["model.experts=[hi, lo]"], "sample.expert_sigmas=[] must hold one noise level fewer than model.experts"),
     (["model.experts=[a, b, c]", "sample.expert_sigmas=[0.3, 2.0]"],
      "sample.expert_sigmas=[0.3, 2.0] must be > 0 and in descending order"),
@@ -223,7 +223,7 @@ NESTED = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4", "model.p
 ])
 def test_bad_method_settings_are_named(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(ROOT / "configs/tiny.yaml", overrides)
+        load_config(ROOT / "configs/tiny_32px.yaml", overrides)
 
 
 def test_method_settings_that_work_load():
@@ -231,13 +231,13 @@ def test_method_settings_that_work_load():
                       ["diffusion.target=eps", "diffusion.weighting=sqrt_snr", "model.patch_size=8"],
                       ["model.experts=[hi, lo]", "sample.expert_sigmas=[0.3]"],
                       ["diffusion.sigma_range=[null, 0.3]"], ["diffusion.resolutions=[16]"]):
-        load_config(ROOT / "configs/tiny.yaml", overrides)
+        load_config(ROOT / "configs/tiny_32px.yaml", overrides)
 
 
 def test_a_wrong_value_in_an_optional_field_is_named():
     """int | None: a value of neither type is a ConfigError naming the key (it was a TypeError)."""
     with pytest.raises(ConfigError, match=re.escape("sample.nfe expects")):
-        load_config(ROOT / "configs/tiny.yaml", ["sample.nfe=abc"])
+        load_config(ROOT / "configs/tiny_32px.yaml", ["sample.nfe=abc"])
 
 
 def test_the_super_resolution_stage_samples_on_phase_one():
@@ -247,3 +247,21 @@ def test_the_super_resolution_stage_samples_on_phase_one():
     assert sr.sample.init == "cascade" and sr.sample.cascade_run == f"{p1.run.out_dir}/{p1.run.name}"
     assert sr.diffusion.lowres_condition == p1.diffusion.resolutions[0] and not sr.diffusion.resolutions
     assert sr.data == p1.data and not sr.train.init_from
+
+
+def test_the_default_is_the_32px_recipe_at_16px_with_muon():
+    """tiny.yaml (the default) and tiny_32px.yaml (the methods' and tests' base) differ only in what makes the
+    default a 16-px Muon run at equal time: a key changed in one and not the other fails here."""
+    from dataclasses import asdict
+
+    def flat(d, prefix=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
+
+    a = flat(asdict(load_config(ROOT / "configs/tiny.yaml")))
+    b = flat(asdict(load_config(ROOT / "configs/tiny_32px.yaml")))
+    differ = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    assert differ == {"run.name": ("tiny", "tiny_32px"), "model.pos_interp_scale": (0.5, 1.0),
+                      "diffusion.resolutions": ([16], []), "train.steps": (1150, 998), "train.global_batch": (64, 32),
+                      "train.micro_batch": (32, 16), "train.ckpt_every": (450, 250),
+                      "optim.optimizer": ("muon", "adamw")}

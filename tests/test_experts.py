@@ -47,7 +47,7 @@ def test_each_evaluation_goes_to_the_expert_of_its_own_noise_level():
 
 
 def test_each_expert_trains_on_its_range_from_the_previous_experts_ema():
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["run.out_dir=/x", "run.name=pair", "train.steps=50",
+    cfg = load_config(ROOT / "configs/tiny_32px.yaml", ["run.out_dir=/x", "run.name=pair", "train.steps=50",
                                                    "model.experts=[hi, mid, lo]", "sample.expert_sigmas=[2.0, 0.3]"])
     hi, mid, lo = (expert_config(cfg, i) for i in range(3))
     assert [e.run.name for e in (hi, mid, lo)] == ["hi", "mid", "lo"]

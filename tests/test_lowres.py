@@ -188,7 +188,8 @@ def test_a_conditioned_run_trains_and_is_evaluated_through_the_cascade(short_run
     out = tmp_path / "runs"
     out.mkdir()
     (out / ".cache").symlink_to(short_runs / ".cache")
-    common = [sys.executable, str(ROOT / "engine" / "train.py"), "train.steps=2", "train.ckpt_every=2",
+    common = [sys.executable, str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny_32px.yaml"),
+              "train.steps=2", "train.ckpt_every=2",
               "train.progress_bar=false", "data.num_samples=64", "sample.steps=2", "sample.per_prompt=1",
               f"run.out_dir={out}", "diffusion.mask_ratio=0", "diffusion.lowres_condition=16",
               "diffusion.lowres_aug=0.2", "sample.init=cascade", "sample.cascade_until=0.01",

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def config(out: Path, name: str, *extra: str):
-    return load_config(ROOT / "configs/tiny.yaml", [f"run.out_dir={out}", f"run.name={name}", *SMALL, *extra])
+    return load_config(ROOT / "configs/tiny_32px.yaml", [f"run.out_dir={out}", f"run.name={name}", *SMALL, *extra])
 
 
 def losses(run: Path) -> dict:

@@ -248,7 +248,7 @@ def test_heldout_denoising_loss_of_a_silent_network_is_the_skip_connections_erro
     from engine.training.network import build_run_network
 
     keys = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4", "model.pixel_head=0"] if nested else []
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml", keys)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny_32px.yaml", keys)
     model = build_run_network(cfg, {})  # a fresh model: its final layers are zero, so F = 0
     edm = EDM.from_config(cfg.diffusion)
     res = heldout_denoising_loss(model, edm, cfg, NullEncoder(), num_images=6, num_sigmas=3, batch_size=4)

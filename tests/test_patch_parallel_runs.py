@@ -25,7 +25,8 @@ def trained(tmp_path_factory) -> Path:
     the default's pixel head, which runs on the whole gathered image in every process: with it, this run's patch mode
     came 1.5e-4 RMS from the one-process image, too close for the test to see stale keys/values at all."""
     out = tmp_path_factory.mktemp("runs")
-    cmd = [sys.executable, str(ROOT / "engine" / "train.py"), f"run.out_dir={out}", "run.name=t", "train.steps=150",
+    cmd = [sys.executable, str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny_32px.yaml"),
+           f"run.out_dir={out}", "run.name=t", "train.steps=150",
            "train.global_batch=16", "train.micro_batch=16", "data.num_samples=512", "diffusion.mask_ratio=0",
            "diffusion.p_mean=-0.4", "diffusion.p_std=1.4", "sample.final_eval_images=0", "train.ckpt_every=150",
            "sample.steps=2", "sample.per_prompt=1", "train.progress_bar=false", "model.pixel_head=0"]
@@ -116,7 +117,7 @@ def test_a_bad_world_size_stops_the_launch_with_one_line_before_loading(tmp_path
     run.mkdir()
     from engine.config import load_config, save_config
 
-    save_config(load_config(ROOT / "configs" / "tiny.yaml"), run / "config.yaml")
+    save_config(load_config(ROOT / "configs" / "tiny_32px.yaml"), run / "config.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
            str(ROOT / "engine" / "sample.py"), "--run-dir", str(run), "--prompt", "a red circle", "--parallel", "patch"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -141,7 +142,7 @@ def test_parallel_flags_are_checked_with_the_config_rules(flags, message):
 
     args = parse_args(["--run-dir", "r", "--prompt", "p", *flags])
     with pytest.raises(ConfigError) as e:
-        SamplerSettings.from_args(args, load_config(ROOT / "configs" / "tiny.yaml"))
+        SamplerSettings.from_args(args, load_config(ROOT / "configs" / "tiny_32px.yaml"))
     assert str(e.value).startswith(message)
     args = parse_args(["--run-dir", "r", "--prompt", "p", *flags, "--moe-routing", "local", "--warmup-evals", "2"])
-    assert SamplerSettings.from_args(args, load_config(ROOT / "configs" / "tiny.yaml")).sample.parallel == flags[1]
+    assert SamplerSettings.from_args(args, load_config(ROOT / "configs" / "tiny_32px.yaml")).sample.parallel == flags[1]

@@ -91,7 +91,7 @@ def test_corrupt_shard_is_named(tmp_path):
     blob = bytearray(arrow.read_bytes())
     blob[-10] ^= 0xFF
     arrow.write_bytes(bytes(blob))
-    cfg = load_config(ROOT / "configs/tiny.yaml", [
+    cfg = load_config(ROOT / "configs/tiny_32px.yaml", [
         "data.source=precomputed", f"data.path={tmp_path}", f"data.resolution={RES}", "data.channels=4",
         f"data.image_size={SIDE}"])
     with pytest.raises(ValueError, match="shard_r000_00000"):
@@ -122,7 +122,7 @@ def test_resumed_loader_continues_the_same_order():
 def test_training_runs_from_a_precomputed_set(dataset, tmp_path):
     root, _ = dataset
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny_32px.yaml"),
            f"run.out_dir={tmp_path}", "run.name=pre", "data.source=precomputed", f"data.path={root}",
            f"data.resolution={RES}", "data.channels=4", f"data.image_size={SIDE}", "data.caption_len=12",
            "data.num_workers=1", "train.steps=6", "train.log_every=2", "train.ckpt_every=6", "train.global_batch=8",
@@ -142,7 +142,7 @@ def test_unloadable_text_encoder_only_disables_sample_grids(tmp_path, capsys):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["text_encoder"]["name"] = "no-such-org/no-such-encoder"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    cfg = load_config(ROOT / "configs/tiny.yaml", [
+    cfg = load_config(ROOT / "configs/tiny_32px.yaml", [
         "data.source=precomputed", f"data.path={tmp_path}", f"data.resolution={RES}", "data.channels=4",
         f"data.image_size={SIDE}", "data.text_encoder=no-such-org/no-such-encoder", "data.verify_checksums=false"])
     data, encoder = build_train_data(cfg, torch.device("cpu"), tmp_path / "cache")
@@ -159,6 +159,6 @@ def test_settings_the_set_cannot_honour_are_refused(dataset):
     for extra, message in [(["data.caption_len=8"], "text_encoder.max_length=12 but data.caption_len=8"),
                            (["data.caption_len=16", "data.attend_to_padding=true"], "attend_to_padding"),
                            (["data.caption_len=16", "data.path=s3://bucket/set"], "local")]:
-        cfg = load_config(ROOT / "configs/tiny.yaml", base + extra)
+        cfg = load_config(ROOT / "configs/tiny_32px.yaml", base + extra)
         with pytest.raises(ValueError, match=message):
             build_precomputed(cfg, torch.device("cpu"), 0, 1)

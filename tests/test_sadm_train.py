@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 def train_here(dist_env, out: Path, name: str, extra=()) -> Path:
     from engine.training.loop import train
 
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run.out_dir={out}", f"run.name={name}", *COMMON, *extra])
+    cfg = load_config(ROOT / "configs" / "tiny_32px.yaml", [f"run.out_dir={out}", f"run.name={name}", *COMMON, *extra])
     return train(cfg, dist_env)
 
 
@@ -105,7 +105,7 @@ def test_resuming_a_run_without_sadm_with_sadm_on_is_refused(dist_env, out_dir):
 
 def test_two_processes_match_one(out_dir, uninterrupted):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny_32px.yaml"),
            f"run.out_dir={out_dir}", "run.name=two_procs", *COMMON]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

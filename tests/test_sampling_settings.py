@@ -12,7 +12,7 @@ from engine.config import Config, load_config, save_config
 from engine.sampling.settings import SamplerSettings, SamplerSettingsError, add_sampler_args
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = ROOT / "configs" / "tiny_32px.yaml"
 
 
 @pytest.mark.parametrize("override,message", [

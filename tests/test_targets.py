@@ -141,7 +141,7 @@ def test_the_default_config_builds_the_network_it_always_built():
     from engine.training.network import network_config
     from models.sizes import model_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny_32px.yaml")
     d = cfg.data
     assert network_config(cfg) == model_config(cfg.model.name, input_size=d.image_size, in_channels=d.channels,
                                                caption_channels=d.caption_channels, pos_interp_scale=1.0,

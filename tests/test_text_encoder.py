@@ -170,8 +170,8 @@ def test_attend_to_padding_marks_every_position_real_and_keys_its_own_cache(tmp_
     from engine.data.train_data import load_text_encoder
 
     root = Path(__file__).resolve().parents[1]
-    masked = load_text_encoder(load_config(root / "configs/tiny.yaml"))
-    visible = load_text_encoder(load_config(root / "configs/tiny.yaml", ["data.attend_to_padding=true"]))
+    masked = load_text_encoder(load_config(root / "configs/tiny_32px.yaml"))
+    visible = load_text_encoder(load_config(root / "configs/tiny_32px.yaml", ["data.attend_to_padding=true"]))
     emb_m, mask_m = masked.encode(["a red circle"])
     emb_v, mask_v = visible.encode(["a red circle"])
     assert not mask_m.all() and mask_v.all()

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 def torchrun(out_dir: Path, name: str, nproc: int = 1, extra=(), wait=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny_32px.yaml"),
            f"run.out_dir={out_dir}", f"run.name={name}", *COMMON, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc)), "HF_HUB_OFFLINE": "1"}
     if not wait:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(num_samples: int, seed: int = 0):
-    cfg = load_config(ROOT / "configs/tiny.yaml")
+    cfg = load_config(ROOT / "configs/tiny_32px.yaml")
     cfg.data.num_samples, cfg.run.seed = num_samples, seed
     return cfg
 
