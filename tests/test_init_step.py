@@ -87,8 +87,8 @@ COMMON = ["train.steps=2", "train.ckpt_every=2", "train.log_every=1", "train.pro
 
 def train_command(out: Path, name: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-            str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny_32px.yaml"), f"run.out_dir={out}",
-            f"run.name={name}", *COMMON, *extra]
+            str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny_32px.yaml"),
+            f"run.out_dir={out}", f"run.name={name}", *COMMON, *extra]
 
 
 @pytest.fixture(scope="module")

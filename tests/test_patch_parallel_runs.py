@@ -21,9 +21,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """The tiny model trained briefly unmasked (~30 s): enough for its attention to carry the image's layout. Without
-    the default's pixel head, which runs on the whole gathered image in every process: with it, this run's patch mode
-    came 1.5e-4 RMS from the one-process image, too close for the test to see stale keys/values at all."""
+    """The 32-px tiny recipe trained briefly unmasked (~30 s): enough for its attention to carry the image's layout.
+    Without the recipe's pixel head, which runs on the whole gathered image in every process: with it, this run's patch
+    mode came 1.5e-4 RMS from the one-process image, too close for the test to see stale keys/values at all."""
     out = tmp_path_factory.mktemp("runs")
     cmd = [sys.executable, str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny_32px.yaml"),
            f"run.out_dir={out}", "run.name=t", "train.steps=150",
