@@ -82,24 +82,21 @@ def test_tiny_step(benchmark, dist_env, tmp_path, config, optimizer):
         "optimizer_gflops_per_step": optimizer_flops / 1e9, "model_gflops_per_step": images * flops / 1e9})
 
 
-# Two settings of one config whose step times are compared interleaved (A B B A ...) in one process: on these
-# shared CPU machines the speed drifts by up to 2x within minutes, so times from separate runs cannot be divided.
-# The pairs measured on the 32-px default before 2026-12-04 run on tiny_32px.yaml, which is that default.
+# Two settings, each a config and overrides, whose step times are compared interleaved (A B B A ...) in one process:
+# on these shared CPU machines the speed drifts by up to 2x within minutes, so times from separate runs cannot be
+# divided. The pairs measured on the 32-px default before 2026-12-04 run on tiny_32px.yaml, which is that default.
 CPU_ARMS = {**OPTIMIZERS,
-            "default": [],
-            # tiny.yaml turned back into tiny_32px.yaml's recipe (its step count aside), for a pair across the two
-            "default_32px": ["diffusion.resolutions=[]", "model.pos_interp_scale=1.0", "optim.optimizer=adamw",
-                             "train.global_batch=32", "train.micro_batch=16"],
+            "configured": [],
             "headless": ["model.pixel_head=0"],
             "muon_headless": ["optim.optimizer=muon", "model.pixel_head=0"],
             "one_micro_batch": ["train.micro_batch=32"]}  # the 32-px default's batch of 32 in one pass instead of two
-INTERLEAVED = {"muon_ns3_vs_muon": ("tiny_reference_16px", "muon_ns3", "muon"),
-               "muon_vs_adamw_headless_default": ("tiny_32px", "muon_headless", "headless"),
-               "pixel_head_vs_headless_default": ("tiny_32px", "adamw", "headless"),
-               "muon_pixel_head_vs_headless_default": ("tiny_32px", "muon", "headless"),
-               "one_micro_batch_vs_default": ("tiny_32px", "one_micro_batch", "adamw"),
+INTERLEAVED = {"muon_ns3_vs_muon": (("tiny_reference_16px", "muon_ns3"), ("tiny_reference_16px", "muon")),
+               "muon_vs_adamw_headless_default": (("tiny_32px", "muon_headless"), ("tiny_32px", "headless")),
+               "pixel_head_vs_headless_default": (("tiny_32px", "configured"), ("tiny_32px", "headless")),
+               "muon_pixel_head_vs_headless_default": (("tiny_32px", "muon"), ("tiny_32px", "headless")),
+               "one_micro_batch_vs_default": (("tiny_32px", "one_micro_batch"), ("tiny_32px", "configured")),
                # batches differ (64 against 32): image_time_ratio is the per-image cost
-               "default_vs_32px_default": ("tiny", "default", "default_32px")}
+               "default_vs_32px_default": (("tiny", "configured"), ("tiny_32px", "configured"))}
 
 
 @pytest.mark.parametrize("pair", list(INTERLEAVED))
@@ -107,29 +104,30 @@ def test_step_ratio_interleaved(benchmark, dist_env, tmp_path, pair):
     """Step time of setting A over setting B, each round timing ten steps of each, the order flipped every round;
     the ratio is the median of the rounds' ratios (step_ratio in extra_info; image_time_ratio divides each arm's
     step by its images per step, for arms of different batches)."""
-    config, a, b = INTERLEAVED[pair]
+    (config_a, arm_a), (config_b, arm_b) = INTERLEAVED[pair]
+    a, b = f"{config_a}:{arm_a}", f"{config_b}:{arm_b}"
     steps, images = {}, {}
-    for name in (a, b):
+    for label, config, arm in ((a, config_a, arm_a), (b, config_b, arm_b)):
         cfg = load_config(ROOT / "configs" / f"{config}.yaml", [
-            f"run.out_dir={tmp_path / name}", "data.source=random", "train.progress_bar=false", *CPU_ARMS[name]])
-        steps[name], images[name], _ = step_harness(cfg, dist_env)
+            f"run.out_dir={tmp_path / label}", "data.source=random", "train.progress_bar=false", *CPU_ARMS[arm]])
+        steps[label], images[label], _ = step_harness(cfg, dist_env)
         for _ in range(2):
-            steps[name]()
+            steps[label]()
     per_step = {a: [], b: []}
 
     def one_round():
         order = (a, b) if len(per_step[a]) % 2 == 0 else (b, a)
-        for name in order:
+        for label in order:
             start = time.perf_counter()
             for _ in range(10):
-                steps[name]()
-            per_step[name].append((time.perf_counter() - start) / 10)
+                steps[label]()
+            per_step[label].append((time.perf_counter() - start) / 10)
 
     benchmark.pedantic(one_round, rounds=6, iterations=1)
     ratios = sorted(x / y for x, y in zip(per_step[a], per_step[b]))
     benchmark.extra_info.update({
         "device": "cpu" if dist_env.device.type == "cpu" else torch.cuda.get_device_name(dist_env.device),
-        "torch": torch.__version__, "config": config, "pass": "step", "a": a, "b": b,
+        "torch": torch.__version__, "pass": "step", "a": a, "b": b,
         "step_ratio": statistics.median(ratios), "ratios": ratios,
         "image_time_ratio": statistics.median(ratios) * images[b] / images[a],
         "a_ms": [t * 1e3 for t in per_step[a]], "b_ms": [t * 1e3 for t in per_step[b]]})
