@@ -70,7 +70,7 @@ def curve(args, run: Path, label: str, flops_per_step: float, offset: float, sta
 
 
 def run_seed(args, seed: int) -> dict:
-    # every arm without a pixel head: the nested model has none, so the single-stream arms go without the default's
+    # every arm without a pixel head: the nested model has none, so the single-stream arms go without the recipe's
     size = [f"data.image_size={args.high}", "model.pixel_head=0"]
     base_flops, cfg = train_flops(args, *size)
     batch = cfg.train.global_batch

@@ -208,7 +208,7 @@ NESTED = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4", "model.p
     (["model.experts=[hi, lo]", "sample.expert_sigmas=[1.0]", "diffusion.sigma_range=[1.0, null]"],
      "diffusion.sigma_range=[1.0, None] is set for each expert from sample.expert_sigmas"),
     (["model.pixel_head=16", "diffusion.mask_ratio=0.5"], "model.pixel_head=16 needs diffusion.mask_ratio=0"),
-    (["diffusion.mask_ratio=0.5"], "model.pixel_head=32 needs diffusion.mask_ratio=0"),  # the default carries a head
+    (["diffusion.mask_ratio=0.5"], "model.pixel_head=32 needs diffusion.mask_ratio=0"),  # the recipe has a head
     (["model.pixel_head=0", "diffusion.mask_ratio=1.0"], "diffusion.mask_ratio=1.0 must be in"),
     (["model.pixel_head=0", "diffusion.mask_ratio=-0.1"], "diffusion.mask_ratio=-0.1 must be in"),
     (NESTED + ["model.pixel_head=16"], "model.pixel_head=16 is for single-stream models"),

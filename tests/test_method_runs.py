@@ -55,7 +55,7 @@ def test_a_killed_nested_run_resumes_bit_identically(dist_env, tmp_path, monkeyp
 
 
 def test_progressive_phase_two_starts_from_phase_one_and_refuses_a_wrong_file(dist_env, tmp_path):
-    # phase 1 without the default's pixel head: the nested model it seeds has none
+    # phase 1 without the recipe's pixel head: the nested model it seeds has none
     low = loop.train(config(tmp_path, "low", "diffusion.resolutions=[16]", "diffusion.mask_ratio=0",
                             "model.pixel_head=0", "train.steps=2"), dist_env)
     ckpt = low / "checkpoints" / "step_00000002"

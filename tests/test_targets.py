@@ -133,7 +133,7 @@ def test_few_log_normal_draws_lie_above_sigma_2():
 
 
 def test_the_default_config_builds_the_network_it_always_built():
-    """No method key set: the MicroDiT of model.name at data.image_size with the default's pixel head, as the loop
+    """No method key set: the MicroDiT of model.name at data.image_size with the recipe's pixel head, as the loop
     built it before the methods."""
     from pathlib import Path
 
