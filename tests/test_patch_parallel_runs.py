@@ -19,21 +19,26 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yello
 pytestmark = pytest.mark.slow
 
 
+def train_briefly(out: Path, name: str, steps: int, *keys: str, config: str = "tiny") -> Path:
+    """engine/train.py on configs/<config>.yaml for `steps` steps at batch 16, in a subprocess alone on both cores;
+    the run folder."""
+    cmd = [sys.executable, str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / f"{config}.yaml"),
+           f"run.out_dir={out}", f"run.name={name}",
+           f"train.steps={steps}", f"train.ckpt_every={steps}", "train.global_batch=16", "train.micro_batch=16",
+           "sample.final_eval_images=0", "sample.steps=2", "sample.per_prompt=1", "train.progress_bar=false", *keys]
+    proc = subprocess.run(cmd, env={**ENV, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / name
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """The 32-px tiny recipe trained briefly unmasked (~30 s): enough for its attention to carry the image's layout.
+    """The 32-px tiny recipe (unmasked) trained briefly (~30 s): enough for its attention to carry the image's layout.
     Without the recipe's pixel head, which runs on the whole gathered image in every process: with it, this run's patch
     mode came 1.5e-4 RMS from the one-process image, too close for the test to see stale keys/values at all."""
-    out = tmp_path_factory.mktemp("runs")
-    cmd = [sys.executable, str(ROOT / "engine" / "train.py"), "--config", str(ROOT / "configs" / "tiny_32px.yaml"),
-           f"run.out_dir={out}", "run.name=t", "train.steps=150",
-           "train.global_batch=16", "train.micro_batch=16", "data.num_samples=512", "diffusion.mask_ratio=0",
-           "diffusion.p_mean=-0.4", "diffusion.p_std=1.4", "sample.final_eval_images=0", "train.ckpt_every=150",
-           "sample.steps=2", "sample.per_prompt=1", "train.progress_bar=false", "model.pixel_head=0"]
-    env = {**ENV, "OMP_NUM_THREADS": "2"}  # training alone: both cores
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out / "t"
+    return train_briefly(tmp_path_factory.mktemp("runs"), "t", 150, "data.num_samples=512", "model.pixel_head=0",
+                         config="tiny_32px")
 
 
 def test_patch_beats_naive_patch_on_a_trained_model(trained, tmp_path):
@@ -72,14 +77,7 @@ def test_sample_cli_through_torchrun_as_users_type_it(trained, tmp_path):
 @pytest.fixture(scope="module")
 def trained_default(tmp_path_factory) -> Path:
     """The default recipe (configs/tiny.yaml: trained on 16-px images, 4 token rows) briefly trained (~15 s)."""
-    out = tmp_path_factory.mktemp("runs16")
-    cmd = [sys.executable, str(ROOT / "engine" / "train.py"), f"run.out_dir={out}", "run.name=t16", "train.steps=60",
-           "train.global_batch=16", "train.micro_batch=16", "data.num_samples=256", "sample.final_eval_images=0",
-           "train.ckpt_every=60", "sample.steps=2", "sample.per_prompt=1", "train.progress_bar=false"]
-    proc = subprocess.run(cmd, env={**ENV, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out / "t16"
+    return train_briefly(tmp_path_factory.mktemp("runs16"), "t16", 60, "data.num_samples=256")
 
 
 def test_the_16px_default_samples_across_processes(trained_default, tmp_path):
