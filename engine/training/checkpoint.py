@@ -14,8 +14,8 @@ folders from a crash are removed by the next save. Durability: every file is on 
 rename that publishes it (DCP fsyncs its shards and metadata, we fsync the RNG files and the
 folder's entries), so a power loss cannot leave a published checkpoint with empty files.
 
-All public functions are collective when torch.distributed is initialised: call them on
-every rank. Without a process group they run as world size 1.
+All public functions are collective when torch.distributed is initialised with more than one rank: call them on
+every rank. Without a process group, or in a group of one, DCP runs without collectives (``_no_collectives``).
 """
 from __future__ import annotations
 
@@ -44,6 +44,17 @@ def _dist_on() -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if _dist_on() else 0
+
+
+def _no_collectives() -> bool:
+    """True where one process holds everything, so DCP should not talk to a process group.
+
+    Not only a saving: in a one-process gloo group DCP's object collectives still run, in gloo's worker thread, and
+    their first large copy starts an OpenMP team of that thread's own. libgomp then manages more threads than the
+    machine has CPUs, and from then on its threads sleep between parallel regions instead of spinning: every later
+    training step on a 2-core machine took 1.4-1.7x as long (docs/results/cpu_models.md: the checkpoint that slowed
+    every run)."""
+    return not _dist_on() or dist.get_world_size() == 1
 
 
 def _barrier() -> None:
@@ -115,7 +126,7 @@ class Checkpointer:
             tmp.mkdir()
         _barrier()
         with _quiet_single_process():
-            dcp.save(_state(model, ema, optimizer, extra, aux), checkpoint_id=str(tmp))
+            dcp.save(_state(model, ema, optimizer, extra, aux), checkpoint_id=str(tmp), no_dist=_no_collectives())
         _save_durably(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
         _barrier()
         if _rank() == 0:
@@ -158,7 +169,7 @@ class Checkpointer:
             if name in state:
                 _drop_unsaved_optimizer_state(meta, name, state[name])
         with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, checkpoint_id=str(path), no_dist=_no_collectives())
         set_model_state_dict(model, state["model"])
         if ema is not None:
             set_model_state_dict(ema, state["ema"])
@@ -227,7 +238,7 @@ def load_model_weights(
         states.append(sd)
     with _quiet_single_process():
         for (entry, _), sd in zip(targets, states):  # one load per module: the EMA may fill both
-            dcp.load({entry: sd}, checkpoint_id=str(path))
+            dcp.load({entry: sd}, checkpoint_id=str(path), no_dist=_no_collectives())
     for (_, module), sd in zip(targets, states):
         named = {prefix + k: v for k, v in sd.items()}
         set_model_state_dict(module, named, options=StateDictOptions(strict=False))
@@ -349,7 +360,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _quiet_single_process(warnings.catch_warnings):
-    """Silences DCP's 'assuming the intent is to save in a single process' warning."""
+    """Silences DCP's 'assuming the intent is to save in a single process' warning: with ``no_dist`` we asked for it."""
 
     def __enter__(self):
         super().__enter__()
