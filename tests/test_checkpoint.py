@@ -1,7 +1,8 @@
 """Tests for engine/training/checkpoint.py: round trips, atomicity, pruning, RNG, phase init, FSDP2.
 
-Run as a script under torchrun (``python tests/test_checkpoint.py train|resume DIR``) it is
-the two-rank FSDP2 worker that ``test_fsdp2_resume_matches_uninterrupted_run`` launches.
+Run as a script under torchrun (``python tests/test_checkpoint.py train|resume|one_rank DIR``) it is
+the two-rank FSDP2 worker that ``test_fsdp2_resume_matches_uninterrupted_run`` launches, or the one-rank
+worker of ``test_a_one_process_group_checkpoints_without_collectives``.
 """
 from __future__ import annotations
 
