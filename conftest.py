@@ -22,6 +22,11 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # an xdist worker: its share of t
     _share = max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))  # a user's own setting wins, here and in torch alike
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # Subprocesses that train "alone on both cores" (OMP_NUM_THREADS=2) share them with the other workers, and an
+    # OpenMP thread spins while it waits, holding a core that the process it waits on needs: two such runs at once took
+    # 73 s instead of 34. Passive waiting puts idle threads to sleep. (Until 2026-12-04 a run's first checkpoint put
+    # libgomp into a sleeping wait by accident: engine/training/checkpoint.py, _no_collectives.)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.hookimpl(tryfirst=True)
