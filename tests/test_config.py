@@ -251,10 +251,10 @@ def test_the_super_resolution_stage_samples_on_phase_one():
 
 def test_the_default_is_the_32px_recipe_at_16px_with_muon():
     """tiny.yaml (the default) and tiny_32px.yaml (the methods' and tests' base) differ only in what makes the
-    default a 16-px Muon run that fills its 10 minutes, and the learning rate and EMA decay measured for that run: a
-    key changed in one and not the other fails here."""
+    default a 16-px Muon run that fills its 10 minutes, and the learning rate, EMA decay and noise-level spread
+    measured for that run: a key changed in one and not the other fails here."""
     assert config_diff(load_config(ROOT / "configs/tiny_32px.yaml"), load_config(ROOT / "configs/tiny.yaml")) == [
-        "diffusion.resolutions: [] -> [16]", "model.pos_interp_scale: 1.0 -> 0.5", "optim.lr: 0.002 -> 0.003",
-        "optim.optimizer: 'adamw' -> 'muon'", "run.name: 'tiny_32px' -> 'tiny'", "train.ckpt_every: 250 -> 400",
-        "train.ema_decay: 0.995 -> 0.99", "train.global_batch: 32 -> 64", "train.micro_batch: 16 -> 32",
-        "train.steps: 998 -> 1600"]
+        "diffusion.p_std: 1.4 -> 0.7", "diffusion.resolutions: [] -> [16]", "model.pos_interp_scale: 1.0 -> 0.5",
+        "optim.lr: 0.002 -> 0.003", "optim.optimizer: 'adamw' -> 'muon'", "run.name: 'tiny_32px' -> 'tiny'",
+        "train.ckpt_every: 250 -> 400", "train.ema_decay: 0.995 -> 0.99", "train.global_batch: 32 -> 64",
+        "train.micro_batch: 16 -> 32", "train.steps: 998 -> 1600"]
