@@ -55,6 +55,8 @@ def test_the_reference_phases_chain_and_phase_one_sees_phase_twos_positions():
     assert p2.train.init_from == f"{p1.run.out_dir}/{p1.run.name}/checkpoints/step_{p1.train.steps:08d}"
     assert (p1.diffusion.resolutions, p2.diffusion.resolutions) == ([16], [])
     assert (p1.model.name, p1.model.pixel_head, p1.data) == (p2.model.name, p2.model.pixel_head, p2.data)
+    # the noise-level spreads were measured as a pair: 16 px wants the narrow one, 32 px sampled plainly the wide one
+    assert (p1.diffusion.p_mean, p1.diffusion.p_std, p2.diffusion.p_mean, p2.diffusion.p_std) == (-0.4, 0.7, -0.4, 1.4)
     low, high = (build_run_network(c, {}).pos_embed[0].view(g, g, -1) for c, g in ((p1, 4), (p2, 8)))
     torch.testing.assert_close(low, high[::2, ::2], rtol=0, atol=1e-6)
 
