@@ -259,4 +259,4 @@ def test_the_default_is_the_32px_recipe_at_16px_with_muon():
         "diffusion.p_std: 1.4 -> 0.7", "diffusion.resolutions: [] -> [16]", "model.pos_interp_scale: 1.0 -> 0.5",
         "optim.lr: 0.002 -> 0.003", "optim.optimizer: 'adamw' -> 'muon'", "run.name: 'tiny_32px' -> 'tiny'",
         "train.ckpt_every: 250 -> 400", "train.ema_decay: 0.995 -> 0.99", "train.global_batch: 32 -> 64",
-        "train.micro_batch: 16 -> 32", "train.steps: 998 -> 1600"]
+        "train.micro_batch: 16 -> 32", "train.steps: 998 -> 2000"]
