@@ -89,12 +89,19 @@ CPU_ARMS = {**OPTIMIZERS,
             "configured": [],
             "headless": ["model.pixel_head=0"],
             "muon_headless": ["optim.optimizer=muon", "model.pixel_head=0"],
-            "one_micro_batch": ["train.micro_batch=32"]}  # the 32-px default's batch of 32 in one pass instead of two
+            "one_micro_batch": ["train.micro_batch=32"],  # the 32-px default's batch of 32 in one pass instead of two
+            "one_micro_batch_64": ["train.micro_batch=64"],  # the 16-px default's batch of 64 in one pass
+            "captions_10": ["data.caption_len=10"],
+            "pixel_head_16": ["model.pixel_head=16"]}  # the pixel head at half its width  # the longest caption of the coloured-shapes set (masked padding)
 INTERLEAVED = {"muon_ns3_vs_muon": (("tiny_reference_16px", "muon_ns3"), ("tiny_reference_16px", "muon")),
                "muon_vs_adamw_headless_default": (("tiny_32px", "muon_headless"), ("tiny_32px", "headless")),
                "pixel_head_vs_headless_default": (("tiny_32px", "configured"), ("tiny_32px", "headless")),
                "muon_pixel_head_vs_headless_default": (("tiny_32px", "muon"), ("tiny_32px", "headless")),
                "one_micro_batch_vs_default": (("tiny_32px", "one_micro_batch"), ("tiny_32px", "configured")),
+               "one_micro_batch_vs_16px_default": (("tiny", "one_micro_batch_64"), ("tiny", "configured")),
+               "captions_10_vs_16px_default": (("tiny", "captions_10"), ("tiny", "configured")),
+               "pixel_head_16_vs_16px_default": (("tiny", "pixel_head_16"), ("tiny", "configured")),
+               "muon_ns3_vs_16px_default": (("tiny", "muon_ns3"), ("tiny", "configured")),
                # batches differ (64 against 32): image_time_ratio is the per-image cost
                "default_vs_32px_default": (("tiny", "configured"), ("tiny_32px", "configured"))}
 
