@@ -177,3 +177,49 @@ def test_attend_to_padding_marks_every_position_real_and_keys_its_own_cache(tmp_
     assert not mask_m.all() and mask_v.all()
     assert torch.equal(emb_m, emb_v)
     assert cache_key(masked, ["x"]) != cache_key(visible, ["x"])
+
+
+def test_token_counts_say_what_encode_keeps(tiny_bert):
+    enc = TextEncoder(str(tiny_bert[0]), max_length=8)
+    long = " ".join(WORDS)
+    counts = enc.token_counts([*CAPTIONS, long])
+    assert counts == [len(c.split()) + 2 for c in CAPTIONS] + [len(WORDS) + 2]  # [CLS] words [SEP]
+    assert counts[-1] > 8
+    _, mask = enc.encode([*CAPTIONS, long])
+    assert mask.sum(1).tolist() == [min(n, 8) for n in counts]
+    assert enc.token_counts([]) == []
+
+
+def test_training_captions_longer_than_caption_len_are_refused(tmp_path):
+    """The synthetic set's longest caption has 10 MiniLM tokens: caption_len 10 trains, 9 would cut its last word."""
+    from pathlib import Path
+
+    from engine.config import ConfigError, load_config
+    from engine.data.train_data import build_train_data
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/tiny_32px.yaml", ["data.caption_len=10"])
+    data, _ = build_train_data(cfg, torch.device("cpu"), tmp_path)
+    assert data.batch(0, 4, 0, 4).y.shape[1] == 10
+    with pytest.raises(ConfigError, match=r"data.caption_len=9 but the training caption '.+' has 10 tokens.*>= 10"):
+        build_train_data(load_config(root / "configs/tiny_32px.yaml", ["data.caption_len=9"]), torch.device("cpu"),
+                         tmp_path)
+
+
+def test_a_prompt_longer_than_the_run_reads_is_named_once(tiny_bert, capsys):
+    from pathlib import Path
+
+    from engine.config import load_config
+    from engine.training.run_folder import make_embedder
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/tiny_32px.yaml",
+                      [f"data.text_encoder={tiny_bert[0]}", "data.caption_channels=32", "data.caption_len=8"])
+    embed = make_embedder(cfg, torch.device("cpu"))
+    long = " ".join(WORDS)
+    y, mask = embed([CAPTIONS[0], long, long])
+    assert y.shape == (3, 8, 32) and mask[1:].all()
+    embed([long])
+    out = capsys.readouterr().out
+    assert out.count("warning: prompt") == 1 and f"{len(WORDS) + 2} tokens" in out and "data.caption_len=8" in out
+    assert CAPTIONS[0] not in out

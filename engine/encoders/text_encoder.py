@@ -93,6 +93,15 @@ class TextEncoder:
         cls = getattr(transformers, _TEXT_TOWERS.get(self.config.model_type, "AutoModel"))
         self.model = cls.from_pretrained(self.path).to(self.device, self.dtype).eval().requires_grad_(False)
 
+    def token_counts(self, captions: list[str]) -> list[int]:
+        """Tokens of each caption before padding or truncation (special tokens included): encode keeps the first
+        max_length of them."""
+        if not captions:  # the tokenizer refuses an empty batch
+            return []
+        if self.tokenizer is None:
+            self._load()
+        return [len(ids) for ids in self.tokenizer(list(captions))["input_ids"]]
+
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed captions: emb float32 (B, max_length, dim) = last_hidden_state, mask bool (B, max_length)."""
