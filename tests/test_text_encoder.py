@@ -191,19 +191,24 @@ def test_token_counts_say_what_encode_keeps(tiny_bert):
 
 
 def test_training_captions_longer_than_caption_len_are_refused(tmp_path):
-    """The synthetic set's longest caption has 10 MiniLM tokens: caption_len 10 trains, 9 would cut its last word."""
+    """caption_len = the set's longest caption in tokens trains; one less would cut its last word and is refused."""
     from pathlib import Path
 
     from engine.config import ConfigError, load_config
-    from engine.data.train_data import build_train_data
+    from engine.data.synthetic import synthetic_train_set
+    from engine.data.train_data import build_train_data, load_text_encoder
 
     root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "configs/tiny_32px.yaml", ["data.caption_len=10"])
+    cfg = load_config(root / "configs/tiny_32px.yaml", ["data.num_samples=256"])
+    longest = max(load_text_encoder(cfg).token_counts(synthetic_train_set(cfg).captions(range(256))))
+    assert longest > 3  # "a red circle" and up, with [CLS] and [SEP]
+    cfg = load_config(root / "configs/tiny_32px.yaml", ["data.num_samples=256", f"data.caption_len={longest}"])
     data, _ = build_train_data(cfg, torch.device("cpu"), tmp_path)
-    assert data.batch(0, 4, 0, 4).y.shape[1] == 10
-    with pytest.raises(ConfigError, match=r"data.caption_len=9 but the training caption '.+' has 10 tokens.*>= 10"):
-        build_train_data(load_config(root / "configs/tiny_32px.yaml", ["data.caption_len=9"]), torch.device("cpu"),
-                         tmp_path)
+    assert data.batch(0, 4, 0, 4).y.shape[1] == longest
+    short = load_config(root / "configs/tiny_32px.yaml", ["data.num_samples=256", f"data.caption_len={longest - 1}"])
+    with pytest.raises(ConfigError, match=rf"data.caption_len={longest - 1} but the training caption '.+' has "
+                                          rf"{longest} tokens.*>= {longest}"):
+        build_train_data(short, torch.device("cpu"), tmp_path)
 
 
 def test_a_prompt_longer_than_the_run_reads_is_named_once(tiny_bert, capsys):
