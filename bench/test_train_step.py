@@ -91,8 +91,8 @@ CPU_ARMS = {**OPTIMIZERS,
             "muon_headless": ["optim.optimizer=muon", "model.pixel_head=0"],
             "one_micro_batch": ["train.micro_batch=32"],  # the 32-px default's batch of 32 in one pass instead of two
             "one_micro_batch_64": ["train.micro_batch=64"],  # the 16-px default's batch of 64 in one pass
-            "captions_10": ["data.caption_len=10"],
-            "pixel_head_16": ["model.pixel_head=16"]}  # the pixel head at half its width  # the longest caption of the coloured-shapes set (masked padding)
+            "captions_10": ["data.caption_len=10"],  # the longest caption of the coloured-shapes set (masked padding)
+            "pixel_head_16": ["model.pixel_head=16"]}  # the pixel head at half its width
 INTERLEAVED = {"muon_ns3_vs_muon": (("tiny_reference_16px", "muon_ns3"), ("tiny_reference_16px", "muon")),
                "muon_vs_adamw_headless_default": (("tiny_32px", "muon_headless"), ("tiny_32px", "headless")),
                "pixel_head_vs_headless_default": (("tiny_32px", "configured"), ("tiny_32px", "headless")),

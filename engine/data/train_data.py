@@ -83,7 +83,7 @@ def build_train_data(cfg: Config, device: torch.device, cache_dir: Path, rank: i
     ds = synthetic_train_set(cfg)
     everything = range(d.num_samples)
     captions = ds.captions(everything)
-    check_caption_len(encoder, captions, d.caption_len)
+    check_caption_len(encoder, captions)
     ids, emb, mask = embed_unique(captions, encoder, cache_path=cache_dir / "synthetic_captions.safetensors")
     x = ds.images(everything)
     mask = key_padding_mask(cfg, mask)
@@ -91,15 +91,14 @@ def build_train_data(cfg: Config, device: torch.device, cache_dir: Path, rank: i
                         cfg.run.seed), encoder
 
 
-def check_caption_len(encoder, captions: list[str], caption_len: int) -> None:
-    """A training caption longer than data.caption_len would lose its last words without a sign (the text encoder
-    truncates): ConfigError naming the longest one."""
-    distinct = sorted(set(captions))
-    counts = encoder.token_counts(distinct)
-    n, longest = max(zip(counts, distinct))
-    if n > caption_len:
-        raise ConfigError(f"config: data.caption_len={caption_len} but the training caption {longest!r} has {n} "
-                          f"tokens ({encoder.name}): its last words would be cut; set data.caption_len >= {n}")
+def check_caption_len(encoder, captions: list[str]) -> None:
+    """A training caption longer than data.caption_len (the encoder's max_length) would lose its last words without a
+    sign (the text encoder truncates): ConfigError naming the longest one."""
+    cut = encoder.cut(captions)
+    if cut:
+        n, longest = cut[0]
+        raise ConfigError(f"config: data.caption_len={encoder.max_length} but the training caption {longest!r} has "
+                          f"{n} tokens ({encoder.name}): its last words would be cut; set data.caption_len >= {n}")
 
 
 def key_padding_mask(cfg: Config, mask: torch.Tensor) -> torch.Tensor | None:

@@ -102,6 +102,12 @@ class TextEncoder:
             self._load()
         return [len(ids) for ids in self.tokenizer(list(captions))["input_ids"]]
 
+    def cut(self, captions: list[str]) -> list[tuple[int, str]]:
+        """(tokens, caption) of each distinct caption that encode would truncate to max_length, longest first."""
+        distinct = sorted(set(captions))
+        return sorted(((n, c) for n, c in zip(self.token_counts(distinct), distinct) if n > self.max_length),
+                      reverse=True)
+
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed captions: emb float32 (B, max_length, dim) = last_hidden_state, mask bool (B, max_length)."""

@@ -46,12 +46,10 @@ def make_embedder(cfg: Config, device):
     warned = set()
 
     def embed(captions: list[str]):
-        new = sorted(set(captions) - warned)
-        for n, caption in zip(encoder.token_counts(new), new):
-            if n > cfg.data.caption_len:  # a prompt, not training data: sample anyway, but say what the model reads
-                print(f"warning: prompt {caption!r} has {n} tokens; the run reads only its first "
-                      f"data.caption_len={cfg.data.caption_len}", flush=True)
-                warned.add(caption)
+        for n, caption in encoder.cut(set(captions) - warned):  # a prompt: sample anyway, say what the run reads
+            print(f"warning: prompt {caption!r} has {n} tokens; the run reads only its first "
+                  f"data.caption_len={cfg.data.caption_len}", flush=True)
+            warned.add(caption)
         ids, emb, mask = embed_unique(captions, encoder)
         m = key_padding_mask(cfg, mask[ids])
         return emb[ids].to(device), None if m is None else m.to(device)
