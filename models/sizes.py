@@ -22,8 +22,9 @@ _SIZES: dict[str, dict] = {
     # Used by configs/tiny.yaml.
     "MicroDiT_Nano_4": _NANO_4,
     # Nano at width 192 (4.9M parameters with a 32-wide pixel head, 1.9x Nano_4's; 6 heads of 32), same patches: on the
-    # 16-px phase it reads the relation words after fewer images than Nano_4, at 1.33x its cost per image. The CPU
-    # reference's network (configs/tiny_reference*.yaml, with a pixel head; docs/results/cpu_models.md).
+    # 16-px phase it reads the relation words after fewer images than Nano_4, at 1.33x its cost per image. The
+    # super-resolution stage's network (configs/tiny_reference_sr.yaml, with a pixel head), and the CPU reference's
+    # until 2026-12-05 (docs/results/cpu_models.md).
     "MicroDiT_Mini_4": dict(_NANO_4, dim=192),
     # Nano twice as wide and 1.5x as deep (12.0M parameters with a 32-wide pixel head, 4.6x Nano_4's), same patches:
     # on the 16-px reference phase it reads the relation words after half the images Nano_4 needs

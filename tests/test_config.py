@@ -61,6 +61,15 @@ def test_the_reference_phases_chain_and_phase_one_sees_phase_twos_positions():
     torch.testing.assert_close(low, high[::2, ::2], rtol=0, atol=1e-6)
 
 
+def test_the_reference_phase_one_is_the_default_trained_longer():
+    """Phase 1 of the reference is the default's recipe with more steps: a key tuned on the default and not carried
+    to phase 1 (or the other way round) fails here."""
+    default, phase_one = load_config(ROOT / "configs/tiny.yaml"), load_config(ROOT / "configs/tiny_reference_16px.yaml")
+    assert config_diff(default, phase_one) == [
+        "run.name: 'tiny' -> 'tiny_reference_16px'", "train.ckpt_every: 400 -> 800", "train.keep_checkpoints: 2 -> 8",
+        "train.steps: 2000 -> 3200"]
+
+
 def test_overrides_are_typed_and_applied():
     cfg = load_config(ROOT / "configs/tiny_32px.yaml", ["optim.lr=3e-4", "train.steps=7", "optim.betas=[0.9, 0.95]",
                                                    "kernels.attention=torch", "sample.prompts=[a, b]"])
