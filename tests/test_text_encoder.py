@@ -183,6 +183,7 @@ def test_token_counts_say_what_encode_keeps(tiny_bert):
     enc = TextEncoder(str(tiny_bert[0]), max_length=8)
     long = " ".join(WORDS)
     counts = enc.token_counts([*CAPTIONS, long])
+    assert enc.model is None  # counting loads the tokenizer alone
     assert counts == [len(c.split()) + 2 for c in CAPTIONS] + [len(WORDS) + 2]  # [CLS] words [SEP]
     assert counts[-1] > 8
     _, mask = enc.encode([*CAPTIONS, long])

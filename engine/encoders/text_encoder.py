@@ -84,12 +84,19 @@ class TextEncoder:
         """Tokens per caption (the L in (B, L, dim))."""
         return self._max_length
 
+    def _load_tokenizer(self) -> None:
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
+        if tokenizer.pad_token is None:  # GPT-style tokenizers have none; padded positions are masked anyway
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        self.tokenizer = tokenizer
+
     def _load(self) -> None:
         import transformers
 
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
-        if self.tokenizer.pad_token is None:  # GPT-style tokenizers have none; padded positions are masked anyway
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if self.tokenizer is None:
+            self._load_tokenizer()
         cls = getattr(transformers, _TEXT_TOWERS.get(self.config.model_type, "AutoModel"))
         self.model = cls.from_pretrained(self.path).to(self.device, self.dtype).eval().requires_grad_(False)
 
@@ -98,8 +105,8 @@ class TextEncoder:
         max_length of them."""
         if not captions:  # the tokenizer refuses an empty batch
             return []
-        if self.tokenizer is None:
-            self._load()
+        if self.tokenizer is None:  # counting needs no weights: a run whose embeddings are cached never loads them
+            self._load_tokenizer()
         return [len(ids) for ids in self.tokenizer(list(captions))["input_ids"]]
 
     def cut(self, captions: list[str]) -> list[tuple[int, str]]:

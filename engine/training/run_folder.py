@@ -43,13 +43,14 @@ def make_embedder(cfg: Config, device):
 
     encoder = load_text_encoder(cfg)
 
-    warned = set()
+    checked = set()  # each distinct prompt is tokenized and, if too long, named once
 
     def embed(captions: list[str]):
-        for n, caption in encoder.cut(set(captions) - warned):  # a prompt: sample anyway, say what the run reads
+        new = set(captions) - checked
+        for n, caption in encoder.cut(new):  # a prompt: sample anyway, say what the run reads
             print(f"warning: prompt {caption!r} has {n} tokens; the run reads only its first "
                   f"data.caption_len={cfg.data.caption_len}", flush=True)
-            warned.add(caption)
+        checked.update(new)
         ids, emb, mask = embed_unique(captions, encoder)
         m = key_padding_mask(cfg, mask[ids])
         return emb[ids].to(device), None if m is None else m.to(device)
