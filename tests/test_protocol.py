@@ -273,6 +273,16 @@ def test_eval_json_records_the_protocol_and_round_trips(short_runs, tmp_path):
     assert np.array_equal(np.load(tmp_path / "f" / "features_attr.npy"), e.features)
 
 
+def test_a_synthetic_run_scored_on_a_prompt_file(short_runs, tmp_path):
+    """--prompts-from on a synthetic run: the detector scores the file's prompts; no attribute FD, which needs the
+    prompts' own held-out images."""
+    (tmp_path / "p.txt").write_text("two red circles\na blue square above a green triangle\n")
+    evaluate("--run", str(short_runs / "a"), "--prompts-from", str(tmp_path / "p.txt"), "--out", str(tmp_path / "e"))
+    record = load_evaluation(tmp_path / "e").record
+    assert record["metrics"]["geneval"]["num_images"] == 12 and "fd_attr" not in record["metrics"]
+    assert record["prompts"]["source"] == str(tmp_path / "p.txt") and record["prompts"]["unique"] == 2
+
+
 def test_compare_two_runs_and_a_run_with_itself(short_runs, tmp_path):
     res = evaluate("--compare", str(short_runs / "a"), str(short_runs / "a"), "--out", str(tmp_path / "same"))
     d = res["comparisons"][0]["vs_first"]

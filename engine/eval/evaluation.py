@@ -272,7 +272,8 @@ def evaluate_run(args) -> dict:
         from engine.eval.attribute_net import cached_attribute_net
         from engine.eval.geneval import GenEvalScorer, ShapeDetector
         geneval = GenEvalScorer(ShapeDetector(background="fixed" if cfg.data.backgrounds == "fixed" else "estimate"))
-        attributes = cached_attribute_net(cfg.data.image_size, Path(cfg.run.out_dir) / ".cache")
+        if prompts.data_seed is not None:  # the attribute FD compares with the prompts' own held-out images
+            attributes = cached_attribute_net(cfg.data.image_size, Path(cfg.run.out_dir) / ".cache")
     embed = make_embedder(cfg, device)
     embed(prompts.prompts[:1])  # loads the text encoder now: a missing one fails before anything is written
     out = Path(args.out) if args.out else run / "eval" / Path(ckpt).name
