@@ -50,8 +50,6 @@ def test_the_reference_phases_chain_and_phase_one_sees_phase_twos_positions():
     """Phase 2 starts from phase 1's last checkpoint with the same network, on the same data set drawn at 32 px
     instead of 16; phase 1's 4x4 tokens carry the position codes of every other row and column of phase 2's 8x8
     grid."""
-    from dataclasses import replace
-
     from engine.training.network import build_run_network
 
     p1, p2 = load_config(ROOT / "configs/tiny_reference_16px.yaml"), load_config(ROOT / "configs/tiny_reference.yaml")
@@ -59,7 +57,7 @@ def test_the_reference_phases_chain_and_phase_one_sees_phase_twos_positions():
     assert (p1.data.image_size, p2.data.image_size, p1.diffusion.resolutions, p2.diffusion.resolutions) == (
         16, 32, [], [])
     assert (p1.model.name, p1.model.pixel_head) == (p2.model.name, p2.model.pixel_head)
-    assert replace(p1.data, image_size=32) == p2.data
+    assert dataclasses.replace(p1.data, image_size=32) == p2.data
     # the noise-level spreads were measured as a pair: 16 px wants the narrow one, 32 px sampled plainly the wide one
     assert (p1.diffusion.p_mean, p1.diffusion.p_std, p2.diffusion.p_mean, p2.diffusion.p_std) == (-0.4, 0.7, -0.4, 1.4)
     low, high = (build_run_network(c, {}).pos_embed[0].view(g, g, -1) for c, g in ((p1, 4), (p2, 8)))
@@ -259,13 +257,11 @@ def test_a_wrong_value_in_an_optional_field_is_named():
 def test_the_super_resolution_stage_samples_on_phase_one():
     """The conditioned 32-px stage takes phase 1's run as its cascade's first stage, at phase 1's resolution, on the
     same data set and captions drawn at 32 px."""
-    from dataclasses import replace
-
     p1, sr = load_config(ROOT / "configs/tiny_reference_16px.yaml"), load_config(ROOT / "configs/tiny_reference_sr.yaml")
     assert sr.sample.init == "cascade" and sr.sample.cascade_run == f"{p1.run.out_dir}/{p1.run.name}"
     assert sr.diffusion.lowres_condition == p1.data.image_size and not (sr.diffusion.resolutions or
                                                                        p1.diffusion.resolutions)
-    assert sr.data == replace(p1.data, image_size=32) and not sr.train.init_from
+    assert sr.data == dataclasses.replace(p1.data, image_size=32) and not sr.train.init_from
 
 
 def test_the_default_is_the_32px_recipe_at_16px_with_muon():
