@@ -85,6 +85,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (does not change images)")
     p.add_argument("--grid", type=int, default=64, help="images in grid.png")
     p.add_argument("--save-images", action="store_true", help="also write every image to <out>/images/")
+    p.add_argument("--score-size", type=int, metavar="SIDE",
+                   help="replicate each sample's pixels up to SIDE px before scoring and saving (a multiple of the "
+                        "run's data.image_size; default: that size): e.g. 32 scores a run drawn at 16 px as a run "
+                        "pooled from 32 px is scored, so --compare can pair the two on a --prompts-from file")
     p.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint name>; --compare: ./compare)")
     p.add_argument("--caption-use", action="store_true",
                    help="also measure how much the denoiser relies on each caption attribute (synthetic runs): the "
@@ -103,8 +107,8 @@ def parse_args(argv=None):
                         "what this run's model keeps of a right layout")
     add_sampler_args(p)
     args = p.parse_args(argv)
-    for name in ("num_images", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("num_images", "batch_size", "score_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.caption_value is not None and args.caption_value < 2:
         p.error("--caption-value needs at least 2 samples")

@@ -283,6 +283,25 @@ def test_a_synthetic_run_scored_on_a_prompt_file(short_runs, tmp_path):
     assert record["prompts"]["source"] == str(tmp_path / "p.txt") and record["prompts"]["unique"] == 2
 
 
+def test_a_16px_run_scored_at_32px_pairs_with_a_32px_run(short_runs, tmp_path):
+    """--score-size 32: the 16-px run's samples are its own, each pixel replicated to a 2x2 square, and --compare
+    then pairs it with a 32-px run on the same prompt file and noise."""
+    from PIL import Image
+
+    (tmp_path / "p.txt").write_text("two red circles\na blue square above a green triangle\n")
+    common = ["--prompts-from", str(tmp_path / "p.txt"), "--save-images"]
+    evaluate("--run", str(short_runs / "small"), *common, "--out", str(tmp_path / "own"))
+    evaluate("--run", str(short_runs / "small"), *common, "--score-size", "32", "--out", str(tmp_path / "at32"))
+    evaluate("--run", str(short_runs / "a"), *common, "--out", str(tmp_path / "a"))
+    assert load_evaluation(tmp_path / "at32").record["image_size"] == [32, 32]
+    for i in range(4):
+        own, at32 = (np.asarray(Image.open(tmp_path / d / "images" / f"{i:05d}.png")) for d in ("own", "at32"))
+        assert own.shape[:2] == (16, 16)
+        np.testing.assert_array_equal(at32, own.repeat(2, axis=0).repeat(2, axis=1))
+    res = evaluate("--compare", str(tmp_path / "a"), str(tmp_path / "at32"), "--out", str(tmp_path / "cmp"))
+    assert res["comparisons"][0]["vs_first"]["all"]["n"] == 12
+
+
 def test_compare_two_runs_and_a_run_with_itself(short_runs, tmp_path):
     res = evaluate("--compare", str(short_runs / "a"), str(short_runs / "a"), "--out", str(tmp_path / "same"))
     d = res["comparisons"][0]["vs_first"]
@@ -306,6 +325,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(short_runs, tmp_path):
         (["--run", str(short_runs / "a"), "--step", "7"], "no checkpoint of that step; it has 2"),
         (["--compare", str(short_runs / "a"), str(short_runs / "small")], "cannot be compared"),
         (["--run", str(short_runs / "a"), "--prompts-from", str(tmp_path / "empty.txt")], "no prompts"),
+        (["--run", str(short_runs / "small"), "--score-size", "24"], "must be a multiple of the run's data.image_size"),
     ]
     def tree():
         return sorted(p for root in (tmp_path, short_runs) for p in root.rglob("*"))

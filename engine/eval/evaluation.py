@@ -207,6 +207,19 @@ def held_out_sampler(settings, cfg, prompts: PromptSet, size: int):
     return Sampler(settings, plan, start)
 
 
+def scored_size(args, cfg) -> int:
+    """Side of the images that are scored: the run's data.image_size, or --score-size, a multiple of it that each
+    pixel is replicated to (to pair a run drawn at 16 px with one pooled from 32, whose samples are replicated so)."""
+    size = args.score_size or cfg.data.image_size
+    if size % cfg.data.image_size:
+        raise ConfigError(f"--score-size {size} must be a multiple of the run's data.image_size "
+                          f"{cfg.data.image_size}: each pixel is replicated to a square")
+    if size != cfg.data.image_size and (args.inception or args.features):
+        raise ConfigError(f"--score-size {size}: --inception/--features compare with reference images of the run's "
+                          f"size {cfg.data.image_size}; leave one of them out")
+    return size
+
+
 def evaluate_run(args) -> dict:
     """Generate, score and write eval.json for the run and settings in `args` (engine/evaluate.py's options)."""
     t_start = time.perf_counter()
@@ -234,6 +247,7 @@ def evaluate_run(args) -> dict:
     device = next(model.parameters()).device
     synthetic = cfg.data.source == "synthetic"
     prompts = prompt_set(args, cfg)
+    size = scored_size(args, cfg)
     if from_data is None:
         sampler = build_sampler(settings, cfg, device)
     else:
@@ -272,7 +286,8 @@ def evaluate_run(args) -> dict:
         from engine.eval.attribute_net import cached_attribute_net
         from engine.eval.geneval import GenEvalScorer, ShapeDetector
         geneval = GenEvalScorer(ShapeDetector(background="fixed" if cfg.data.backgrounds == "fixed" else "estimate"))
-        if prompts.data_seed is not None:  # the attribute FD compares with the prompts' own held-out images
+        if prompts.data_seed is not None and size == cfg.data.image_size:
+            # the attribute FD compares with the prompts' own held-out images, at the size its net was trained on
             attributes = cached_attribute_net(cfg.data.image_size, Path(cfg.run.out_dir) / ".cache")
     embed = make_embedder(cfg, device)
     embed(prompts.prompts[:1])  # loads the text encoder now: a missing one fails before anything is written
@@ -282,8 +297,7 @@ def evaluate_run(args) -> dict:
 
     edm = EDM.from_config(cfg.diffusion)
     t_gen = time.perf_counter()
-    for i, x in generate(model, edm, embed, prompts.prompts, sampler, args.seed, args.batch_size, decoder,
-                         cfg.data.image_size):
+    for i, x in generate(model, edm, embed, prompts.prompts, sampler, args.seed, args.batch_size, decoder, size):
         specs = prompts.specs[i:i + len(x)] if prompts.specs else None
         scores.update(i, to_uint8(x), prompts.prompts[i:i + len(x)], specs)
     gen_s = time.perf_counter() - t_gen
