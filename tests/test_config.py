@@ -70,7 +70,7 @@ def test_the_reference_phase_one_is_the_default_trained_longer():
     default, phase_one = load_config(ROOT / "configs/tiny.yaml"), load_config(ROOT / "configs/tiny_reference_16px.yaml")
     assert config_diff(default, phase_one) == [
         "run.name: 'tiny' -> 'tiny_reference_16px'", "train.ckpt_every: 400 -> 800", "train.keep_checkpoints: 2 -> 8",
-        "train.steps: 2000 -> 3200"]
+        "train.steps: 2000 -> 4000"]
 
 
 def test_overrides_are_typed_and_applied():
