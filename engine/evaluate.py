@@ -88,7 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--score-size", type=int, metavar="SIDE",
                    help="replicate each sample's pixels up to SIDE px before scoring and saving (a multiple of the "
                         "run's data.image_size; default: that size): e.g. 32 scores a run drawn at 16 px as a run "
-                        "pooled from 32 px is scored, so --compare can pair the two on a --prompts-from file")
+                        "pooled from 32 px is scored, so --compare can pair the two on a --prompts-from file (no "
+                        "attribute FD there)")
     p.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint name>; --compare: ./compare)")
     p.add_argument("--caption-use", action="store_true",
                    help="also measure how much the denoiser relies on each caption attribute (synthetic runs): the "

@@ -88,7 +88,7 @@ def generate(model, edm, embed, prompts: list[str], sampler, seed: int, batch_si
     """Yields (start index, images float (b, 3, H, W) in [-1, 1] on the CPU) batch by batch, made by `sampler`
     (engine/sampling/sampler.py build_sampler). Image i starts from the noise paired_noise(seed, i): the same for any
     batch size, run or sampler setting (start_noise: a nested model's high stream too). A model that makes smaller
-    images than `image_size` (trained on pooled data) has them upsampled (nearest) to it, to be scored alike."""
+    images than `image_size` (trained on pooled data, or scored at --score-size) has them upsampled (nearest) to it."""
     from engine.sampling.sampler import sample
 
     device = next(model.parameters()).device
@@ -235,6 +235,7 @@ def evaluate_run(args) -> dict:
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"--run-dir {run}: not a run folder (no config.yaml)")
     run_cfg = load_config(run / "config.yaml")
+    size = scored_size(args, run_cfg)  # checked before the model is loaded
     from_data = getattr(args, "cascade_from_data", None)
     if from_data is not None:  # the cascade with held-out images for its first stage: no low run
         args.init, args.cascade_run = "cascade", "held-out images"
@@ -247,7 +248,6 @@ def evaluate_run(args) -> dict:
     device = next(model.parameters()).device
     synthetic = cfg.data.source == "synthetic"
     prompts = prompt_set(args, cfg)
-    size = scored_size(args, cfg)
     if from_data is None:
         sampler = build_sampler(settings, cfg, device)
     else:
