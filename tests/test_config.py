@@ -233,6 +233,7 @@ NESTED = ["diffusion.resolutions=[16, 32]", "model.outer=Outer_Nano_4", "model.p
     (["train.init_prefix=inner"], "train.init_prefix='inner' must be empty or a submodule name ending in '.'"),
     (["train.init_prefix=inner."], "train.init_prefix='inner.' needs train.init_from"),
     (["train.init_from_ema=true"], "train.init_from_ema=True needs train.init_from"),
+    (["train.init_resize_patches=true"], "train.init_resize_patches=True needs train.init_from"),
     (["diffusion.sigma_range=[a, b]"], "diffusion.sigma_range[0] expects"),
 ])
 def test_bad_method_settings_are_named(overrides, message):

@@ -190,6 +190,11 @@ class TrainConfig:
     """Load train.init_from into the submodule of this name (e.g. 'inner.': a low-resolution run into the nested
     model); every checkpoint key must match a key under it and every key under it must be in the checkpoint. The
     rest of the model keeps its initialisation. Empty = the whole model."""
+    init_resize_patches: bool = False
+    """Let train.init_from hold a network whose patches are k times narrower (e.g. patch 4 at 16 px into patch 8 at
+    32 px: the same token grid). Its patch embedding and output layer are grown by replication
+    (engine/training/patch_resize.py), so the new network starts as the old one on the k x k average-pooled image,
+    its output upsampled; every other shape must match."""
     init_from_ema: bool = False
     """Initialise both the weights and the EMA from train.init_from's EMA (as Luhman & Luhman start the low-noise
     expert from the high-noise one's EMA); False loads weights from weights and EMA from EMA."""

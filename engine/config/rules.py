@@ -106,6 +106,7 @@ def method_checks(c: "Config") -> list[tuple[str, typing.Callable[[], bool], str
          "must be empty or a submodule name ending in '.', e.g. 'inner.'"),
         ("train.init_prefix", lambda: not t.init_prefix or bool(t.init_from), "needs train.init_from"),
         ("train.init_from_ema", lambda: not t.init_from_ema or bool(t.init_from), "needs train.init_from"),
+        ("train.init_resize_patches", lambda: not t.init_resize_patches or bool(t.init_from), "needs train.init_from"),
     ]
 
 

@@ -205,6 +205,7 @@ def load_model_weights(
     skip: tuple[str, ...] = ("pos_embed",),
     from_ema: bool = False,
     prefix: str = "",
+    resize_patches: bool = False,
 ) -> None:
     """Initialise ``model`` (and ``ema`` from the checkpoint's EMA) with weights only.
     With ``from_ema``, ``model`` (and ``ema``) get the checkpoint's EMA weights (for sampling, or a network that
@@ -215,7 +216,9 @@ def load_model_weights(
     RNG and extra state are not touched. Parameters whose name contains any string in
     ``skip`` keep their current values (e.g. ``pos_embed`` at a new resolution). Any other
     missing, unexpected or wrongly shaped key raises ValueError naming the keys: the load is strict, under a prefix
-    too (a wrong file is an error, never a partly random model).
+    too (a wrong file is an error, never a partly random model). With ``resize_patches`` the patch embedding and
+    output layer may be saved for patches k times narrower than the model's; they are grown (engine/training/
+    patch_resize.py) and every other shape must still match.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -234,12 +237,14 @@ def load_model_weights(
         sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix) and not _skipped(k, skip)}
         if prefix and not any(k.startswith(prefix) for k in full):
             raise ValueError(f"the model has no parameters under the prefix '{prefix}'")
+        grown = _saved_patch_tensors(meta, entry, sd) if resize_patches else {}
         _check_keys(path, meta, entry, sd, skip)
-        states.append(sd)
+        states.append((sd, grown))
     with _quiet_single_process():
-        for (entry, _), sd in zip(targets, states):  # one load per module: the EMA may fill both
+        for (entry, _), (sd, _) in zip(targets, states):  # one load per module: the EMA may fill both
             dcp.load({entry: sd}, checkpoint_id=str(path), no_dist=_no_collectives())
-    for (_, module), sd in zip(targets, states):
+    for (_, module), (sd, grown) in zip(targets, states):
+        _grow_patch_tensors(sd, grown)
         named = {prefix + k: v for k, v in sd.items()}
         set_model_state_dict(module, named, options=StateDictOptions(strict=False))
 
@@ -272,6 +277,44 @@ def _drop_unsaved_optimizer_state(meta: dict, prefix: str, sd: dict) -> None:
     saved = {k[len(head):].rsplit(".", 1)[0] for k in meta if k.startswith(head)}  # <fqn>.<field>: the fqns
     for fqn in [f for f in sd.get("state", {}) if f not in saved]:
         del sd["state"][fqn]
+
+
+def _saved_patch_tensors(meta: dict, entry: str, sd: dict) -> dict[str, torch.Tensor]:
+    """For the patch tensors saved at another shape, swap ``sd``'s entry for a buffer of the saved shape (so that the
+    strict check and the load read them as saved); return the model's own tensors they will be grown into."""
+    from engine.training.patch_resize import is_patch_key
+
+    model_tensors = {}
+    for key in [k for k in sd if is_patch_key(k)]:
+        saved = meta.get(f"{entry}.{key}")
+        if saved is not None and hasattr(saved, "size") and tuple(saved.size) != tuple(sd[key].shape):
+            model_tensors[key] = sd[key]
+            sd[key] = torch.empty(tuple(saved.size), dtype=sd[key].dtype)
+    return model_tensors
+
+
+def _grow_patch_tensors(sd: dict, model_tensors: dict[str, torch.Tensor]) -> None:
+    """Replace the loaded narrow patch tensors in ``sd`` by their grown forms, placed as the model's own."""
+    from engine.training.patch_resize import grow, growth_factor
+
+    if not model_tensors:
+        return
+    embed = next((k for k in model_tensors if k.endswith("x_embedder.proj.weight")), None)
+    if embed is None:
+        raise ValueError(f"patch tensors {sorted(model_tensors)} differ in shape but the patch embedding does not")
+    saved_shape, target_shape = tuple(sd[embed].shape), tuple(model_tensors[embed].shape)
+    k, p = growth_factor(saved_shape, target_shape), saved_shape[-1]
+    for key, target in model_tensors.items():
+        value = grow(key, sd[key], p, k)
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{key}: grown to {tuple(value.shape)}, the model has {tuple(target.shape)}")
+        if hasattr(target, "device_mesh"):  # an FSDP2 shard: place the full tensor as the model's is placed
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements)
+        else:
+            value = value.to(dtype=target.dtype, device=target.device)
+        sd[key] = value
 
 
 def _skipped(key: str, skip: tuple[str, ...]) -> bool:

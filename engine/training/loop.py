@@ -129,7 +129,8 @@ def resume_or_init(run: Run, meter: ThroughputMeter) -> tuple[int, StepCounters]
     t = run.cfg.train
     if t.init_from:
         try:
-            load_model_weights(t.init_from, run.model, run.ema, from_ema=t.init_from_ema, prefix=t.init_prefix)
+            load_model_weights(t.init_from, run.model, run.ema, from_ema=t.init_from_ema, prefix=t.init_prefix,
+                               resize_patches=t.init_resize_patches)
         except (OSError, ValueError) as e:  # no such folder, an unfinished save, or weights of another model
             where = f" into train.init_prefix={t.init_prefix!r}" if t.init_prefix else ""
             raise ConfigError(f"config: train.init_from={t.init_from!r}{where}: {e}") from None
