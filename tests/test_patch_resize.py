@@ -2,6 +2,11 @@
 starts as the old network on the 2x2-pooled image, its output upsampled by pixel replication."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,3 +63,57 @@ def test_grow_orders_output_rows_as_patchify():
         for j in range(4):
             assert grown[i, j].tolist() == [100 * (i // 2) + 10 * (j // 2) + ch for ch in range(c)]
     assert growth_factor((8, 3, 4, 4), (8, 3, 12, 12)) == 3
+
+
+# ---------------------------------------------------------------- two ranks, FSDP2 on CPU
+
+
+def _fsdp_worker(out: Path) -> None:
+    """Grow the saved patch-4 checkpoint into an FSDP2-sharded patch-8 network; write each full tensor from rank 0."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    net, ema = _net(8, 32, seed=5), _net(8, 32, seed=6)
+    mesh = init_device_mesh("cpu", (2,))
+    for m in (net, ema):
+        for block in m.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+    load_model_weights(out / "ckpt", net, ema=ema, resize_patches=True)
+    full = {name: {k: getattr(v, "full_tensor", lambda v=v: v)() for k, v in m.state_dict().items()}
+            for name, m in (("model", net), ("ema", ema))}
+    if dist.get_rank() == 0:
+        torch.save(full, out / "grown.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_load_the_grown_tensors(tmp_path):
+    """Under FSDP2 every parameter is a DTensor shard: the grown patch tensors are placed as the model's are, and the
+    sharded model equals the one-process load."""
+    old, old_ema = _net(4, 16, seed=0), _net(4, 16, seed=1)
+    Checkpointer(tmp_path).save(1, model=old, ema=old_ema).rename(tmp_path / "ckpt")
+    want, want_ema = _net(8, 32, seed=2), _net(8, 32, seed=3)
+    load_model_weights(tmp_path / "ckpt", want, ema=want_ema, resize_patches=True)
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    got = torch.load(tmp_path / "grown.pt")
+    for name, module in (("model", want), ("ema", want_ema)):
+        for k, v in module.state_dict().items():
+            if k != "pos_embed":
+                assert torch.equal(got[name][k], v), (name, k)
+
+
+if __name__ == "__main__":
+    from engine.training.parallel import exit_skipping_finalization
+
+    _fsdp_worker(Path(sys.argv[1]))
+    exit_skipping_finalization(0)
