@@ -47,10 +47,14 @@ def test_grown_network_is_the_old_one_on_the_pooled_image(tmp_path):
 
 def test_without_the_flag_or_with_a_non_multiple_the_load_is_refused(tmp_path):
     path = Checkpointer(tmp_path).save(1, model=_net(4, 16, seed=0))
-    with pytest.raises(ValueError, match=r"x_embedder\.proj\.weight \(checkpoint \(128, 3, 4, 4\), model \(128, 3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"x_embedder\.proj\.weight \(checkpoint \(128, 3, 4, 4\), model \(128, 3, 8, 8\)"
+                       r".*train\.init_resize_patches=true grows them"):
         load_model_weights(path, _net(8, 32))
-    with pytest.raises(ValueError, match="integer multiple"):
+    with pytest.raises(ValueError, match="integer multiple") as refused:
         load_model_weights(path, _net(6, 24), resize_patches=True)
+    with pytest.raises(ValueError, match="wrong shape") as narrower:  # patch 8 into patch 4: nothing to grow
+        load_model_weights(Checkpointer(tmp_path / "p8").save(1, model=_net(8, 32, seed=0)), _net(4, 16))
+    assert "grows them" not in str(refused.value) + str(narrower.value)
 
 
 def test_grow_orders_output_rows_as_patchify():

@@ -238,7 +238,13 @@ def load_model_weights(
         if prefix and not any(k.startswith(prefix) for k in full):
             raise ValueError(f"the model has no parameters under the prefix '{prefix}'")
         grown = _saved_patch_tensors(meta, entry, sd) if resize_patches else {}
-        _check_keys(path, meta, entry, sd, skip)
+        try:
+            _check_keys(path, meta, entry, sd, skip)
+        except ValueError as e:
+            if resize_patches or not _patches_could_grow(meta, entry, sd):
+                raise
+            raise ValueError(f"{e}; the model's patches are an integer multiple of the checkpoint's on the same grid "
+                             "of tokens: train.init_resize_patches=true grows them") from None
         states.append((sd, grown))
     with _quiet_single_process():
         for (entry, _), (sd, _) in zip(targets, states):  # one load per module: the EMA may fill both
@@ -291,6 +297,20 @@ def _saved_patch_tensors(meta: dict, entry: str, sd: dict) -> dict[str, torch.Te
             model_tensors[key] = sd[key]
             sd[key] = torch.empty(tuple(saved.size), dtype=sd[key].dtype)
     return model_tensors
+
+
+def _patches_could_grow(meta: dict, entry: str, sd: dict) -> bool:
+    """Whether the saved patch embedding differs from the model's by an integer growth of the patch."""
+    from engine.training.patch_resize import growth_factor
+
+    for key in [k for k in sd if k.endswith("x_embedder.proj.weight")]:
+        saved = meta.get(f"{entry}.{key}")
+        try:
+            growth_factor(tuple(saved.size), tuple(sd[key].shape))
+            return True
+        except (AttributeError, ValueError):  # not saved, or no integer growth
+            pass
+    return False
 
 
 def _grow_patch_tensors(sd: dict, model_tensors: dict[str, torch.Tensor]) -> None:

@@ -4,8 +4,10 @@ A p-patch network at H px and a kp-patch network at kH px have the same token gr
 each of its weights over a k×k block of pixels, divided by k², so a token reads the k×k average-pooled image exactly
 as the checkpoint's network read an H-px image; the grown output layer repeats each value over a k×k block, so the
 network's patch output is the checkpoint's upsampled by pixel replication. Only these tensors change shape; every
-other weight, and the position embedding of the same grid, carries over. (FlexiViT resizes by a pseudo-inverse so
-that any patch size keeps the token; growing by an integer factor, replication keeps the pooled image's token.)
+other weight carries over, and the position embedding (rebuilt from the config, never loaded) is the checkpoint's where
+the grid and model.pos_interp_scale are. For an integer factor the embedding's growth is FlexiViT's pseudo-inverse
+resize with pixel replication as the resize: of all k×k-patch weights that give every replicated patch the token of
+the patch it came from, the one of least norm.
 """
 from __future__ import annotations
 
