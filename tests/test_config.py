@@ -46,10 +46,9 @@ def test_paper_phases_match_the_design_table():
     assert p3.train.init_from.endswith("microdit_xl_256/checkpoints/step_00030000")
 
 
-def test_the_reference_phases_chain_and_phase_one_sees_phase_twos_positions():
-    """Phase 2 starts from phase 1's last checkpoint with the same network, on the same data set drawn at 32 px
-    instead of 16; phase 1's 4x4 tokens carry the position codes of every other row and column of phase 2's 8x8
-    grid."""
+def test_the_reference_phases_chain_on_one_token_grid():
+    """Phase 2 starts from phase 1's last checkpoint with the same network at twice the patch side, on the same data
+    set drawn at 32 px instead of 16: both see a 4x4 grid of tokens with the same position codes."""
     from engine.training.network import build_run_network
 
     p1, p2 = load_config(ROOT / "configs/tiny_reference_16px.yaml"), load_config(ROOT / "configs/tiny_reference.yaml")
@@ -60,8 +59,9 @@ def test_the_reference_phases_chain_and_phase_one_sees_phase_twos_positions():
     assert dataclasses.replace(p1.data, image_size=32) == p2.data
     # the noise-level spreads were measured as a pair: 16 px wants the narrow one, 32 px sampled plainly the wide one
     assert (p1.diffusion.p_mean, p1.diffusion.p_std, p2.diffusion.p_mean, p2.diffusion.p_std) == (-0.4, 0.7, -0.4, 1.4)
-    low, high = (build_run_network(c, {}).pos_embed[0].view(g, g, -1) for c, g in ((p1, 4), (p2, 8)))
-    torch.testing.assert_close(low, high[::2, ::2], rtol=0, atol=1e-6)
+    low, high = (build_run_network(c, {}) for c in (p1, p2))
+    assert (2 * low.cfg.patch_size, p2.train.init_resize_patches) == (high.cfg.patch_size, True)
+    torch.testing.assert_close(low.pos_embed, high.pos_embed, rtol=0, atol=0)
 
 
 def test_the_reference_phase_one_is_the_default_trained_longer():
