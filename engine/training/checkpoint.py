@@ -305,10 +305,12 @@ def _patches_could_grow(meta: dict, entry: str, sd: dict) -> bool:
 
     for key in [k for k in sd if k.endswith("x_embedder.proj.weight")]:
         saved = meta.get(f"{entry}.{key}")
+        if saved is None or not hasattr(saved, "size"):
+            continue
         try:
             growth_factor(tuple(saved.size), tuple(sd[key].shape))
             return True
-        except (AttributeError, ValueError):  # not saved, or no integer growth
+        except ValueError:  # not an integer growth
             pass
     return False
 
