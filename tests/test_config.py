@@ -1,5 +1,6 @@
 """Config tree: YAML + dotted overrides, every error names its key, the resolved tree round-trips."""
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -57,8 +58,11 @@ def test_the_reference_phases_chain_on_one_token_grid():
         16, 32, [], [])
     assert (p1.model.name, p1.model.pixel_head) == (p2.model.name, p2.model.pixel_head)
     assert dataclasses.replace(p1.data, image_size=32) == p2.data
-    # the noise-level spreads were measured as a pair: 16 px wants the narrow one, 32 px sampled plainly the wide one
-    assert (p1.diffusion.p_mean, p1.diffusion.p_std, p2.diffusion.p_mean, p2.diffusion.p_std) == (-0.4, 0.7, -0.4, 1.4)
+    # the noise-level spreads were measured as a pair: 16 px wants the narrow one, 32 px sampled plainly the wide one;
+    # phase 2's centre is phase 1's shifted by the log of the resolution ratio (a token's pooled noise halves)
+    assert (p1.diffusion.p_std, p2.diffusion.p_std) == (0.7, 1.4)
+    shift = math.log(p2.data.image_size / p1.data.image_size)
+    assert math.isclose(p2.diffusion.p_mean, p1.diffusion.p_mean + shift, abs_tol=0.005)
     low, high = (build_run_network(c, {}) for c in (p1, p2))
     assert (2 * low.cfg.patch_size, p2.train.init_resize_patches) == (high.cfg.patch_size, True)
     torch.testing.assert_close(low.pos_embed, high.pos_embed, rtol=0, atol=0)
