@@ -285,6 +285,12 @@ def _drop_unsaved_optimizer_state(meta: dict, prefix: str, sd: dict) -> None:
         del sd["state"][fqn]
 
 
+def _saved_shape(meta: dict, entry: str, key: str) -> tuple[int, ...] | None:
+    """The shape ``key`` of ``entry`` was saved with; None where the checkpoint holds no tensor of that name."""
+    saved = meta.get(f"{entry}.{key}")
+    return tuple(saved.size) if saved is not None and hasattr(saved, "size") else None
+
+
 def _saved_patch_tensors(meta: dict, entry: str, sd: dict) -> dict[str, torch.Tensor]:
     """For the patch tensors saved at another shape, swap ``sd``'s entry for a buffer of the saved shape (so that the
     strict check and the load read them as saved); return the model's own tensors they will be grown into."""
@@ -292,23 +298,23 @@ def _saved_patch_tensors(meta: dict, entry: str, sd: dict) -> dict[str, torch.Te
 
     model_tensors = {}
     for key in [k for k in sd if is_patch_key(k)]:
-        saved = meta.get(f"{entry}.{key}")
-        if saved is not None and hasattr(saved, "size") and tuple(saved.size) != tuple(sd[key].shape):
+        saved = _saved_shape(meta, entry, key)
+        if saved is not None and saved != tuple(sd[key].shape):
             model_tensors[key] = sd[key]
-            sd[key] = torch.empty(tuple(saved.size), dtype=sd[key].dtype)
+            sd[key] = torch.empty(saved, dtype=sd[key].dtype)
     return model_tensors
 
 
 def _patches_could_grow(meta: dict, entry: str, sd: dict) -> bool:
     """Whether the saved patch embedding differs from the model's by an integer growth of the patch."""
-    from engine.training.patch_resize import growth_factor
+    from engine.training.patch_resize import growth_factor, is_embed_key
 
-    for key in [k for k in sd if k.endswith("x_embedder.proj.weight")]:
-        saved = meta.get(f"{entry}.{key}")
-        if saved is None or not hasattr(saved, "size"):
+    for key in [k for k in sd if is_embed_key(k)]:
+        saved = _saved_shape(meta, entry, key)
+        if saved is None:
             continue
         try:
-            growth_factor(tuple(saved.size), tuple(sd[key].shape))
+            growth_factor(saved, tuple(sd[key].shape))
             return True
         except ValueError:  # not an integer growth
             pass
@@ -317,11 +323,11 @@ def _patches_could_grow(meta: dict, entry: str, sd: dict) -> bool:
 
 def _grow_patch_tensors(sd: dict, model_tensors: dict[str, torch.Tensor]) -> None:
     """Replace the loaded narrow patch tensors in ``sd`` by their grown forms, placed as the model's own."""
-    from engine.training.patch_resize import grow, growth_factor
+    from engine.training.patch_resize import grow, growth_factor, is_embed_key
 
     if not model_tensors:
         return
-    embed = next((k for k in model_tensors if k.endswith("x_embedder.proj.weight")), None)
+    embed = next((k for k in model_tensors if is_embed_key(k)), None)
     if embed is None:
         raise ValueError(f"patch tensors {sorted(model_tensors)} differ in shape but the patch embedding does not")
     saved_shape, target_shape = tuple(sd[embed].shape), tuple(model_tensors[embed].shape)

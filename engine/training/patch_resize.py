@@ -18,8 +18,17 @@ _EMBED, _OUT_WEIGHT, _OUT_BIAS = "x_embedder.proj.weight", "final_layer.linear.w
 PATCH_KEYS = (_EMBED, _OUT_WEIGHT, _OUT_BIAS)
 
 
+def _is(key: str, name: str) -> bool:
+    return key == name or key.endswith("." + name)
+
+
 def is_patch_key(key: str) -> bool:
-    return any(key == k or key.endswith("." + k) for k in PATCH_KEYS)
+    return any(_is(key, k) for k in PATCH_KEYS)
+
+
+def is_embed_key(key: str) -> bool:
+    """The patch embedding's weight, whose shape gives the growth factor."""
+    return _is(key, _EMBED)
 
 
 def growth_factor(saved: tuple[int, ...], target: tuple[int, ...]) -> int:
@@ -34,7 +43,7 @@ def growth_factor(saved: tuple[int, ...], target: tuple[int, ...]) -> int:
 
 def grow(key: str, saved: torch.Tensor, p: int, k: int) -> torch.Tensor:
     """The tensor of `key` for patches of side k·p instead of p."""
-    if key.endswith(_EMBED):  # (dim, C, p, p) -> (dim, C, kp, kp)
+    if is_embed_key(key):  # (dim, C, p, p) -> (dim, C, kp, kp)
         return saved.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3) / (k * k)
     channels = saved.shape[0] // (p * p)
     if channels * p * p != saved.shape[0]:
