@@ -273,6 +273,11 @@ class SampleConfig:
     model evaluations), the other solvers this many evaluations."""
     cfg_scale: float = 4.0
     """Classifier-free guidance scale (1 = off)."""
+    cfg_sigma_min: float = 0.0
+    """Guidance only where cfg_sigma_min < sigma <= cfg_sigma_max (Kynkaanniemi et al. 2024, guidance in a limited
+    interval); outside it the conditional branch alone (scale 1, half the batch). 0 with null: every noise level."""
+    cfg_sigma_max: float | None = None
+    """Upper end of the guidance interval (null: no upper end)."""
     prompts: list[str] = field(default_factory=lambda: [
         "a red circle", "two blue squares", "a green triangle left of a yellow circle", "three white circles",
     ])

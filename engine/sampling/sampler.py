@@ -3,6 +3,8 @@ engine/sampling/solvers.py on the plan's noise levels. Without a Sampler, `sampl
 on Karras steps (bit-identical output)."""
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +51,8 @@ def build_sampler(settings: SamplerSettings, cfg=None, device=None) -> Sampler:
     if settings.sample.init == "cascade":  # the low model takes the schedule's top, this run's model the rest
         from engine.sampling.cascade import load_cascade, split_plan
 
-        low = load_cascade(settings, plan, cfg, device, guided_denoiser)
+        interval = guidance_interval(settings.sample)
+        low = load_cascade(settings, plan, cfg, device, functools.partial(guided_denoiser, interval=interval))
         return Sampler(settings, split_plan(settings, plan)[1], low)
     start = build_start(settings, cfg, device) if settings.sample.init != "noise" else None
     return Sampler(settings, plan, start)
@@ -65,21 +68,33 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.T
     return uncond + cfg_scale * (cond - uncond)
 
 
-def guided_denoiser(model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | None, cfg_scale: float):
-    """denoise(x, sigma) -> D (float64) with classifier-free guidance, both halves in one batch. `model` is anything
-    edm.denoise can call (a MicroDiT, or a band of one: engine/sampling/patch_parallel.py)."""
+def guidance_interval(sample_cfg) -> tuple[float, float]:
+    """(low, high): the noise levels low < sigma <= high that sample_cfg (a SampleConfig) guides."""
+    high = sample_cfg.cfg_sigma_max
+    return sample_cfg.cfg_sigma_min, math.inf if high is None else high
+
+
+def guided_denoiser(model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | None, cfg_scale: float,
+                    interval: tuple[float, float] = (0.0, math.inf)):
+    """denoise(x, sigma) -> D (float64) with classifier-free guidance, both halves in one batch, at the noise levels
+    inside `interval` (low < sigma <= high); outside it the conditional half alone. `model` is anything edm.denoise
+    can call (a MicroDiT, or a band of one: engine/sampling/patch_parallel.py)."""
     guided = cfg_scale != 1.0
+    y_both, mask_both = y, y_mask
     if guided:
         y_null, mask_null = null_caption(y, y_mask)
-        y = torch.cat([y, y_null])
-        y_mask = None if y_mask is None else torch.cat([y_mask, mask_null])  # None: nothing padded
+        y_both = torch.cat([y, y_null])
+        mask_both = None if y_mask is None else torch.cat([y_mask, mask_null])  # None: nothing padded
+    low, high = interval
 
     def denoise(x_cur: torch.Tensor, sigma: float) -> torch.Tensor:
-        xin = torch.cat([x_cur, x_cur]) if guided else x_cur
-        s = torch.full((xin.shape[0],), sigma, device=x_cur.device)
         net = model.at(sigma) if isinstance(model, ExpertSwitch) else model  # each expert on its own noise levels
-        d = edm.denoise(net, xin.float(), s, y, y_mask).double()
-        return guide(*d.chunk(2), cfg_scale) if guided else d
+        if not (guided and low < sigma <= high):
+            s = torch.full((x_cur.shape[0],), sigma, device=x_cur.device)
+            return edm.denoise(net, x_cur.float(), s, y, y_mask).double()
+        s = torch.full((2 * x_cur.shape[0],), sigma, device=x_cur.device)
+        d = edm.denoise(net, torch.cat([x_cur, x_cur]).float(), s, y_both, mask_both).double()
+        return guide(*d.chunk(2), cfg_scale)
 
     return denoise
 
@@ -143,7 +158,8 @@ def sample(
     x_start, x0_hat = start_parts(sampler, x, y, y_mask)
     if edm.lowres_condition:  # a super-resolution stage: the low model's image conditions every evaluation
         model = Conditioned(model, x0_hat.float())
-    denoise = guided_denoiser(model, edm, y, y_mask, sampler.settings.cfg_scale)
+    interval = guidance_interval(sampler.settings.sample)
+    denoise = guided_denoiser(model, edm, y, y_mask, sampler.settings.cfg_scale, interval)
     return image(run_solver(sampler, denoise, x_start))
 
 def nested_start(edm: EDM, cfg, batch: int, noise, generator, device) -> torch.Tensor:

@@ -27,6 +27,8 @@ FLAGS = [
     ("--cascade-run", "sample.cascade_run", str, None, "run folder of the lower-resolution model (--init cascade)"),
     ("--cascade-until", "sample.cascade_until", float, None, "cascade: where the low model stops"),
     ("--cascade-restart", "sample.cascade_restart", float, None, "cascade: where this run's model takes over"),
+    ("--cfg-sigma-min", "sample.cfg_sigma_min", float, None, "guidance only above this noise level"),
+    ("--cfg-sigma-max", "sample.cfg_sigma_max", float, None, "guidance only up to this noise level"),
     ("--sigma-min", "diffusion.sigma_min", float, None, "where the solver stops"),
     ("--sigma-max", "diffusion.sigma_max", float, None, "where sampling starts"),
 ]
@@ -99,6 +101,8 @@ class SamplerSettings:
         s = self.sample
         rec = {"solver": s.solver, "schedule": s.schedule, "nfe": s.nfe, "steps": s.steps, "init": s.init,
                "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "cfg_scale": self.cfg_scale}
+        if s.cfg_sigma_min > 0 or s.cfg_sigma_max is not None:  # guidance in an interval
+            rec |= {"cfg_sigma_min": s.cfg_sigma_min, "cfg_sigma_max": s.cfg_sigma_max}
         if s.solver in ("dpmpp", "unipc"):
             rec |= {"order": s.order, "lower_order_final": s.lower_order_final,
                     "variant": s.dpmpp_variant if s.solver == "dpmpp" else s.unipc_variant}
