@@ -275,7 +275,9 @@ class SampleConfig:
     """Classifier-free guidance scale (1 = off)."""
     cfg_sigma_min: float = 0.0
     """Guidance only where cfg_sigma_min < sigma <= cfg_sigma_max (Kynkaanniemi et al. 2024, guidance in a limited
-    interval); outside it the conditional branch alone (scale 1, half the batch). 0 with null: every noise level."""
+    interval); outside it the conditional branch alone (scale 1, half the batch). 0 with null: every noise level.
+    Taken by the configured sampler (engine/sample.py, engine/evaluate.py, the sample grids and the closing check, a
+    cascade's low model included); the debiasing tools keep the original Heun sampler, guided at every level."""
     cfg_sigma_max: float | None = None
     """Upper end of the guidance interval (null: no upper end)."""
     prompts: list[str] = field(default_factory=lambda: [

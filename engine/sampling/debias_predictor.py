@@ -87,7 +87,7 @@ def extract_inverted(model, edm: EDM, cfg, embed, images: torch.Tensor, captions
                      batch: int = 64) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Pooled features (M * S, D) per layer along the Euler inversion of each image on the run's Karras grid with its
     CFG scale, their sigma (M * S,) and image row (M * S,). Features are those of the conditional rows."""
-    from engine.sampling.sampler import guidance_interval, guided_denoiser, karras_sigmas
+    from engine.sampling.sampler import guided_denoiser, karras_sigmas
 
     device = next(model.parameters()).device
     sig = karras_sigmas(edm, cfg.sample.steps).tolist()[:-1][::-1]  # ascending sigma_min ... sigma_max
@@ -98,7 +98,7 @@ def extract_inverted(model, edm: EDM, cfg, embed, images: torch.Tensor, captions
             x = images[lo:lo + batch].to(device).double()
             n = len(x)
             y, y_mask = embed(captions[lo:lo + batch])
-            denoise = guided_denoiser(model, edm, y, y_mask, cfg.sample.cfg_scale, guidance_interval(cfg.sample))
+            denoise = guided_denoiser(model, edm, y, y_mask, cfg.sample.cfg_scale)
             for i, s in enumerate(sig):
                 d = denoise(x, s)  # also fills tap.features at (x, s)
                 for k in layers:
