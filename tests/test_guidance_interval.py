@@ -4,6 +4,7 @@ the sampler, the cascade's low model, the flags and eval.json's record all carry
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ def test_the_cascade_low_model_keeps_the_interval(tmp_path):
     def low_estimate(**interval):
         s = settings_of(init="cascade", cascade_run=str(low_run), steps=8, cfg_scale=3.0, **interval)
         sampler = build_sampler(s, run, torch.device("cpu"))
-        for p in sampler.start.model.parameters():  # a checkpoint of an untrained network guides by nothing
+        for p in sampler.start.model.parameters():  # untrained, its zero-initialised output ignores the caption
             p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
         return sampler.start(noise, y, mask, 3.0), sampler.start.model
 
@@ -103,12 +104,12 @@ def test_the_cascade_low_model_keeps_the_interval(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["sample.cfg_sigma_min=-1"], "sample.cfg_sigma_min=-1.0 must be >= 0"),
-    (["sample.cfg_sigma_min=2", "sample.cfg_sigma_max=1"], "sample.cfg_sigma_max=1.0 must be > sample.cfg_sigma_min=2.0"),
-    (["sample.cfg_sigma_max=5", "sample.parallel=patch"], "needs sample.parallel=none"),
+    (["sample.cfg_sigma_min=2", "sample.cfg_sigma_max=1"], "sample.cfg_sigma_max=1.0 must be > sample.cfg_sigma_min=2"),
+    (["sample.cfg_sigma_max=5", "sample.parallel=patch"], "sample.parallel='patch' must be 'none' with a guidance"),
 ])
 def test_impossible_intervals_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
-        load_config("configs/tiny.yaml", overrides)
+        load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", overrides)
 
 
 def test_flags_set_the_interval_and_eval_records_it():
