@@ -13,7 +13,7 @@ from engine.config import Config, load_config
 from engine.diffusion.edm import EDM
 from engine.sampling.plan import make_plan
 from engine.sampling.sampler import Sampler, build_sampler, guidance_interval, guided_denoiser, sample
-from engine.sampling.settings import SamplerSettings, SamplerSettingsError, add_sampler_args
+from engine.sampling.settings import SamplerSettings, SamplerSettingsError, add_parallel_args, add_sampler_args
 from engine.sampling.solvers import heun
 from test_cascade import make_run, nano, settings_of
 
@@ -122,3 +122,6 @@ def test_flags_set_the_interval_and_eval_records_it():
     assert "cfg_sigma_max" not in SamplerSettings.from_config(cfg).record()  # the default records as before
     with pytest.raises(SamplerSettingsError, match=r"--cfg-sigma-max \(sample.cfg_sigma_max\)"):
         SamplerSettings.from_args(parser.parse_args(["--cfg-sigma-min", "1", "--cfg-sigma-max", "0.5"]), cfg)
+    add_parallel_args(parser)  # the refusal names both flags that were given
+    with pytest.raises(SamplerSettingsError, match=r"given: --cfg-sigma-max \(sample.cfg_sigma_max\), --parallel"):
+        SamplerSettings.from_args(parser.parse_args(["--cfg-sigma-max", "5", "--parallel", "patch"]), cfg)

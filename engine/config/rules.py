@@ -189,10 +189,10 @@ def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, typi
         ("sample.cfg_sigma_min", lambda: s.cfg_sigma_min >= 0, "must be >= 0"),
         ("sample.cfg_sigma_max", lambda: s.cfg_sigma_max is None or s.cfg_sigma_max > s.cfg_sigma_min,
          f"must be > sample.cfg_sigma_min={s.cfg_sigma_min} (or null: no upper end)"),
-        ("sample.parallel", lambda: s.parallel == "none" or (s.cfg_sigma_min == 0 and s.cfg_sigma_max is None),
-         "must be 'none' with a guidance interval (sample.cfg_sigma_min / cfg_sigma_max): the parallel modes keep "
-         "both halves of guidance at every evaluation"),
         ("sample.parallel", lambda: s.parallel in PARALLEL_MODES, from_(PARALLEL_MODES)),
+        ("sample.parallel", lambda: s.parallel == "none" or (s.cfg_sigma_min == 0 and s.cfg_sigma_max is None),
+         "must be 'none' with a guidance interval (sample.cfg_sigma_min / sample.cfg_sigma_max): the parallel modes "
+         "keep both halves of guidance at every evaluation"),
         ("sample.warmup_evals", lambda: s.warmup_evals >= 1,
          "must be >= 1 (the first evaluation has no earlier keys/values to use)"),
         ("sample.moe_routing", lambda: s.moe_routing in MOE_ROUTINGS, from_(MOE_ROUTINGS)),
