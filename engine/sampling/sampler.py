@@ -88,13 +88,12 @@ def guided_denoiser(model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | Non
     low, high = interval
 
     def denoise(x_cur: torch.Tensor, sigma: float) -> torch.Tensor:
+        both = guided and low < sigma <= high
+        xin = torch.cat([x_cur, x_cur]) if both else x_cur
+        s = torch.full((xin.shape[0],), sigma, device=x_cur.device)
         net = model.at(sigma) if isinstance(model, ExpertSwitch) else model  # each expert on its own noise levels
-        if not (guided and low < sigma <= high):
-            s = torch.full((x_cur.shape[0],), sigma, device=x_cur.device)
-            return edm.denoise(net, x_cur.float(), s, y, y_mask).double()
-        s = torch.full((2 * x_cur.shape[0],), sigma, device=x_cur.device)
-        d = edm.denoise(net, torch.cat([x_cur, x_cur]).float(), s, y_both, mask_both).double()
-        return guide(*d.chunk(2), cfg_scale)
+        d = edm.denoise(net, xin.float(), s, *((y_both, mask_both) if both else (y, y_mask))).double()
+        return guide(*d.chunk(2), cfg_scale) if both else d
 
     return denoise
 
