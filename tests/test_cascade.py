@@ -13,7 +13,7 @@ from engine.config import Config, save_config
 from engine.diffusion.edm import EDM
 from engine.sampling.cascade import CascadeStart, load_cascade, restart_noise, split_plan
 from engine.sampling.plan import make_plan
-from engine.sampling.sampler import Sampler, guided_denoiser, sample
+from engine.sampling.sampler import Sampler, build_sampler, guided_denoiser, sample
 from engine.sampling.settings import SamplerSettings, SamplerSettingsError
 from engine.sampling.solvers import heun
 from engine.training.checkpoint import Checkpointer
@@ -123,6 +123,18 @@ def make_run(folder: Path, **data) -> Path:
     net = build_run_network(cfg, {"attention": "torch", "gather": "torch", "moe": "torch", "norm": "torch"})
     Checkpointer(folder / "checkpoints").save(1, model=net, ema=net)
     return folder
+
+
+def low_estimate_of(low_run: Path, noise: torch.Tensor, y, mask, **sample):
+    """(the upsampled estimate of a 16-px run's model for a 32-px run built with `sample` keys and CFG 3, the
+    sampler). The untrained model's zero-initialised output would ignore the caption: its weights are redrawn."""
+    run = Config()
+    run.data.caption_channels = 8
+    s = settings_of(init="cascade", cascade_run=str(low_run), steps=8, cfg_scale=3.0, **sample)
+    sampler = build_sampler(s, run.validate(), torch.device("cpu"))
+    for p in sampler.start.model.parameters():
+        p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    return sampler.start(noise, y, mask, 3.0), sampler
 
 
 def test_load_cascade_checks_the_low_run_against_the_sampled_run(tmp_path):

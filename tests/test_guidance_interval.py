@@ -12,10 +12,10 @@ import torch
 from engine.config import Config, load_config
 from engine.diffusion.edm import EDM
 from engine.sampling.plan import make_plan
-from engine.sampling.sampler import Sampler, build_sampler, guidance_interval, guided_denoiser, sample
+from engine.sampling.sampler import Sampler, guidance_interval, guided_denoiser, sample
 from engine.sampling.settings import SamplerSettings, SamplerSettingsError, add_parallel_args, add_sampler_args
 from engine.sampling.solvers import heun
-from test_cascade import make_run, nano, settings_of
+from test_cascade import low_estimate_of, make_run, nano, settings_of
 
 
 @torch.no_grad()
@@ -65,25 +65,13 @@ def test_sampling_with_an_interval_is_heun_on_the_piecewise_denoiser():
 
 @torch.no_grad()
 def test_the_cascade_low_model_keeps_the_interval(tmp_path):
-    run = Config()
-    run.data.caption_channels = 8
-    run = run.validate()
     low_run = make_run(tmp_path / "low", image_size=16)
     y, mask = torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool)
     noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-
-    def low_estimate(**interval):
-        s = settings_of(init="cascade", cascade_run=str(low_run), steps=8, cfg_scale=3.0, **interval)
-        sampler = build_sampler(s, run, torch.device("cpu"))
-        for p in sampler.start.model.parameters():  # untrained, its zero-initialised output ignores the caption
-            p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
-        return sampler.start(noise, y, mask, 3.0), sampler.start.model
-
-    everywhere, model = low_estimate()
-    limited, _ = low_estimate(cfg_sigma_max=0.5)  # the low model stops at 1: it never guides
-    conditional = guided_denoiser(model, EDM(), y, mask, 1.0)
-    s = settings_of(init="cascade", cascade_run=str(low_run), steps=8)
-    plan = build_sampler(s, run, torch.device("cpu")).start.plan
+    everywhere, sampler = low_estimate_of(low_run, noise, y, mask)
+    limited, _ = low_estimate_of(low_run, noise, y, mask, cfg_sigma_max=0.5)  # the low model stops at 1: never guides
+    conditional = guided_denoiser(sampler.start.model, EDM(), y, mask, 1.0)
+    plan = sampler.start.plan
     n_low = torch.nn.functional.avg_pool2d(noise.double(), 2) * 2
     x0 = conditional(heun(conditional, n_low * plan.sigmas[0], plan.sigmas), plan.sigmas[-1])
     torch.testing.assert_close(limited, torch.nn.functional.interpolate(x0, scale_factor=2, mode="nearest"))

@@ -189,7 +189,18 @@ def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, typi
         ("sample.cfg_sigma_min", lambda: s.cfg_sigma_min >= 0, "must be >= 0"),
         ("sample.cfg_sigma_max", lambda: s.cfg_sigma_max is None or s.cfg_sigma_max > s.cfg_sigma_min,
          f"must be > sample.cfg_sigma_min={s.cfg_sigma_min} (or null: no upper end)"),
+        ("sample.s_churn", lambda: s.s_churn >= 0, "must be >= 0 (0: the deterministic solver)"),
+        ("sample.s_churn", lambda: s.s_churn == 0 or s.solver in ("heun", "euler"),
+         f"needs sample.solver heun or euler (one-step solvers), not {s.solver!r}: a multistep solver's history "
+         "does not hold once noise is added between steps"),
+        ("sample.s_tmin", lambda: s.s_tmin >= 0, "must be >= 0"),
+        ("sample.s_tmax", lambda: s.s_tmax is None or s.s_tmax > s.s_tmin,
+         f"must be > sample.s_tmin={s.s_tmin} (or null: no upper end)"),
+        ("sample.s_noise", lambda: s.s_noise > 0, "must be > 0"),
         ("sample.parallel", lambda: s.parallel in PARALLEL_MODES, from_(PARALLEL_MODES)),
+        ("sample.parallel", lambda: s.parallel == "none" or s.s_churn == 0,
+         "must be 'none' with stochastic sampling (sample.s_churn > 0): the parallel modes run the deterministic "
+         "solver"),
         ("sample.parallel", lambda: s.parallel == "none" or (s.cfg_sigma_min == 0 and s.cfg_sigma_max is None),
          "must be 'none' with a guidance interval (sample.cfg_sigma_min / sample.cfg_sigma_max): the parallel modes "
          "keep both halves of guidance at every evaluation"),

@@ -198,13 +198,14 @@ def held_out_sampler(settings, cfg, prompts: PromptSet, size: int):
     from engine.data.synthetic import SyntheticShapes
     from engine.sampling.cascade import held_out_cascade
     from engine.sampling.plan import make_plan
-    from engine.sampling.sampler import Sampler
+    from engine.sampling.sampler import Sampler, churn_of
 
     if prompts.data_seed is None:
         raise ConfigError("--cascade-from-data needs the synthetic prompt set: its held-out images are the first stage")
     data = SyntheticShapes(len(prompts.prompts), cfg.data.image_size, prompts.data_seed, cfg.data.backgrounds)
-    plan, start = held_out_cascade(settings, make_plan(settings), data, size)
-    return Sampler(settings, plan, start)
+    whole = make_plan(settings)
+    plan, start = held_out_cascade(settings, whole, data, size)
+    return Sampler(settings, plan, start, churn_of(settings.sample, whole))
 
 
 def scored_size(args, cfg) -> int:

@@ -16,13 +16,13 @@ the detail.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from engine.diffusion.lowres import lowres_image, upsample
+from engine.sampling.image_noise import image_seed, with_image_noise
 from engine.sampling.plan import Plan
 from engine.sampling.settings import SamplerSettings, SamplerSettingsError
 from engine.sampling.solvers import SOLVERS, Counted, step_orders
@@ -54,9 +54,8 @@ def restart_noise(noise: torch.Tensor) -> torch.Tensor:
     """Unit Gaussian noise like `noise` (B, ...), image b's drawn from a seed hashed from noise[b]'s bytes: fresh
     (independent of noise[b] in distribution) yet fixed by it."""
     out = torch.empty(noise.shape, dtype=torch.float32)
-    for b, n in enumerate(noise.detach().float().cpu()):
-        seed = int.from_bytes(hashlib.blake2b(n.numpy().tobytes(), digest_size=8).digest(), "little") >> 1
-        out[b] = torch.randn(n.shape, generator=torch.Generator().manual_seed(seed))
+    for b, n in enumerate(noise):
+        out[b] = torch.randn(n.shape, generator=torch.Generator().manual_seed(image_seed(n)))
     return out.to(noise.device)
 
 
@@ -64,9 +63,10 @@ class CascadeStart:
     """The low model's part of the cascade: __call__ gives the upsampled clean-image estimate at cascade_until, and
     restart_noise the noise it is brought back to cascade_restart with (engine/sampling/sampler.py start_state)."""
 
-    def __init__(self, model, edm, plan: Plan, run: str, checkpoint: str, guided_denoiser):
+    def __init__(self, model, edm, plan: Plan, run: str, checkpoint: str, guided_denoiser, churn=None):
         self.model, self.edm, self.plan, self.run, self.checkpoint = model, edm, plan, run, checkpoint
         self.guided_denoiser = guided_denoiser  # engine/sampling/sampler.py's, handed in: it imports this module
+        self.churn = churn  # stochastic sampling's parameters (None: deterministic), shared with the high part
         self.last_nfe = 0
 
     def __call__(self, noise: torch.Tensor, y, y_mask, cfg_scale: float) -> torch.Tensor:
@@ -76,7 +76,8 @@ class CascadeStart:
         n_low = F.avg_pool2d(noise.double(), factor) * factor
         denoise = Counted(self.guided_denoiser(self.model, self.edm, y, y_mask, cfg_scale))
         p = self.plan
-        x = SOLVERS[p.solver].fn(denoise, n_low * p.sigmas[0], p.sigmas, p.orders, p.variant)
+        extra = {} if self.churn is None else {"churn": with_image_noise(self.churn, n_low, b"churn-low")}
+        x = SOLVERS[p.solver].fn(denoise, n_low * p.sigmas[0], p.sigmas, p.orders, p.variant, **extra)
         x0 = denoise(x, p.sigmas[-1])
         self.last_nfe = denoise.nfe
         return upsample(x0, factor)
@@ -88,10 +89,10 @@ class CascadeStart:
                 "cascade_nfe": self.last_nfe, "cascade_size": self.model.cfg.input_size}
 
 
-def load_cascade(settings: SamplerSettings, plan: Plan, cfg, device, guided_denoiser) -> CascadeStart:
+def load_cascade(settings: SamplerSettings, plan: Plan, cfg, device, guided_denoiser, churn=None) -> CascadeStart:
     """The low model of sample.cascade_run (its latest checkpoint, EMA weights), checked against the sampled run:
     the same captions, and an image size that divides the run's. `guided_denoiser`: the sampler's (guidance lives
-    in one place)."""
+    in one place); `churn`: stochastic sampling's parameters, or None."""
     from engine.diffusion.edm import EDM
     from engine.training.network import network_config
     from engine.training.run_folder import load_run_model
@@ -121,7 +122,7 @@ def load_cascade(settings: SamplerSettings, plan: Plan, cfg, device, guided_deno
                                    f"{cfg.diffusion.lowres_condition}x{cfg.diffusion.lowres_condition} ones "
                                    "(diffusion.lowres_condition)")
     low_plan, _ = split_plan(settings, plan)
-    return CascadeStart(model.to(device), edm, low_plan, str(run), str(ckpt), guided_denoiser)
+    return CascadeStart(model.to(device), edm, low_plan, str(run), str(ckpt), guided_denoiser, churn)
 
 
 class HeldOutStart:

@@ -13,10 +13,11 @@ from engine.diffusion.edm import EDM
 from engine.diffusion.lowres import Conditioned
 from engine.diffusion.nested import highest, initial_state
 from engine.sampling.experts import ExpertSwitch
+from engine.sampling.image_noise import with_image_noise
 from engine.sampling.plan import Plan, make_plan
 from engine.sampling.schedules import karras
 from engine.sampling.settings import SamplerSettings, SamplerSettingsError
-from engine.sampling.solvers import SOLVERS, Counted, heun
+from engine.sampling.solvers import SOLVERS, Churn, Counted, heun
 
 
 def karras_sigmas(edm: EDM, steps: int, rho: float = 7.0, device=None) -> torch.Tensor:
@@ -27,11 +28,13 @@ def karras_sigmas(edm: EDM, steps: int, rho: float = 7.0, device=None) -> torch.
 
 @dataclass
 class Sampler:
-    """What `sample` needs beyond the model: the settings, their plan, and the start (None: pure noise)."""
+    """What `sample` needs beyond the model: the settings, their plan, the start (None: pure noise) and stochastic
+    sampling's parameters (None: the deterministic solver)."""
 
     settings: SamplerSettings
     plan: Plan
     start: object = None
+    churn: Churn | None = None
     last_nfe: int = 0  # model evaluations of the last call, as counted
 
     def record(self) -> dict:
@@ -48,14 +51,25 @@ def build_sampler(settings: SamplerSettings, cfg=None, device=None) -> Sampler:
     from engine.sampling.start import build_start
 
     plan = make_plan(settings)
+    churn = churn_of(settings.sample, plan)
     if settings.sample.init == "cascade":  # the low model takes the schedule's top, this run's model the rest
         from engine.sampling.cascade import load_cascade, split_plan
 
         interval = guidance_interval(settings.sample)
-        low = load_cascade(settings, plan, cfg, device, functools.partial(guided_denoiser, interval=interval))
-        return Sampler(settings, split_plan(settings, plan)[1], low)
+        low = load_cascade(settings, plan, cfg, device, functools.partial(guided_denoiser, interval=interval), churn)
+        return Sampler(settings, split_plan(settings, plan)[1], low, churn)
     start = build_start(settings, cfg, device) if settings.sample.init != "noise" else None
-    return Sampler(settings, plan, start)
+    return Sampler(settings, plan, start, churn)
+
+
+def churn_of(sample_cfg, plan: Plan) -> Churn | None:
+    """Stochastic sampling's parameters for sample_cfg (a SampleConfig) on the whole plan (a cascade's two parts share
+    them), or None where s_churn is 0. gamma = min(s_churn / steps, sqrt 2 - 1), as in EDM's Algorithm 2."""
+    if sample_cfg.s_churn == 0:
+        return None
+    gamma = min(sample_cfg.s_churn / (len(plan.sigmas) - 1), math.sqrt(2) - 1)
+    high = math.inf if sample_cfg.s_tmax is None else sample_cfg.s_tmax
+    return Churn(gamma, sample_cfg.s_tmin, high, sample_cfg.s_noise)
 
 
 def null_caption(y: torch.Tensor, y_mask: torch.Tensor | None):
@@ -119,10 +133,16 @@ def start_parts(sampler: Sampler, noise: torch.Tensor, y, y_mask) -> tuple[torch
     return x0_hat + noise.double() * sampler.plan.sigmas[0], x0_hat
 
 
-def run_solver(sampler: Sampler, denoise, x_start: torch.Tensor) -> torch.Tensor:
-    """The plan's solver from x_start with `denoise`; counts the evaluations into sampler.last_nfe."""
+def run_solver(sampler: Sampler, denoise, x_start: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The plan's solver from x_start with `denoise`; counts the evaluations into sampler.last_nfe. `noise`: the unit
+    start noise, which seeds each image's fresh noise under stochastic sampling."""
     plan, counted = sampler.plan, Counted(denoise)
-    out = SOLVERS[plan.solver].fn(counted, x_start, plan.sigmas, plan.orders, plan.variant)
+    extra = {}
+    if sampler.churn is not None:
+        if noise is None:
+            raise ValueError("stochastic sampling (sample.s_churn > 0) needs the start noise to seed its fresh noise")
+        extra["churn"] = with_image_noise(sampler.churn, noise)
+    out = SOLVERS[plan.solver].fn(counted, x_start, plan.sigmas, plan.orders, plan.variant, **extra)
     sampler.last_nfe = counted.nfe
     return out
 
@@ -159,7 +179,7 @@ def sample(
         model = Conditioned(model, x0_hat.float())
     interval = guidance_interval(sampler.settings.sample)
     denoise = guided_denoiser(model, edm, y, y_mask, sampler.settings.cfg_scale, interval)
-    return image(run_solver(sampler, denoise, x_start))
+    return image(run_solver(sampler, denoise, x_start, x))
 
 def nested_start(edm: EDM, cfg, batch: int, noise, generator, device) -> torch.Tensor:
     """The nested model's packed unit start from every stream's noise (given, low first, or drawn: the highest stream

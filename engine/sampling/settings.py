@@ -29,6 +29,10 @@ FLAGS = [
     ("--cascade-restart", "sample.cascade_restart", float, None, "cascade: where this run's model takes over"),
     ("--cfg-sigma-min", "sample.cfg_sigma_min", float, None, "guidance only above this noise level"),
     ("--cfg-sigma-max", "sample.cfg_sigma_max", float, None, "guidance only up to this noise level"),
+    ("--s-churn", "sample.s_churn", float, None, "stochastic sampling: fresh noise per step (0: deterministic)"),
+    ("--s-tmin", "sample.s_tmin", float, None, "stochastic sampling: lowest noise level churned"),
+    ("--s-tmax", "sample.s_tmax", float, None, "stochastic sampling: highest noise level churned"),
+    ("--s-noise", "sample.s_noise", float, None, "stochastic sampling: scale of the fresh noise"),
     ("--sigma-min", "diffusion.sigma_min", float, None, "where the solver stops"),
     ("--sigma-max", "diffusion.sigma_max", float, None, "where sampling starts"),
 ]
@@ -103,6 +107,8 @@ class SamplerSettings:
                "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "cfg_scale": self.cfg_scale}
         if s.cfg_sigma_min > 0 or s.cfg_sigma_max is not None:  # guidance in an interval
             rec |= {"cfg_sigma_min": s.cfg_sigma_min, "cfg_sigma_max": s.cfg_sigma_max}
+        if s.s_churn > 0:  # stochastic sampling
+            rec |= {"s_churn": s.s_churn, "s_tmin": s.s_tmin, "s_tmax": s.s_tmax, "s_noise": s.s_noise}
         if s.solver in ("dpmpp", "unipc"):
             rec |= {"order": s.order, "lower_order_final": s.lower_order_final,
                     "variant": s.dpmpp_variant if s.solver == "dpmpp" else s.unipc_variant}

@@ -51,18 +51,43 @@ def step_orders(order: int, steps: int, lower_order_final: str) -> list[int]:
 # ---------------------------------------------------------------- one-step methods
 
 
-def euler(denoise: Denoise, x: torch.Tensor, sigmas: list[float], orders=None, variant=None) -> torch.Tensor:
-    """First-order steps along dx/dsigma = (x - D) / sigma."""
+@dataclass(frozen=True)
+class Churn:
+    """EDM's stochastic sampling (Karras et al. 2022, Algorithm 2) for the one-step solvers: before a step from a
+    level s_tmin <= sigma <= s_tmax, x gets fresh noise that raises its level to sigma (1 + gamma), and the step
+    starts there. `noise(x)`: unit Gaussian like x (engine/sampling/image_noise.py: fixed per image)."""
+
+    gamma: float  # min(s_churn / steps, sqrt 2 - 1)
+    s_tmin: float
+    s_tmax: float
+    s_noise: float
+    noise: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def raise_level(self, x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, float]:
+        if self.gamma == 0 or not self.s_tmin <= sigma <= self.s_tmax:
+            return x, sigma
+        sigma_hat = sigma * (1 + self.gamma)
+        return x + math.sqrt(sigma_hat ** 2 - sigma ** 2) * self.s_noise * self.noise(x), sigma_hat
+
+
+def euler(denoise: Denoise, x: torch.Tensor, sigmas: list[float], orders=None, variant=None,
+          churn: Churn | None = None) -> torch.Tensor:
+    """First-order steps along dx/dsigma = (x - D) / sigma (with `churn`: EDM's stochastic steps)."""
     for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
+        if churn is not None:
+            x, s_cur = churn.raise_level(x, s_cur)
         x = x + (s_next - s_cur) * ((x - denoise(x, s_cur)) / s_cur)
     return x
 
 
-def heun(denoise: Denoise, x: torch.Tensor, sigmas: list[float], orders=None, variant=None) -> torch.Tensor:
-    """EDM's 2nd-order Heun (Karras et al. 2022, Alg. 1 without churn): an Euler step and its trapezoidal correction,
-    except on a step into sigma = 0, which stays Euler. The arithmetic is the engine's original sampler's, operation
-    for operation, so its images are bit-identical."""
+def heun(denoise: Denoise, x: torch.Tensor, sigmas: list[float], orders=None, variant=None,
+         churn: Churn | None = None) -> torch.Tensor:
+    """EDM's 2nd-order Heun (Karras et al. 2022, Alg. 1; with `churn`, Alg. 2): an Euler step and its trapezoidal
+    correction, except on a step into sigma = 0, which stays Euler. Without churn the arithmetic is the engine's
+    original sampler's, operation for operation, so its images are bit-identical."""
     for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
+        if churn is not None:
+            x, s_cur = churn.raise_level(x, s_cur)
         d_cur = (x - denoise(x, s_cur)) / s_cur
         x_next = x + (s_next - s_cur) * d_cur  # Euler step
         if s_next > 0:  # Heun correction, except into sigma = 0
