@@ -264,8 +264,6 @@ class KernelsConfig:
     """Attention backend."""
 
 
-
-
 @dataclass
 class SampleConfig:
     steps: int = 30
@@ -281,18 +279,16 @@ class SampleConfig:
     cfg_sigma_max: float | None = None
     """Upper end of the guidance interval (null: no upper end)."""
     s_churn: float = 0.0
-    """EDM's stochastic sampling (Karras et al. 2022, Algorithm 2): > 0 adds fresh noise before each solver step from a
-    level s_tmin <= sigma <= s_tmax, raising it to sigma (1 + gamma) with gamma = min(s_churn / steps, sqrt 2 - 1),
-    and steps from there; the same model evaluations. heun and euler only; taken where the guidance interval is
-    (not by the parallel modes or the debiasing tools). An image's added noise is drawn from a seed hashed from its
-    own initial noise, so paired comparisons stay paired. 0: the deterministic solver."""
+    """EDM's stochastic sampling (Karras et al. 2022, Alg. 2; heun and euler, taken where the guidance interval is):
+    > 0 adds fresh noise before each step from a level s_tmin <= sigma <= s_tmax, raising it to sigma (1 + gamma),
+    gamma = min(s_churn / steps, sqrt 2 - 1); the same evaluations. An image's noise is seeded by its own initial
+    noise (paired comparisons stay paired). 0: the deterministic solver."""
     s_tmin: float = 0.0
     """Stochastic sampling: lowest noise level that gets fresh noise."""
     s_tmax: float | None = None
     """Stochastic sampling: highest noise level that gets fresh noise (null: no upper end)."""
     s_noise: float = 1.0
-    """Stochastic sampling: scale of the fresh noise (EDM's S_noise; slightly above 1 offsets a denoiser that removes
-    a little too much)."""
+    """Stochastic sampling: scale of the fresh noise (EDM's S_noise; above 1 offsets a denoiser removing too much)."""
     prompts: list[str] = field(default_factory=lambda: [
         "a red circle", "two blue squares", "a green triangle left of a yellow circle", "three white circles",
     ])
