@@ -8,8 +8,9 @@ Every setting samples the same held-out prompts (SyntheticShapes, seed run.seed 
 the same noise (paired). steps: RMSE and PSNR of each image against the reference (Heun on 500 Karras points, 999
 NFE, same noise and guidance), GenEval-style all-correct, a Fréchet distance on 8x8-pooled pixels against the
 prompts' own data images, and the optimization time of each optimized schedule; optimized vs Karras as the paired
-ratio of mean RMSE. init: per-image per-channel mean of each image minus its paired data image's (brightness bias),
-the median pixel (background level) and GenEval-style all-correct, per background of the prompted-backgrounds data.
+ratio of mean RMSE, and all-correct as paired differences against Karras and against the many-step Heun. init:
+per-image per-channel mean of each image minus its paired data image's (brightness bias), the median pixel
+(background level) and GenEval-style all-correct, per background of the prompted-backgrounds data.
 95% intervals: a percentile bootstrap over images (`bootstrap`), to be swapped for the comparison protocol's.
 """
 from __future__ import annotations
@@ -163,7 +164,7 @@ def steps_part(study: Study, args) -> dict:
     """Solvers x schedules x NFE against the Heun reference (paired noise)."""
     ref, ref_rec, ref_s = study.generate({"solver": "heun", "schedule": "karras", "steps": args.reference_steps,
                                           "nfe": None})
-    cells, per_image = [], {}
+    cells, per_image, per_image_ok = [], {}, {}
 
     def add(name: str, keys: dict, sched: str):
         t0 = time.perf_counter()
@@ -171,7 +172,7 @@ def steps_part(study: Study, args) -> dict:
         rmse = (images - ref).double().pow(2).mean((1, 2, 3)).sqrt().numpy()  # (N,) in [-1, 1] units
         psnr = 20 * np.log10(2.0 / np.maximum(rmse, 1e-12))  # peak-to-peak 2 in [-1, 1] = PSNR of [0, 1] images
         ok = study.geneval(images)
-        per_image[(name, sched, rec["nfe"])] = rmse
+        per_image[(name, sched, rec["nfe"])], per_image_ok[(name, sched, rec["nfe"])] = rmse, ok
         cells.append({"solver": name, "schedule": sched, "nfe": rec["nfe"], "measured_nfe": rec["measured_nfe"],
                       "rmse": summary(rmse), "psnr": summary(psnr), "geneval_all": summary(ok),
                       "fd_pooled8": study.pooled_fd(images), "stepopt": rec.get("stepopt"), "sigmas": rec["sigmas"],
@@ -196,7 +197,23 @@ def steps_part(study: Study, args) -> dict:
     ref_ok = study.geneval(ref)
     return {"reference": {"nfe": ref_rec["nfe"], "seconds": round(ref_s, 1), "geneval_all": summary(ref_ok),
                           "fd_pooled8": study.pooled_fd(ref)},
-            "cells": cells, "optimized_vs_karras": comparisons}
+            "cells": cells, "optimized_vs_karras": comparisons,
+            "geneval_paired": geneval_paired(per_image_ok, ("heun", "karras", args.heun_baseline_nfe))}
+
+
+def geneval_paired(per_image_ok: dict, baseline: tuple) -> list[dict]:
+    """All-correct differences per image (same prompts and noise): each schedule against Karras for the same solver
+    and NFE, and every cell against the many-step Heun baseline, each with a bootstrap 95% interval."""
+    rows = []
+    for (name, sched, nfe), ok in per_image_ok.items():
+        against = [("karras", (name, "karras", nfe))] if sched != "karras" else []
+        if (name, sched, nfe) != baseline:
+            against.append(("heun_baseline", baseline))
+        for label, key in against:
+            diff = ok - per_image_ok[key]
+            rows.append({"solver": name, "schedule": sched, "nfe": nfe, "against": label,
+                         "difference": float(diff.mean()), "ci95": bootstrap(diff)})
+    return rows
 
 
 def init_part(study: Study, args) -> dict:
