@@ -210,6 +210,8 @@ def geneval_paired(per_image_ok: dict, baseline: tuple) -> list[dict]:
         if (name, sched, nfe) != baseline:
             against.append(("heun_baseline", baseline))
         for label, key in against:
+            if key not in per_image_ok:  # --schedules without karras: nothing to pair with
+                continue
             diff = ok - per_image_ok[key]
             rows.append({"solver": name, "schedule": sched, "nfe": nfe, "against": label,
                          "difference": float(diff.mean()), "ci95": bootstrap(diff)})

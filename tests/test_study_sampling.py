@@ -35,3 +35,9 @@ def test_a_cell_equal_to_its_karras_cell_differs_by_exactly_zero():
     assert len(vs_karras) == 1 and vs_karras[0]["difference"] == 0.0 and vs_karras[0]["ci95"] == [0.0, 0.0]
     vs_base = [r for r in rows if r["against"] == "heun_baseline"]
     assert all(r["difference"] == 0.5 for r in vs_base) and len(vs_base) == 2
+
+
+def test_without_a_karras_cell_only_the_baseline_is_paired():
+    ok = {("dpmpp2m", "opt_p2", 5): np.array([1.0, 1.0]), BASELINE: np.array([0.0, 1.0])}
+    rows = study_sampling.geneval_paired(ok, BASELINE)
+    assert [(r["against"], r["difference"]) for r in rows] == [("heun_baseline", 0.5)]
