@@ -109,11 +109,37 @@ INTERLEAVED = {"muon_ns3_vs_muon": (("tiny_reference_16px", "mini_muon_ns3"), ("
                "default_vs_32px_default": (("tiny", "configured"), ("tiny_32px", "configured"))}
 
 
+def time_interleaved(benchmark, step_a, step_b) -> tuple[list[float], list[float]]:
+    """Seconds per step of A and of B, each round timing ten steps of each, the order flipped every round."""
+    per_step = ([], [])
+
+    def one_round():
+        order = ((0, step_a), (1, step_b)) if len(per_step[0]) % 2 == 0 else ((1, step_b), (0, step_a))
+        for arm, step in order:
+            start = time.perf_counter()
+            for _ in range(10):
+                step()
+            per_step[arm].append((time.perf_counter() - start) / 10)
+
+    benchmark.pedantic(one_round, rounds=6, iterations=1)
+    return per_step
+
+
+def record_ratio(benchmark, device: torch.device, a: str, b: str, a_s: list[float], b_s: list[float],
+                 images_a: int, images_b: int) -> None:
+    ratios = sorted(x / y for x, y in zip(a_s, b_s))
+    benchmark.extra_info.update({
+        "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__, "pass": "step", "a": a, "b": b,
+        "step_ratio": statistics.median(ratios), "ratios": ratios,
+        "image_time_ratio": statistics.median(ratios) * images_b / images_a,
+        "a_ms": [t * 1e3 for t in a_s], "b_ms": [t * 1e3 for t in b_s]})
+
+
 @pytest.mark.parametrize("pair", list(INTERLEAVED))
 def test_step_ratio_interleaved(benchmark, dist_env, tmp_path, pair):
-    """Step time of setting A over setting B, each round timing ten steps of each, the order flipped every round;
-    the ratio is the median of the rounds' ratios (step_ratio in extra_info; image_time_ratio divides each arm's
-    step by its images per step, for arms of different batches)."""
+    """Step time of setting A over setting B, interleaved; the ratio is the median of the rounds' ratios (step_ratio
+    in extra_info; image_time_ratio divides each arm's step by its images per step, for arms of different batches)."""
     (config_a, arm_a), (config_b, arm_b) = INTERLEAVED[pair]
     a, b = f"{config_a}:{arm_a}", f"{config_b}:{arm_b}"
     steps, images = {}, {}
@@ -123,24 +149,30 @@ def test_step_ratio_interleaved(benchmark, dist_env, tmp_path, pair):
         steps[label], images[label], _ = step_harness(cfg, dist_env)
         for _ in range(2):
             steps[label]()
-    per_step = {a: [], b: []}
+    a_s, b_s = time_interleaved(benchmark, steps[a], steps[b])
+    record_ratio(benchmark, dist_env.device, a, b, a_s, b_s, images[a], images[b])
 
-    def one_round():
-        order = (a, b) if len(per_step[a]) % 2 == 0 else (b, a)
-        for label in order:
-            start = time.perf_counter()
-            for _ in range(10):
-                steps[label]()
-            per_step[label].append((time.perf_counter() - start) / 10)
 
-    benchmark.pedantic(one_round, rounds=6, iterations=1)
-    ratios = sorted(x / y for x, y in zip(per_step[a], per_step[b]))
-    benchmark.extra_info.update({
-        "device": "cpu" if dist_env.device.type == "cpu" else torch.cuda.get_device_name(dist_env.device),
-        "torch": torch.__version__, "pass": "step", "a": a, "b": b,
-        "step_ratio": statistics.median(ratios), "ratios": ratios,
-        "image_time_ratio": statistics.median(ratios) * images[b] / images[a],
-        "a_ms": [t * 1e3 for t in per_step[a]], "b_ms": [t * 1e3 for t in per_step[b]]})
+@pytest.mark.parametrize("config", ["tiny", "tiny_reference"])
+def test_pixel_head_channels_last_step_ratio(benchmark, dist_env, tmp_path, monkeypatch, config):
+    """A step of one model with its pixel head on channels-last tensors over the same step on NCHW ones
+    (PixelHead.channels_last_on_cpu, switched between the arms; models/pixel_head.py)."""
+    from models.pixel_head import PixelHead
+
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml", [
+        f"run.out_dir={tmp_path}", "data.source=random", "train.progress_bar=false"])
+    step, images, _ = step_harness(cfg, dist_env)
+
+    def in_layout(channels_last: bool):
+        def run():
+            monkeypatch.setattr(PixelHead, "channels_last_on_cpu", channels_last)
+            step()
+        return run
+
+    for _ in range(2):
+        step()
+    a_s, b_s = time_interleaved(benchmark, in_layout(True), in_layout(False))
+    record_ratio(benchmark, dist_env.device, f"{config}:channels_last", f"{config}:nchw", a_s, b_s, images, images)
 
 
 @pytest.mark.gpu

@@ -36,6 +36,11 @@ class ConvBlock(nn.Module):
 class PixelHead(nn.Module):
     """(transformer output image, network input, condition) -> refined output image, all (B, C, H, W)."""
 
+    # oneDNN's 3x3 convolutions and their backward run faster on channels-last tensors on a CPU, where the head is a
+    # large part of a CPU config's step (bench/test_train_step.py: test_pixel_head_channels_last_step_ratio). Not
+    # measured on a GPU, so a GPU keeps NCHW.
+    channels_last_on_cpu = True
+
     def __init__(self, channels: int, width: int, blocks: int, cond_dim: int, extra_in: int = 0):
         super().__init__()
         # the output image, and the network input: the noisy image and `extra_in` channels of a conditioning image
@@ -56,7 +61,10 @@ class PixelHead(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, out: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(torch.cat([out, x.to(out.dtype)], dim=1))
+        h = torch.cat([out, x.to(out.dtype)], dim=1)
+        if self.channels_last_on_cpu and h.device.type == "cpu":
+            h = h.contiguous(memory_format=torch.channels_last)  # every later activation keeps the layout
+        h = self.conv_in(h)
         c = c.to(out.dtype)
         for block in self.blocks:
             h = block(h, c)

@@ -244,3 +244,27 @@ def test_pixel_head_sees_across_patch_borders():
     p = model.cfg.patch_size
     img[:, :, p - 1, p - 1].sum().backward()  # the last pixel of patch (0, 0)
     assert x.grad[:, :, p, p].abs().sum() > 0  # the first pixel of patch (1, 1)
+
+
+def test_pixel_head_channels_last_on_cpu_computes_what_nchw_does(monkeypatch):
+    """The head's convolutions run on channels-last tensors on a CPU (a speed choice): forward and every gradient
+    agree with the NCHW layout on fresh random weights and inputs, and the layout really is the one asked for."""
+    from models.pixel_head import PixelHead
+
+    torch.manual_seed(0)
+    head = PixelHead(3, 16, 2, 32)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.2)
+    out, x, c = torch.randn(4, 3, 12, 12, requires_grad=True), torch.randn(4, 3, 12, 12), torch.randn(4, 32)
+    layouts = []
+    head.blocks[0].conv1.register_forward_hook(
+        lambda mod, args, res: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    results = {}
+    for channels_last in (False, True):
+        monkeypatch.setattr(PixelHead, "channels_last_on_cpu", channels_last)
+        y = head(out, x, c)
+        results[channels_last] = (y, *torch.autograd.grad(y.square().sum(), [out, *head.parameters()]))
+    assert layouts == [False, True]
+    for nchw, channels_last in zip(results[False], results[True]):
+        torch.testing.assert_close(channels_last, nchw, rtol=1e-5, atol=1e-5)
