@@ -97,6 +97,24 @@ def test_attribute_features_refuse_another_image_size(attributes):
         attributes(torch.zeros(2, 3, 64, 64))
 
 
+def test_attribute_net_trains_the_same_weights_at_any_caller_thread_count():
+    """The extractor's weights (and so every FD) must not depend on how many threads the evaluating process runs:
+    unpinned, even this 20-step training gives three different nets at 1, 2 and 3 threads."""
+    from engine.eval.attribute_net import train_attribute_net, weights_hash
+
+    threads = torch.get_num_threads()
+    hashes = set()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            with torch.random.fork_rng():
+                hashes.add(weights_hash(train_attribute_net(16, seed=0, num_images=256, steps=20, batch=32)))
+            assert torch.get_num_threads() == n  # the caller's count is given back
+    finally:
+        torch.set_num_threads(threads)
+    assert len(hashes) == 1
+
+
 def test_statistic_ci_brackets_the_statistic():
     x = np.random.default_rng(0).normal(size=(300, 4))
     r = statistic_ci(lambda idx: float(x[idx].mean()), 300)

@@ -7,9 +7,10 @@ the kind counts alone, 92% of whose labels are 0, the net sat on the prior for h
 Its 64-wide penultimate layer is the feature space. Inception features were learned on photographs and barely
 separate a red square from a red circle at 32 px; these are learned on exactly the attributes the prompts set.
 
-Training is deterministic from a seed (data, init and order), takes well under two minutes on two CPU cores, and
-the weights are cached (`cached_attribute_net`), so every evaluation of every run uses the same extractor; its
-name carries a hash of the weights, which eval.json records and the Fréchet code checks before comparing.
+Training is deterministic from a seed (data, init and order, at a fixed thread count), takes well under two minutes
+on two CPU cores, and the weights are cached (`cached_attribute_net`), so every evaluation of every run uses the same
+extractor; its name carries a hash of the weights, which eval.json records and the Fréchet code checks before
+comparing.
 """
 from __future__ import annotations
 
@@ -81,10 +82,26 @@ def attribute_loss(logits: dict[str, torch.Tensor], target: dict[str, torch.Tens
                for k, v in logits.items()) / len(target["relation"])
 
 
+# The convolutions' sums are split among CPU threads, so the trained weights depend on the thread count: an evaluation
+# run at one thread beside another run would train another extractor than one alone on two cores, and its FDs could
+# not be compared. Training always uses this many threads (2: what the caches made before this pin were trained with).
+TRAIN_THREADS = 2
+
+
 def train_attribute_net(image_size: int, seed: int = 0, num_images: int = 12288, steps: int = 800,
                         batch: int = 64) -> AttributeNet:
-    """Train deterministically from `seed`. Mild pixel noise and colour jitter make the features tolerate the small
-    deviations of generated images from the palette without learning to ignore shape."""
+    """Train deterministically from `seed`, at TRAIN_THREADS whatever the caller's thread count. Mild pixel noise and
+    colour jitter make the features tolerate the small deviations of generated images from the palette without
+    learning to ignore shape."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        return fit_attribute_net(image_size, seed, num_images, steps, batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fit_attribute_net(image_size: int, seed: int, num_images: int, steps: int, batch: int) -> AttributeNet:
     torch.manual_seed(seed)
     ds = SyntheticShapes(num_images, image_size, TRAIN_SEED + seed)
     x = ds.images(range(num_images))  # (n, 3, H, W) in [-1, 1]
