@@ -92,8 +92,9 @@ def write(args, run: Path, cfg, sampler, ckpt, captions, images: torch.Tensor, d
     save_grid_with_captions(out, images, captions, nrow=args.num)
     s, rec = sampler.settings.sample, sampler.record()
     low = f" after {rec['cascade_nfe']} at {rec['cascade_size']} px from {s.cascade_run}" if s.init == "cascade" else ""
+    guidance = f"autoguidance {scale} by {rec['guide_checkpoint']}" if s.guide_run else f"cfg {scale}"
     print(f"wrote {out} ({len(captions)} images, {s.solver} on {s.schedule} steps, {sampler.plan.nfe} NFE{low}, "
-          f"init {s.init}, cfg {scale}, from {ckpt})")
+          f"init {s.init}, {guidance}, from {ckpt})")
     return out
 
 

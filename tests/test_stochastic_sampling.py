@@ -169,7 +169,8 @@ def test_the_held_out_first_stage_keeps_the_churn_of_the_whole_schedule():
     cfg = Config().validate()
     prompts = PromptSet("synthetic", ["a red circle"] * 2, None, 1000000, None)
     settings = settings_of(init="cascade", cascade_run="unused", steps=8, s_churn=2.0)
-    sampler = held_out_sampler(settings, cfg, prompts, 16)
+    sampler = held_out_sampler(settings, cfg, prompts, 16, torch.device("cpu"))
     assert sampler.churn == churn_of(settings.sample, make_plan(settings))  # gamma from all 8 steps, not the part
     assert len(sampler.plan.sigmas) < len(make_plan(settings).sigmas)
-    assert held_out_sampler(settings_of(init="cascade", cascade_run="unused", steps=8), cfg, prompts, 16).churn is None
+    assert held_out_sampler(settings_of(init="cascade", cascade_run="unused", steps=8), cfg, prompts, 16,
+                            torch.device("cpu")).churn is None

@@ -13,8 +13,8 @@ import yaml
 
 import tessera_kernels as kernels
 from engine.config.rules import (  # noqa: F401  (the choices are part of the config's API)
-    DPMPP_VARIANTS, INITS, MOE_ROUTINGS, PARALLEL_MODES, SCHEDULES, SING_GUIDANCE, SOLVERS, TARGETS, WEIGHTINGS,
-    config_checks)
+    DPMPP_VARIANTS, GUIDE_CAPTIONS, INITS, MOE_ROUTINGS, PARALLEL_MODES, SCHEDULES, SING_GUIDANCE, SOLVERS, TARGETS,
+    WEIGHTINGS, config_checks)
 
 
 class ConfigError(ValueError):
@@ -346,6 +346,17 @@ class SampleConfig:
     """sample.init=cascade: the noise level (<= cascade_until) the upsampled estimate is noised to with fresh noise,
     where this run's model takes over (engine/sampling/cascade.py). A run conditioned on the low model's image
     (diffusion.lowres_condition) may restart above cascade_until, up to diffusion.sigma_max (from pure noise)."""
+    guide_run: str = ""
+    """Autoguidance (Karras et al., NeurIPS 2024): run folder of a weaker model of the same task (a shorter run, or
+    this run itself at an earlier checkpoint: sample.guide_step) whose output takes the unconditional branch's place,
+    D = D_guide + cfg_scale (D - D_guide), where guidance runs; the same evaluations as classifier-free guidance
+    (engine/sampling/autoguide.py). '' = classifier-free guidance."""
+    guide_step: int | None = None
+    """sample.guide_run: the checkpoint step of the guiding model (null: its newest); its EMA weights."""
+    guide_caption: str = "cond"
+    """sample.guide_run: the guiding model reads the caption ('cond': autoguidance proper, which sharpens what the
+    model draws without pushing it toward the caption) or the null caption ('null': classifier-free guidance whose
+    unconditional branch is the weaker model)."""
     parallel: str = "none"
     """Sampling across the processes of a torchrun launch (engine/sampling/parallel_sample.py): 'none' (one process),
     'patch' (DistriFusion: each process owns a band of token rows; self-attention uses the other bands' keys/values

@@ -15,6 +15,7 @@ SOLVERS = ("euler", "heun", "dpmpp", "unipc")
 SCHEDULES = ("karras", "logsnr", "uniform", "optimized")
 INITS = ("noise", "sing", "data_mean", "cascade")
 SING_GUIDANCE = ("normalized", "plain", "none")
+GUIDE_CAPTIONS = ("cond", "null")
 DPMPP_VARIANTS = ("midpoint", "heun", "lagrange")
 PARALLEL_MODES = ("none", "patch", "full_sync", "naive_patch", "cfg_split")
 MOE_ROUTINGS = ("sync", "displaced", "local")
@@ -186,6 +187,13 @@ def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, typi
             d.sigma_max if d.lowres_condition else s.cascade_until),
          f"must be > diffusion.sigma_min={d.sigma_min} and <= sample.cascade_until={s.cascade_until} (<= "
          f"diffusion.sigma_max={d.sigma_max} for a run conditioned on the low model's image)"),
+        ("sample.guide_step", lambda: s.guide_step is None or s.guide_step >= 0, "must be >= 0 (or null: newest)"),
+        ("sample.guide_caption", lambda: s.guide_caption in GUIDE_CAPTIONS, from_(GUIDE_CAPTIONS)),
+        ("sample.guide_run", lambda: not s.guide_run or s.parallel == "none",
+         f"needs sample.parallel='none', not {s.parallel!r}: the parallel modes guide with the run's own "
+         "unconditional branch"),
+        ("sample.guide_run", lambda: not s.guide_run or d.lowres_condition == 0,
+         "cannot guide a run conditioned on a low-resolution image (diffusion.lowres_condition)"),
         ("sample.cfg_sigma_min", lambda: s.cfg_sigma_min >= 0, "must be >= 0"),
         ("sample.cfg_sigma_max", lambda: s.cfg_sigma_max is None or s.cfg_sigma_max > s.cfg_sigma_min,
          f"must be > sample.cfg_sigma_min={s.cfg_sigma_min} (or null: no upper end)"),

@@ -8,7 +8,6 @@ extractor given (engine/eval/reference.py) and the CLIP score. eval.json records
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -20,39 +19,12 @@ import torch
 from engine.config import ConfigError
 from engine.eval.denoising import CHECK_SIGMAS
 from engine.eval.protocol import HELD_OUT_SEED, PromptSet, mean_ci, start_noise, statistic_ci, to_size
+from engine.training.run_folder import resolve_checkpoint, step_of
 
 GENEVAL_METRICS = ("colour", "shape", "count", "position", "all")
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def resolve_checkpoint(run: Path, checkpoint: str | None, step: int | None) -> Path:
-    """The checkpoint folder to evaluate: --checkpoint, else --step, else the newest complete one."""
-    from engine.training.checkpoint import Checkpointer
-
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"--run-dir {run}: not a run folder (no config.yaml)")
-    ckpts = Checkpointer(run / "checkpoints")
-    if checkpoint:
-        if not (Path(checkpoint) / ".metadata").is_file():
-            raise ConfigError(f"--checkpoint {checkpoint}: not a complete checkpoint folder")
-        return Path(checkpoint)
-    done = ckpts.checkpoints()
-    if not done:
-        raise ConfigError(f"--run-dir {run}: no complete checkpoint in {run / 'checkpoints'}")
-    if step is None:
-        return done[-1]
-    found = [c for c in done if _step_of(c) == step]
-    if not found:
-        raise ConfigError(f"--step {step}: {run} has no checkpoint of that step; it has "
-                          f"{', '.join(str(_step_of(c)) for c in done)}")
-    return found[0]
-
-
-def _step_of(ckpt: Path) -> int | None:
-    m = re.search(r"(\d+)$", Path(ckpt).name)
-    return int(m.group(1)) if m else None
 
 
 def prompt_set(args, cfg) -> PromptSet:
@@ -192,10 +164,11 @@ def structure_gaps(features: np.ndarray, reference: np.ndarray) -> dict:
 # ---------------------------------------------------------------- main
 
 
-def held_out_sampler(settings, cfg, prompts: PromptSet, size: int):
+def held_out_sampler(settings, cfg, prompts: PromptSet, size: int, device):
     """--cascade-from-data: the cascade's second part, started from the prompts' own held-out images pooled to
     `size` (engine/sampling/cascade.py HeldOutStart)."""
     from engine.data.synthetic import SyntheticShapes
+    from engine.sampling.autoguide import guide_of
     from engine.sampling.cascade import held_out_cascade
     from engine.sampling.plan import make_plan
     from engine.sampling.sampler import Sampler, churn_of
@@ -205,7 +178,7 @@ def held_out_sampler(settings, cfg, prompts: PromptSet, size: int):
     data = SyntheticShapes(len(prompts.prompts), cfg.data.image_size, prompts.data_seed, cfg.data.backgrounds)
     whole = make_plan(settings)
     plan, start = held_out_cascade(settings, whole, data, size)
-    return Sampler(settings, plan, start, churn_of(settings.sample, whole))
+    return Sampler(settings, plan, start, churn_of(settings.sample, whole), guide_of(settings, cfg, device))
 
 
 def scored_size(args, cfg) -> int:
@@ -252,7 +225,7 @@ def evaluate_run(args) -> dict:
     if from_data is None:
         sampler = build_sampler(settings, cfg, device)
     else:
-        sampler = held_out_sampler(settings, cfg, prompts, from_data)
+        sampler = held_out_sampler(settings, cfg, prompts, from_data, device)
     n, steps, scale = args.num_images, sampler.settings.sample.steps, sampler.settings.cfg_scale
 
     decoder = None
@@ -318,7 +291,7 @@ def evaluate_run(args) -> dict:
         grid = np.concatenate(scores.grid)
         save_grid_with_captions(out / "grid.png", grid, prompts.prompts[:len(grid)], nrow=8)
     result = {
-        "run": str(run), "checkpoint": str(ckpt), "step": _step_of(Path(ckpt)),
+        "run": str(run), "checkpoint": str(ckpt), "step": step_of(Path(ckpt)),
         "weights": "raw" if args.raw_weights else "ema", "model": cfg.model.name, "text_encoder": cfg.data.text_encoder,
         "num_images": n, "image_size": list(scores.image_hw), "steps": steps, "cfg_scale": scale,
         "model_resolutions": edm.stream_sizes(cfg.data.image_size),

@@ -24,11 +24,8 @@ import torch.nn.functional as F
 from engine.diffusion.lowres import lowres_image, upsample
 from engine.sampling.image_noise import image_seed, with_image_noise
 from engine.sampling.plan import Plan
-from engine.sampling.settings import SamplerSettings, SamplerSettingsError
+from engine.sampling.settings import SamplerSettings, SamplerSettingsError, check_companion
 from engine.sampling.solvers import SOLVERS, Counted, step_orders
-
-# data keys the low model must share with the sampled run: the same captions reach both
-SHARED_DATA_KEYS = ("text_encoder", "caption_len", "caption_channels", "channels", "attend_to_padding")
 
 
 def part_plan(settings: SamplerSettings, plan: Plan, sigmas: list[float]) -> Plan:
@@ -106,13 +103,7 @@ def load_cascade(settings: SamplerSettings, plan: Plan, cfg, device, guided_deno
     except (FileNotFoundError, ValueError) as e:
         raise SamplerSettingsError(f"{where}: {e}") from None
     edm = EDM.from_config(lcfg.diffusion)
-    if edm.nested or edm.objective != "edm" or lcfg.model.experts or edm.lowres_condition:
-        raise SamplerSettingsError(f"{where}: must be a plain denoiser of one resolution (not nested, not split into "
-                                   "experts, not an initial-step model, not conditioned on a lower resolution)")
-    for key in SHARED_DATA_KEYS:
-        if getattr(lcfg.data, key) != getattr(cfg.data, key):
-            raise SamplerSettingsError(f"{where}: data.{key}={getattr(lcfg.data, key)!r} differs from this run's "
-                                       f"{getattr(cfg.data, key)!r}")
+    check_companion(where, lcfg, edm, cfg)
     low, high = model.cfg.input_size, network_config(cfg).input_size
     if high % low or high == low:
         raise SamplerSettingsError(f"{where}: makes {low}x{low} images; the run makes {high}x{high}, which must be a "

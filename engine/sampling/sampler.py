@@ -35,31 +35,36 @@ class Sampler:
     plan: Plan
     start: object = None
     churn: Churn | None = None
+    guide: object = None  # autoguidance's weaker model (engine/sampling/autoguide.py), or None: classifier-free
     last_nfe: int = 0  # model evaluations of the last call, as counted
 
     def record(self) -> dict:
         rec = {**self.settings.record(), **self.plan.record(), "measured_nfe": self.last_nfe}
         if hasattr(self.start, "record"):  # a cascade's low model: its checkpoint, noise levels and evaluations
             rec |= self.start.record()
+        if self.guide is not None:  # the guiding model's checkpoint
+            rec |= self.guide.record()
         return rec
 
 
 def build_sampler(settings: SamplerSettings, cfg=None, device=None) -> Sampler:
     """Plan (optimized schedules solved or read from the cache) and start (the initial-step model loaded; `cfg` is
-    the config of the run being sampled, needed for init=sing, data_mean and cascade; a cascade gets the high part of
-    the plan, its low model the rest: engine/sampling/cascade.py)."""
+    the config of the run being sampled, needed for init=sing, data_mean, cascade and a guiding model; a cascade gets
+    the high part of the plan, its low model the rest: engine/sampling/cascade.py)."""
+    from engine.sampling.autoguide import guide_of
     from engine.sampling.start import build_start
 
     plan = make_plan(settings)
     churn = churn_of(settings.sample, plan)
+    guide_model = guide_of(settings, cfg, device)
     if settings.sample.init == "cascade":  # the low model takes the schedule's top, this run's model the rest
         from engine.sampling.cascade import load_cascade, split_plan
 
         interval = guidance_interval(settings.sample)
         low = load_cascade(settings, plan, cfg, device, functools.partial(guided_denoiser, interval=interval), churn)
-        return Sampler(settings, split_plan(settings, plan)[1], low, churn)
+        return Sampler(settings, split_plan(settings, plan)[1], low, churn, guide_model)
     start = build_start(settings, cfg, device) if settings.sample.init != "noise" else None
-    return Sampler(settings, plan, start, churn)
+    return Sampler(settings, plan, start, churn, guide_model)
 
 
 def churn_of(sample_cfg, plan: Plan) -> Churn | None:
@@ -89,23 +94,30 @@ def guidance_interval(sample_cfg) -> tuple[float, float]:
 
 
 def guided_denoiser(model, edm: EDM, y: torch.Tensor, y_mask: torch.Tensor | None, cfg_scale: float,
-                    interval: tuple[float, float] = (0.0, math.inf)):
+                    interval: tuple[float, float] = (0.0, math.inf), guide_model=None):
     """denoise(x, sigma) -> D (float64) with classifier-free guidance, both halves in one batch, at the noise levels
     inside `interval` (low < sigma <= high); outside it the conditional half alone. `model` is anything edm.denoise
-    can call (a MicroDiT, or a band of one: engine/sampling/patch_parallel.py)."""
+    can call (a MicroDiT, or a band of one: engine/sampling/patch_parallel.py). With `guide_model` (an autoguide.Guide)
+    its output takes the unconditional half's place (autoguidance)."""
     guided = cfg_scale != 1.0
     y_both, mask_both = y, y_mask
-    if guided:
-        y_null, mask_null = null_caption(y, y_mask)
+    y_null, mask_null = null_caption(y, y_mask)
+    if guided and guide_model is None:
         y_both = torch.cat([y, y_null])
         mask_both = None if y_mask is None else torch.cat([y_mask, mask_null])  # None: nothing padded
     low, high = interval
 
     def denoise(x_cur: torch.Tensor, sigma: float) -> torch.Tensor:
         both = guided and low < sigma <= high
+        net = model.at(sigma) if isinstance(model, ExpertSwitch) else model  # each expert on its own noise levels
+        if both and guide_model is not None:  # two networks: two calls
+            s = torch.full((x_cur.shape[0],), sigma, device=x_cur.device)
+            d = edm.denoise(net, x_cur.float(), s, y, y_mask).double()
+            g_caption = (y, y_mask) if guide_model.caption == "cond" else (y_null, mask_null)
+            g = guide_model.edm.denoise(guide_model.model, x_cur.float(), s, *g_caption).double()
+            return guide(d, g, cfg_scale)
         xin = torch.cat([x_cur, x_cur]) if both else x_cur
         s = torch.full((xin.shape[0],), sigma, device=x_cur.device)
-        net = model.at(sigma) if isinstance(model, ExpertSwitch) else model  # each expert on its own noise levels
         d = edm.denoise(net, xin.float(), s, *((y_both, mask_both) if both else (y, y_mask))).double()
         return guide(*d.chunk(2), cfg_scale) if both else d
 
@@ -178,7 +190,7 @@ def sample(
     if edm.lowres_condition:  # a super-resolution stage: the low model's image conditions every evaluation
         model = Conditioned(model, x0_hat.float())
     interval = guidance_interval(sampler.settings.sample)
-    denoise = guided_denoiser(model, edm, y, y_mask, sampler.settings.cfg_scale, interval)
+    denoise = guided_denoiser(model, edm, y, y_mask, sampler.settings.cfg_scale, interval, sampler.guide)
     return image(run_solver(sampler, denoise, x_start, x))
 
 def nested_start(edm: EDM, cfg, batch: int, noise, generator, device) -> torch.Tensor:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from engine.config import (DPMPP_VARIANTS, INITS, MOE_ROUTINGS, PARALLEL_MODES, SCHEDULES, SING_GUIDANCE, SOLVERS,
-                           Config, ConfigError, SampleConfig, build, set_nested, to_dict)
+from engine.config import (DPMPP_VARIANTS, GUIDE_CAPTIONS, INITS, MOE_ROUTINGS, PARALLEL_MODES, SCHEDULES,
+                           SING_GUIDANCE, SOLVERS, Config, ConfigError, SampleConfig, build, set_nested, to_dict)
 
 # flag, config key, type, choices (None: any value the config accepts), help
 FLAGS = [
@@ -27,6 +27,9 @@ FLAGS = [
     ("--cascade-run", "sample.cascade_run", str, None, "run folder of the lower-resolution model (--init cascade)"),
     ("--cascade-until", "sample.cascade_until", float, None, "cascade: where the low model stops"),
     ("--cascade-restart", "sample.cascade_restart", float, None, "cascade: where this run's model takes over"),
+    ("--guide-run", "sample.guide_run", str, None, "autoguidance: run folder of the weaker guiding model"),
+    ("--guide-step", "sample.guide_step", int, None, "autoguidance: checkpoint step of the guiding model"),
+    ("--guide-caption", "sample.guide_caption", str, GUIDE_CAPTIONS, "autoguidance: the caption the guide reads"),
     ("--cfg-sigma-min", "sample.cfg_sigma_min", float, None, "guidance only above this noise level"),
     ("--cfg-sigma-max", "sample.cfg_sigma_max", float, None, "guidance only up to this noise level"),
     ("--s-churn", "sample.s_churn", float, None, "stochastic sampling: fresh noise per step (0: deterministic)"),
@@ -107,6 +110,8 @@ class SamplerSettings:
                "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "cfg_scale": self.cfg_scale}
         if s.cfg_sigma_min > 0 or s.cfg_sigma_max is not None:  # guidance in an interval
             rec |= {"cfg_sigma_min": s.cfg_sigma_min, "cfg_sigma_max": s.cfg_sigma_max}
+        if s.guide_run:  # autoguidance
+            rec |= {"guide_run": s.guide_run, "guide_step": s.guide_step, "guide_caption": s.guide_caption}
         if s.s_churn > 0:  # stochastic sampling
             rec |= {"s_churn": s.s_churn, "s_tmin": s.s_tmin, "s_tmax": s.s_tmax, "s_noise": s.s_noise}
         if s.solver in ("dpmpp", "unipc"):
@@ -139,3 +144,21 @@ def check_sing_run(folder: str) -> None:
     if objective != "init_step":
         raise SamplerSettingsError(f"{where}: trained with diffusion.objective={objective!r}, not an initial-step "
                                    "model (init_step)")
+
+
+# data keys a second model used in sampling (a cascade's low model, a guiding model) must share with the sampled run:
+# the same captions reach both
+SHARED_DATA_KEYS = ("text_encoder", "caption_len", "caption_channels", "channels", "attend_to_padding")
+
+
+def check_companion(where: str, other_cfg: Config, other_edm, cfg: Config) -> None:
+    """A second model sampled beside the run (its config and EDM; `where` names the setting) must be a plain
+    denoiser of one resolution that reads the run's captions."""
+    e = other_edm
+    if e.nested or e.objective != "edm" or other_cfg.model.experts or e.lowres_condition:
+        raise SamplerSettingsError(f"{where}: must be a plain denoiser of one resolution (not nested, not split into "
+                                   "experts, not an initial-step model, not conditioned on a lower resolution)")
+    for key in SHARED_DATA_KEYS:
+        if getattr(other_cfg.data, key) != getattr(cfg.data, key):
+            raise SamplerSettingsError(f"{where}: data.{key}={getattr(other_cfg.data, key)!r} differs from this run's "
+                                       f"{getattr(cfg.data, key)!r}")

@@ -2,6 +2,7 @@
 model): its resolved config and a model holding the weights of one of its checkpoints."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -9,6 +10,33 @@ import torch
 from engine.config import Config, ConfigError, load_config
 from engine.training.checkpoint import Checkpointer, load_model_weights
 from engine.training.network import build_run_network
+
+
+def resolve_checkpoint(run: Path, checkpoint: str | None, step: int | None) -> Path:
+    """The checkpoint folder to evaluate: --checkpoint, else --step, else the newest complete one."""
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--run-dir {run}: not a run folder (no config.yaml)")
+    ckpts = Checkpointer(run / "checkpoints")
+    if checkpoint:
+        if not (Path(checkpoint) / ".metadata").is_file():
+            raise ConfigError(f"--checkpoint {checkpoint}: not a complete checkpoint folder")
+        return Path(checkpoint)
+    done = ckpts.checkpoints()
+    if not done:
+        raise ConfigError(f"--run-dir {run}: no complete checkpoint in {run / 'checkpoints'}")
+    if step is None:
+        return done[-1]
+    found = [c for c in done if step_of(c) == step]
+    if not found:
+        raise ConfigError(f"--step {step}: {run} has no checkpoint of that step; it has "
+                          f"{', '.join(str(step_of(c)) for c in done)}")
+    return found[0]
+
+
+def step_of(ckpt: Path) -> int | None:
+    """The training step a checkpoint folder is named by (step_00000500 -> 500), or None."""
+    m = re.search(r"(\d+)$", Path(ckpt).name)
+    return int(m.group(1)) if m else None
 
 
 def load_run_model(run: Path, checkpoint: str | None, use_ema: bool = True, text_encoder: str | None = None):
