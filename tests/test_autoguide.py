@@ -45,7 +45,7 @@ def test_the_guide_takes_the_unconditional_branchs_place(inputs):
 
     auto = guided_denoiser(strong, edm, y, mask, w, guide_model=Guide(weak, edm, "cond", "weak", "step_1"))
     torch.testing.assert_close(auto(x, 3.0), d_weak + w * (d - d_weak), atol=1e-5, rtol=1e-5)
-    null = guided_denoiser(strong, edm, y, mask, w, guide_model=Guide(weak, edm, "null", "weak", "step_1"))
+    null = guided_denoiser(strong, edm, y, mask, w, guide_model=Guide(weak, edm, "uncond", "weak", "step_1"))
     torch.testing.assert_close(null(x, 3.0), d_weak_null + w * (d - d_weak_null), atol=1e-5, rtol=1e-5)
     # outside the guidance interval, and at scale 1, the conditional output alone: the guide is not consulted
     outside = guided_denoiser(strong, edm, y, mask, w, (5.0, math.inf), Guide(weak, edm, "cond", "weak", "step_1"))
@@ -63,7 +63,7 @@ def test_a_model_guiding_itself_gives_its_own_output_or_classifier_free_guidance
     assert (cfg - plain).abs().mean() > 1e-3
     itself = guided_denoiser(model, edm, y, mask, 3.0, guide_model=Guide(model, edm, "cond", "m", "s"))(x, 3.0)
     torch.testing.assert_close(itself, plain, atol=1e-5, rtol=1e-5)  # D + 3 (D - D)
-    as_cfg = guided_denoiser(model, edm, y, mask, 3.0, guide_model=Guide(model, edm, "null", "m", "s"))(x, 3.0)
+    as_cfg = guided_denoiser(model, edm, y, mask, 3.0, guide_model=Guide(model, edm, "uncond", "m", "s"))(x, 3.0)
     torch.testing.assert_close(as_cfg, cfg, atol=1e-5, rtol=1e-5)
 
 
@@ -104,7 +104,7 @@ def test_load_guide_checks_the_guiding_run_against_the_sampled_run(tmp_path):
 
 
 @pytest.mark.parametrize("sample, message", [
-    (dict(guide_caption="both"), "sample.guide_caption='both' must be one of: cond, null"),
+    (dict(guide_caption="both"), "sample.guide_caption='both' must be one of: cond, uncond"),
     (dict(guide_step=-1), "sample.guide_step=-1 must be >= 0"),
     (dict(parallel="patch"), "sample.guide_run='weak' needs sample.parallel='none', not 'patch'"),
 ])
@@ -134,3 +134,31 @@ def test_evaluate_and_sample_a_run_with_autoguidance(short_runs, tmp_path, capsy
     with pytest.raises(SamplerSettingsError, match="--guide-step 9: .* has no checkpoint of that step; it has 2"):
         main([*common, "--guide-run", str(short_runs / "b"), "--guide-step", "9", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_run_trains_with_a_guide_and_a_missing_guide_stops_it_before_it_writes(short_runs, tmp_path):
+    """A 2-step run whose config names a guide: its closing check samples with it; a guide that is not a run folder
+    is refused when training starts, with one line and exit status 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / ".cache").symlink_to(short_runs / ".cache")
+    common = [sys.executable, str(root / "engine" / "train.py"), "--config", str(root / "configs" / "tiny_32px.yaml"),
+              "train.steps=2", "train.ckpt_every=2", "train.progress_bar=false", "data.num_samples=64",
+              "sample.steps=2", "sample.per_prompt=1", "sample.final_eval_images=4", f"run.out_dir={out}",
+              "sample.guide_caption=uncond"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([*common, "run.name=bad", f"sample.guide_run={tmp_path / 'nowhere'}"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "nowhere: not a run folder (no config.yaml)" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (out / "bad" / "checkpoints").exists()
+    done = subprocess.run([*common, "run.name=g", f"sample.guide_run={short_runs / 'b'}"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    check = json.loads((out / "g" / "final_eval.json").read_text())["sampler"]
+    assert check["guide_run"] == str(short_runs / "b") and check["guide_caption"] == "uncond"

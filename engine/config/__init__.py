@@ -350,12 +350,14 @@ class SampleConfig:
     """Autoguidance (Karras et al., NeurIPS 2024): run folder of a weaker model of the same task (a shorter run, or
     this run itself at an earlier checkpoint: sample.guide_step) whose output takes the unconditional branch's place,
     D = D_guide + cfg_scale (D - D_guide), where guidance runs; the same evaluations as classifier-free guidance
-    (engine/sampling/autoguide.py). '' = classifier-free guidance."""
+    (engine/sampling/autoguide.py). '' = classifier-free guidance. Taken by the configured sampler (engine/sample.py,
+    engine/evaluate.py, the sample grids and the closing check, which load it when training starts: it must exist
+    then); the debiasing tools keep classifier-free guidance."""
     guide_step: int | None = None
     """sample.guide_run: the checkpoint step of the guiding model (null: its newest); its EMA weights."""
     guide_caption: str = "cond"
     """sample.guide_run: the guiding model reads the caption ('cond': autoguidance proper, which sharpens what the
-    model draws without pushing it toward the caption) or the null caption ('null': classifier-free guidance whose
+    model draws without pushing it toward the caption) or the null caption ('uncond': classifier-free guidance whose
     unconditional branch is the weaker model)."""
     parallel: str = "none"
     """Sampling across the processes of a torchrun launch (engine/sampling/parallel_sample.py): 'none' (one process),

@@ -8,7 +8,7 @@ for less; here it is any run folder making the same images from the same caption
 sampled run at an earlier checkpoint (sample.guide_step). Where the weak model errs more than the strong one (the
 paper's argument: in the same directions, only more) the difference points toward what the strong model does better,
 so the extrapolation sharpens it, without classifier-free guidance's pull toward the caption's most typical image.
-With sample.guide_caption='null' the weak model reads the null caption, which keeps CFG's pull and replaces only
+With sample.guide_caption='uncond' the weak model reads the null caption, which keeps CFG's pull and replaces only
 its unconditional model. Either way the weak model costs the evaluation the unconditional branch cost: the same NFE.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from engine.sampling.settings import SamplerSettings, SamplerSettingsError, chec
 
 @dataclass
 class Guide:
-    """The guiding model (EMA weights, eval mode) and its denoiser; `caption`: 'cond' or 'null' (which caption it
+    """The guiding model (EMA weights, eval mode) and its denoiser; `caption`: 'cond' or 'uncond' (which caption it
     reads)."""
 
     model: object

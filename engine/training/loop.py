@@ -51,8 +51,8 @@ class Run:
 def build(cfg: Config, d: Dist) -> Run:
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     cache = Path(cfg.run.out_dir) / ".cache"
-    if cfg.sample.init == "cascade":  # a missing or mismatched low model stops the run now, before anything is written
-        build_sampler(SamplerSettings.from_config(cfg, cache_dir=str(cache)), cfg, d.device)
+    if cfg.sample.init == "cascade" or cfg.sample.guide_run:  # a missing or mismatched low or guiding model stops
+        build_sampler(SamplerSettings.from_config(cfg, cache_dir=str(cache)), cfg, d.device)  # the run before it writes
     check_resumable(run_dir, cfg, d.is_main)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
