@@ -113,6 +113,14 @@ def test_guide_settings_are_checked(sample, message):
         guide_settings("weak", **sample)
 
 
+def test_a_guide_step_without_a_guide_run_is_refused():
+    cfg = Config()
+    cfg.sample.guide_step = 500
+    with pytest.raises(ValueError, match="sample.guide_step=500 names a checkpoint of the guiding model: set "
+                                         "sample.guide_run too"):
+        cfg.validate()
+
+
 def test_evaluate_and_sample_a_run_with_autoguidance(short_runs, tmp_path, capsys):
     from engine.evaluate import main
     from engine.sample import main as sample_main

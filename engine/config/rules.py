@@ -188,6 +188,8 @@ def sampling_checks(s: SampleConfig, d: DiffusionConfig) -> list[tuple[str, typi
          f"must be > diffusion.sigma_min={d.sigma_min} and <= sample.cascade_until={s.cascade_until} (<= "
          f"diffusion.sigma_max={d.sigma_max} for a run conditioned on the low model's image)"),
         ("sample.guide_step", lambda: s.guide_step is None or s.guide_step >= 0, "must be >= 0 (or null: newest)"),
+        ("sample.guide_step", lambda: s.guide_step is None or bool(s.guide_run),
+         "names a checkpoint of the guiding model: set sample.guide_run too"),
         ("sample.guide_caption", lambda: s.guide_caption in GUIDE_CAPTIONS, from_(GUIDE_CAPTIONS)),
         ("sample.guide_run", lambda: not s.guide_run or s.parallel == "none",
          f"needs sample.parallel='none', not {s.parallel!r}: the parallel modes guide with the run's own "
