@@ -8,7 +8,7 @@ import typing
 if typing.TYPE_CHECKING:
     from engine.config import Config, DiffusionConfig, ModelSection, SadmConfig, SampleConfig, TrainConfig
 
-# The allowed values of the keys that name a choice (engine/config/__init__.py documents each key).
+# The allowed values of the keys that name a choice (engine/config/__init__.py and sampling.py document each key).
 TARGETS = ("edm", "x0", "eps", "v")
 WEIGHTINGS = ("edm", "snr", "sqrt_snr", "uniform")
 SOLVERS = ("euler", "heun", "dpmpp", "unipc")

@@ -48,7 +48,7 @@ PARALLEL_FLAGS = [
 
 
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
-    """The sampler flags; each defaults to the run's config value (engine/config/__init__.py documents the keys)."""
+    """The sampler flags; each defaults to the run's config value (engine/config/sampling.py documents the keys)."""
     add_flags(parser.add_argument_group("sampler (default: the run's config)"), FLAGS)
 
 
